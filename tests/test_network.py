@@ -1,0 +1,247 @@
+"""Network: the vectorised pure function must equal Keras, sample by sample."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=wrong-import-position
+
+from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
+
+L = keras.layers
+
+
+def _cnn():
+    return keras.Sequential([
+        keras.Input((12, 12, 2)),
+        L.Conv2D(3, 3, activation="relu", padding="same"),
+        L.MaxPooling2D(),
+        L.Conv2D(4, (3, 2), strides=(1, 2), activation="tanh"),
+        L.AveragePooling2D(2, padding="same"),
+        L.Flatten(),
+        L.Dense(5),
+        L.LeakyReLU(0.1),
+        L.Dropout(0.3),
+        L.Dense(3, activation="softmax"),
+    ])
+
+
+def _mlp():
+    return keras.Sequential([
+        keras.Input((6,)), L.Dense(7, activation="elu"), L.ReLU(),
+        L.Dense(5, activation="sigmoid"), L.Dense(4)])
+
+
+def _functional():
+    inp = keras.Input((8, 8, 1))
+    h = L.Conv2D(2, 3, dilation_rate=2, padding="same")(inp)
+    h = L.Activation("softplus")(h)
+    h = L.Reshape((8 * 8 * 2,))(h)
+    h = keras.Sequential([L.Dense(6, activation="gelu"), L.Dense(3)])(h)
+    return keras.Model(inp, h)
+
+
+def _keras_logits(model, params, x, s):
+    model.set_weights([p[s].numpy() for p in params])
+    return model(x, training=False).numpy()
+
+
+MODELS = {"mlp": (_mlp, (6,)), "cnn": (_cnn, (12, 12, 2)),
+          "functional": (_functional, (8, 8, 1))}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("jit", [False, True])
+def test_stacked_apply_equals_keras_sample_by_sample(name, jit):
+    build, in_shape = MODELS[name]
+    model = build()
+    net = Network.from_keras(model)
+    params = net.init_params(seed=3, num_samples=4)
+    x = np.random.default_rng(0).uniform(size=(5,) + in_shape).astype(np.float32)
+    fn = tf.function(lambda p, xx: net.apply_stack(p, xx), jit_compile=jit)
+    logits = fn(params, tf.constant(x)).numpy()
+    assert logits.shape == (4, 5, net.num_classes)
+    for s in range(4):
+        ref = _keras_logits(model, params, x, s)
+        ours = logits[s]
+        if net.stripped_output_activation == "softmax":
+            ours = tf.nn.softmax(ours).numpy()
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_sample_inputs_and_single_apply(name):
+    build, in_shape = MODELS[name]
+    model = build()
+    net = Network.from_keras(model)
+    params = net.init_params(seed=5, num_samples=3)
+    xs = np.random.default_rng(1).uniform(size=(3, 4) + in_shape).astype(np.float32)
+    logits = net.apply_stack(params, tf.constant(xs), per_sample_inputs=True).numpy()
+    for s in range(3):
+        model.set_weights([p[s].numpy() for p in params])
+        ref = model(xs[s]).numpy()
+        single = net.apply([p[s] for p in params], tf.constant(xs[s])).numpy()
+        if net.stripped_output_activation == "softmax":
+            logits_s, single = tf.nn.softmax(logits[s]).numpy(), tf.nn.softmax(single).numpy()
+        else:
+            logits_s = logits[s]
+        np.testing.assert_allclose(logits_s, ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(single, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "tanh",
+    "sigmoid", "hard_sigmoid", "softplus", "softsign", "silu", "exponential",
+    "mish", "softmax", "log_softmax"])
+def test_every_activation_matches_keras(activation):
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5, activation=activation),
+                              L.Dense(3)])
+    net = Network.from_keras(model)
+    params = net.init_params(seed=1, num_samples=2)
+    x = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
+    logits = net.apply_stack(params, x).numpy()
+    for s in range(2):
+        np.testing.assert_allclose(logits[s], _keras_logits(model, params, x, s),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"negative_slope": 0.2}, {"max_value": 0.5}, {"threshold": 0.3},
+    {"threshold": 0.2, "negative_slope": 0.1, "max_value": 1.0}])
+def test_relu_layer_options_match_keras(kwargs):
+    model = keras.Sequential([keras.Input((4,)), L.Dense(6), L.ReLU(**kwargs),
+                              L.Dense(2)])
+    net = Network.from_keras(model)
+    params = net.init_params(seed=4, num_samples=2)
+    x = np.random.default_rng(3).normal(size=(9, 4)).astype(np.float32) * 3
+    logits = net.apply_stack(params, x).numpy()
+    for s in range(2):
+        np.testing.assert_allclose(logits[s], _keras_logits(model, params, x, s),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_final_softmax_is_stripped_to_logits():
+    for last in ([L.Dense(3, activation="softmax")],
+                 [L.Dense(3), L.Activation("softmax")],
+                 [L.Dense(3, activation="log_softmax")]):
+        model = keras.Sequential([keras.Input((4,)), L.Dense(5)] + last)
+        net = Network.from_keras(model)
+        params = net.init_params(seed=0, num_samples=1)
+        x = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+        probs = tf.nn.softmax(net.apply_stack(params, x)[0]).numpy()
+        ref = _keras_logits(model, params, x, 0)
+        if net.stripped_output_activation == "log_softmax":
+            ref = np.exp(ref)
+        np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+        assert net.stripped_output_activation in ("softmax", "log_softmax")
+
+
+@pytest.mark.parametrize("layer, cls", [
+    (L.BatchNormalization(name="bn"), "BatchNormalization"),
+    (L.GaussianNoise(0.1, name="noise"), "GaussianNoise"),
+    (L.LayerNormalization(name="ln"), "LayerNormalization")])
+def test_unsupported_layer_is_named(layer, cls):
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5), layer, L.Dense(2)])
+    with pytest.raises(ValueError, match=rf"'{layer.name}'.*{cls}"):
+        Network.from_keras(model)
+
+
+def test_bad_models_are_rejected_clearly():
+    inp = keras.Input((4,))
+    a, b = L.Dense(3)(inp), L.Dense(3)(inp)
+    with pytest.raises(ValueError, match="Add|chain|not supported"):
+        Network.from_keras(keras.Model(inp, L.Dense(2)(L.Add()([a, b]))))
+
+    def custom_act(t):
+        return t * 2.0
+
+    with pytest.raises(ValueError, match="activation 'custom_act'"):
+        Network.from_keras(keras.Sequential([
+            keras.Input((4,)), L.Dense(3, activation=custom_act), L.Dense(2)]))
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        Network.from_keras(keras.Sequential([keras.Input((4,)), L.Dense(1)]))
+    with pytest.raises(ValueError, match="not built"):
+        Network.from_keras(keras.Sequential([L.Dense(2)]))
+    with pytest.raises(ValueError, match="groups"):
+        Network.from_keras(keras.Sequential([
+            keras.Input((6, 6, 2)), L.Conv2D(2, 3, groups=2), L.Flatten(), L.Dense(2)]))
+    with pytest.raises(TypeError, match="keras.Model"):
+        Network.from_keras("model.keras")
+
+
+def test_init_params_is_stateless_and_follows_initialisers():
+    model = keras.Sequential([keras.Input((300,)), L.Dense(200),
+                              L.Dense(10, kernel_initializer="he_normal",
+                                      bias_initializer="ones")])
+    net = Network.from_keras(model)
+    a, b = net.init_params(7), net.init_params(7)
+    c = net.init_params(8)
+    for p, q in zip(a, b):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    assert not np.array_equal(a[0].numpy(), c[0].numpy())
+    limit = np.sqrt(6.0 / (300 + 200))  # Glorot uniform, closed form
+    k0 = a[0].numpy()
+    assert np.abs(k0).max() <= limit and np.abs(k0).max() > 0.95 * limit
+    np.testing.assert_allclose(k0.var(), limit ** 2 / 3, rtol=0.03)
+    np.testing.assert_array_equal(a[1].numpy(), 0.0)
+    np.testing.assert_allclose(a[2].numpy().std(), np.sqrt(2.0 / 200), rtol=0.1)
+    np.testing.assert_array_equal(a[3].numpy(), 1.0)
+    stack = net.init_params(7, num_samples=3)
+    assert [tuple(p.shape) for p in stack] == [(3,) + s for s in net.param_shapes]
+    assert not np.array_equal(stack[0][0].numpy(), stack[0][1].numpy())
+
+
+def test_dropout_is_identity_at_prediction_and_stateless_in_training():
+    model = keras.Sequential([keras.Input((50,)), L.Dense(400), L.Dropout(0.5),
+                              L.Dense(2)])
+    net = Network.from_keras(model)
+    params = net.init_params(0, num_samples=2)
+    x = np.ones((3, 50), np.float32)
+    eval_out = net.apply_stack(params, x).numpy()
+    np.testing.assert_allclose(eval_out[0], _keras_logits(model, params, x, 0),
+                               rtol=1e-5, atol=1e-5)
+    t1 = net.apply_stack(params, x, training=True, seed=[1, 2]).numpy()
+    t2 = net.apply_stack(params, x, training=True, seed=[1, 2]).numpy()
+    t3 = net.apply_stack(params, x, training=True, seed=[1, 3]).numpy()
+    np.testing.assert_array_equal(t1, t2)
+    assert not np.allclose(t1, t3)
+    with pytest.raises(ValueError, match="seed"):
+        net.apply_stack(params, x, training=True)
+
+
+def test_check_inputs_rejects_bad_shapes_and_labels():
+    net = Network.from_keras(_mlp())
+    with pytest.raises(ValueError, match=r"x has shape \(3, 5\)"):
+        net.check_inputs(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="x has shape"):
+        net.check_inputs(np.zeros((6,)))
+    with pytest.raises(ValueError, match="label 4 outside"):
+        net.check_inputs(np.zeros((2, 6)), [0, 4])
+    with pytest.raises(ValueError, match="label -1 outside"):
+        net.check_inputs(np.zeros((2, 6)), [0, -1])
+    with pytest.raises(TypeError, match="integer class labels"):
+        net.check_inputs(np.zeros((2, 6)), [0.5, 1.0])
+    with pytest.raises(ValueError, match="2 labels but x has 3"):
+        net.check_inputs(np.zeros((3, 6)), [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        net.check_inputs(np.full((1, 6), np.nan))
+    with pytest.raises(ValueError, match="params has 1 tensors"):
+        net.check_params([np.zeros((6, 7))], stacked=False)
+
+
+def test_config_round_trip_and_flop_count():
+    model = _cnn()
+    net = Network.from_keras(model)
+    again = Network.from_config(net.get_config())
+    params = net.init_params(2, num_samples=2)
+    x = np.random.default_rng(5).uniform(size=(2, 12, 12, 2)).astype(np.float32)
+    np.testing.assert_allclose(net.apply_stack(params, x).numpy(),
+                               again.apply_stack(params, x).numpy(), rtol=1e-6)
+    # conv1: 12x12x3 outputs of a 3x3x2 kernel; pool to 6x6x3; conv2 (3x2
+    # kernel, strides 1x2, valid): 4x3x4 outputs of 3x2x3; avg-pool (same) to
+    # 2x2x4 = 16; dense 16x5 and 5x3.  2 FLOPs per multiply-add.
+    expected = 2 * (12 * 12 * 3 * 9 * 2 + 4 * 3 * 4 * 6 * 3 + 16 * 5 + 5 * 3)
+    assert net.flops_per_example() == expected

@@ -1,0 +1,60 @@
+"""compile_fn: both compilation paths agree; auto mode measures and caches."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=wrong-import-position
+
+from tfp_bnn_adv import xla  # pylint: disable=wrong-import-position
+
+
+def _fn(a, b):
+    return tf.nn.relu(tf.matmul(a, b)) + tf.reduce_sum(a)
+
+
+def test_both_paths_agree_and_auto_records_a_choice():
+    a = tf.random.stateless_normal([16, 8], seed=[1, 2])
+    b = tf.random.stateless_normal([8, 4], seed=[3, 4])
+    ref = np.maximum(a.numpy() @ b.numpy(), 0) + a.numpy().sum()
+    for mode in (True, False, "auto"):
+        f = xla.compile_fn(_fn, jit_compile=mode, name="t")
+        np.testing.assert_allclose(f(a, b).numpy(), ref, rtol=1e-5, atol=1e-5)
+    auto = xla.compile_fn(_fn, jit_compile="auto")
+    auto(a, b)
+    auto(a, b)
+    assert len(auto.choices) == 1
+    use_xla, t_default, t_xla = next(iter(auto.choices.values()))
+    assert use_xla == (t_xla < t_default)
+    auto(a[:3], b)  # a new input signature is measured separately
+    assert len(auto.choices) == 2
+
+
+def test_resolve_jit_modes_and_environment(monkeypatch):
+    assert xla.resolve_jit(True) is True
+    assert xla.resolve_jit(False) is False
+    assert xla.resolve_jit("auto") == "auto"  # no accelerator on the CI machine
+    monkeypatch.setenv("TFP_BNN_ADV_JIT", "default")
+    assert xla.resolve_jit(None) is False
+    monkeypatch.setenv("TFP_BNN_ADV_JIT", "xla")
+    assert xla.resolve_jit(None) is True
+    monkeypatch.setenv("TFP_BNN_ADV_JIT", "fast")
+    with pytest.raises(ValueError, match="TFP_BNN_ADV_JIT='fast'"):
+        xla.resolve_jit(None)
+    with pytest.raises(ValueError, match="jit_compile must be"):
+        xla.resolve_jit("sometimes")
+    with pytest.raises(ValueError, match="jit_compile must be"):
+        xla.resolve_jit(3)
+
+
+def test_auto_falls_back_when_xla_cannot_compile():
+    def no_xla(a):
+        # tf.numpy_function has no XLA kernel.
+        return tf.numpy_function(lambda v: v * 2, [a], tf.float32)
+
+    f = xla.compile_fn(no_xla, jit_compile="auto")
+    out = f(tf.ones([3]))
+    np.testing.assert_array_equal(out.numpy(), 2.0)
+    assert next(iter(f.choices.values()))[0] is False

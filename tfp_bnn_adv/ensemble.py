@@ -1,0 +1,266 @@
+"""A posterior held as a stack of weight sets with a leading sample axis ``S``.
+
+HMC chains, variational samples, an SGD-trained network (``S = 1``) and a
+deep ensemble (``S = K``) are all a :class:`PosteriorEnsemble`; gradients,
+attacks and metrics only ever see this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_bnn_adv import chunking
+from tfp_bnn_adv import files
+from tfp_bnn_adv import xla
+from tfp_bnn_adv.network import Network
+
+__all__ = ["PosteriorEnsemble", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FORMAT_NAME = "tfp_bnn_adv.PosteriorEnsemble"
+DEFAULT_BATCH_SIZE = 512
+
+
+def _predict_proba_graph(network: Network, params, x, chunk_size: int):
+    """Mean over samples of the per-sample softmax, chunked over ``S``."""
+    s = params[0].shape[0]
+
+    def body(total, chunk):
+        return total + tf.reduce_sum(
+            tf.nn.softmax(network.apply_stack(chunk, x)), axis=0)
+
+    init = tf.zeros([tf.shape(x)[0], network.num_classes], tf.float32)
+    return chunking.fold_sample_chunks(params, chunk_size, body, init) / s
+
+
+class PosteriorEnsemble:
+    """A network plus a stack of ``S`` weight sets.
+
+    Attributes:
+      network: the :class:`~tfp_bnn_adv.network.Network`.
+      params: list of float32 tensors, ``params[i]`` of shape
+        ``[S, *network.param_shapes[i]]``.
+      metadata: a JSON-serialisable dict (method, settings, diagnostics),
+        saved with the ensemble.
+
+    Example:
+      >>> ens = PosteriorEnsemble(net, net.init_params(seed=0, num_samples=10))
+      >>> ens.num_samples
+      10
+      >>> ens.predict_proba(x_test).shape        # [B, C], mean softmax
+      >>> ens[::2].num_samples                   # thinning
+      5
+    """
+
+    def __init__(self, network: Network, params: Sequence, *,
+                 metadata: Mapping[str, Any] | None = None):
+        if not isinstance(network, Network):
+            raise TypeError(f"network must be a tfp_bnn_adv Network, got "
+                            f"{type(network).__name__}.")
+        self.network = network
+        self.params = network.check_params(params, stacked=True)
+        if self.params[0].shape[0] == 0:
+            raise ValueError("params has an empty sample axis (S = 0).")
+        self.metadata = dict(metadata or {})
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_params(cls, network: Network, params: Sequence, **kwargs
+                    ) -> "PosteriorEnsemble":
+        """An ensemble of size 1 from one (unstacked) weight set."""
+        params = network.check_params(params, stacked=False)
+        return cls(network, [p[None] for p in params], **kwargs)
+
+    @classmethod
+    def from_keras(cls, model, **kwargs) -> "PosteriorEnsemble":
+        """A deterministic Keras model's current weights as an ensemble of 1."""
+        network = Network.from_keras(model)
+        weights = [w.numpy() if hasattr(w, "numpy") else np.asarray(w)
+                   for w in model.trainable_weights]
+        return cls.from_params(network, weights, **kwargs)
+
+    @classmethod
+    def concatenate(cls, ensembles: Sequence["PosteriorEnsemble"], **kwargs
+                    ) -> "PosteriorEnsemble":
+        """Joins ensembles of the same architecture along the sample axis."""
+        ensembles = list(ensembles)
+        if not ensembles:
+            raise ValueError("ensembles is empty.")
+        first = ensembles[0]
+        for i, e in enumerate(ensembles[1:], 1):
+            if e.network.param_shapes != first.network.param_shapes:
+                raise ValueError(f"ensembles[{i}] has a different architecture "
+                                 "from ensembles[0].")
+        params = [tf.concat([e.params[i] for e in ensembles], axis=0)
+                  for i in range(len(first.params))]
+        kwargs.setdefault("metadata", first.metadata)
+        return cls(first.network, params, **kwargs)
+
+    # ---------------------------------------------------------------- the stack
+    @property
+    def num_samples(self) -> int:
+        """The number ``S`` of weight sets."""
+        return int(self.params[0].shape[0])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index) -> "PosteriorEnsemble":
+        """Selects samples: an int (ensemble of 1), a slice or index array."""
+        s = self.num_samples
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            if not -s <= index < s:
+                raise IndexError(f"sample index {index} out of range for S={s}.")
+            idx = np.array([index % s])
+        elif isinstance(index, slice):
+            idx = np.arange(s)[index]
+        else:
+            idx = np.asarray(index)
+            if idx.dtype == bool:
+                if idx.shape != (s,):
+                    raise IndexError(f"boolean index has shape {idx.shape}; "
+                                     f"expected ({s},).")
+                idx = np.nonzero(idx)[0]
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise IndexError(f"index must be an int, slice or 1-D integer "
+                                 f"array, got {index!r}.")
+            if idx.size and (idx.min() < -s or idx.max() >= s):
+                raise IndexError(f"sample index out of range for S={s}.")
+            idx = idx % s
+        if idx.size == 0:
+            raise IndexError(f"index {index!r} selects no samples.")
+        params = [tf.gather(p, idx) for p in self.params]
+        return PosteriorEnsemble(self.network, params, metadata=self.metadata)
+
+    def thin(self, every: int) -> "PosteriorEnsemble":
+        """Keeps every ``every``-th sample (``every >= 1``)."""
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}.")
+        return self[::every]
+
+    def __repr__(self) -> str:
+        method = self.metadata.get("method", "?")
+        return (f"PosteriorEnsemble(S={self.num_samples}, method={method!r}, "
+                f"{self.network!r})")
+
+    # -------------------------------------------------------------- prediction
+    def batch_and_chunk(self, n: int, batch_size, chunk_size) -> tuple[int, int]:
+        """Validated batch size and sample-chunk size for ``n`` inputs."""
+        if batch_size is None:
+            batch_size = min(n, DEFAULT_BATCH_SIZE)
+        batch_size = chunking.check_chunk_size(batch_size, "batch_size")
+        chunk_size = chunking.check_chunk_size(chunk_size)
+        if chunk_size is None:
+            chunk_size = chunking.auto_chunk_size(
+                self.network, self.num_samples, min(n, batch_size))
+        return batch_size, min(chunk_size, self.num_samples)
+
+    def logits(self, x, *, batch_size: int | None = None,
+               jit_compile=None) -> np.ndarray:
+        """Per-sample logits.
+
+        Args:
+          x: inputs ``[B, *input_shape]``.
+          batch_size: inputs per compiled call (the last batch is padded).
+          jit_compile: see :func:`tfp_bnn_adv.xla.compile_fn`.
+
+        Returns:
+          float32 numpy array ``[S, B, C]``.
+        """
+        x, _ = self.network.check_inputs(x)
+        batch_size, _ = self.batch_and_chunk(x.shape[0], batch_size, None)
+        net = self.network
+        fn = self.network.cached_function(("logits", jit_compile), lambda: xla.compile_fn(
+            lambda p, xb: net.apply_stack(p, xb), jit_compile, "logits"))
+        return chunking.map_batches(lambda xb: fn(self.params, xb), [x],
+                                    batch_size, batch_axis=[1])
+
+    def predict_proba(self, x, *, batch_size: int | None = None,
+                      chunk_size: int | None = None, jit_compile=None
+                      ) -> np.ndarray:
+        """Posterior predictive ``(1/S) sum_s softmax(f(x, w_s))``.
+
+        Args:
+          x: inputs ``[B, *input_shape]``.
+          batch_size: inputs per compiled call.
+          chunk_size: samples per chunk inside the call (memory bound).
+          jit_compile: see :func:`tfp_bnn_adv.xla.compile_fn`.
+
+        Returns:
+          float32 numpy array ``[B, C]``; rows sum to 1.
+        """
+        x, _ = self.network.check_inputs(x)
+        batch_size, chunk = self.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+        net = self.network
+        fn = self.network.cached_function(("proba", chunk, jit_compile), lambda: xla.compile_fn(
+            lambda p, xb: _predict_proba_graph(net, p, xb, chunk), jit_compile,
+            "predict_proba"))
+        return chunking.map_batches(lambda xb: fn(self.params, xb), [x], batch_size)
+
+    def predict(self, x, **kwargs) -> np.ndarray:
+        """Predicted classes ``argmax_c p(c | x, D)``, int64 ``[B]``."""
+        return np.argmax(self.predict_proba(x, **kwargs), axis=-1)
+
+    def accuracy(self, x, y, **kwargs) -> float:
+        """Accuracy of the posterior-predictive classifier on ``(x, y)``."""
+        _, y = self.network.check_inputs(x, y)
+        return float(np.mean(self.predict(x, **kwargs) == y.numpy()))
+
+    # ------------------------------------------------------------ save / load
+    def save(self, path: str) -> None:
+        """Saves to one ``.npz`` file, atomically, with no pickle.
+
+        Weights are stored as float32 arrays ``param_0 .. param_{n-1}``; the
+        architecture as the Keras model's JSON config, with the metadata.
+        """
+        arrays = {f"param_{i}": p.numpy() for i, p in enumerate(self.params)}
+        meta = {"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "network": self.network.get_config(),
+                "param_names": [s.name for s in self.network.param_specs],
+                "param_shapes": [list(s) for s in self.network.param_shapes],
+                "num_samples": self.num_samples,
+                "metadata": self.metadata}
+        files.save_arrays(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str) -> "PosteriorEnsemble":
+        """Loads an ensemble written by :meth:`save`.
+
+        Raises:
+          FileNotFoundError: if ``path`` does not exist.
+          ValueError: if the file is corrupt, not an ensemble, from a newer
+            format, or its arrays do not match its architecture.
+        """
+        arrays, meta = files.load_arrays(path)
+        if meta.get("format") != _FORMAT_NAME:
+            raise ValueError(f"{path!r} is not a saved PosteriorEnsemble "
+                             f"(format={meta.get('format')!r}).")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format version "
+                             f"{meta['format_version']}; this tfp_bnn_adv reads "
+                             f"up to {FORMAT_VERSION}. Upgrade the package.")
+        try:
+            network = Network.from_config(meta["network"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path!r}: cannot rebuild the architecture: {e}") from e
+        n = len(network.param_specs)
+        missing = [f"param_{i}" for i in range(n) if f"param_{i}" not in arrays]
+        if missing or len(arrays) != n:
+            raise ValueError(f"{path!r}: expected arrays param_0..param_{n - 1} "
+                             f"for the architecture, found {sorted(arrays)}.")
+        params = [arrays[f"param_{i}"] for i in range(n)]
+        for i, (p, spec) in enumerate(zip(params, network.param_specs)):
+            if tuple(p.shape[1:]) != spec.shape or not np.issubdtype(
+                    p.dtype, np.floating):
+                raise ValueError(
+                    f"{path!r}: param_{i} ({spec.name}) has shape {p.shape} "
+                    f"and dtype {p.dtype}; the architecture needs float "
+                    f"[S, {', '.join(map(str, spec.shape))}].")
+            if not np.all(np.isfinite(p)):
+                raise ValueError(f"{path!r}: param_{i} ({spec.name}) holds "
+                                 "NaN or infinite values.")
+        return cls(network, params, metadata=meta.get("metadata", {}))
+

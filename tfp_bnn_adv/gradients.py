@@ -1,0 +1,218 @@
+"""Input gradients of the loss over a whole posterior ensemble.
+
+Three definitions, all from per-sample *logits* (softmax is applied once,
+inside the cross-entropy, never twice):
+
+* ``expected``: the paper's expected loss gradient
+  ``<grad_x L(x, w)> = (1/S) sum_s grad_x CE(f(x, w_s), y)``
+  (Carbone et al., 2020, eq. 3; Theorem 1 says it vanishes on the data
+  manifold for ideal BNNs).
+* ``predictive``: the gradient of the loss of the posterior predictive,
+  ``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]``, computed with a running
+  log-sum-exp over sample chunks (Feng et al., 2024, attack this one).
+* ``per_sample``: every ``grad_x CE(f(x, w_s), y)``, shape ``[S, B, ...]``.
+
+The ``*_graph`` functions are pure and traceable, for use inside other
+compiled code (the attacks' ``tf.while_loop``).  The public functions
+validate their inputs, stream the batch through fixed-size calls, chunk the
+sample axis to bound memory, and compile with XLA (see :mod:`tfp_bnn_adv.xla`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_bnn_adv import chunking
+from tfp_bnn_adv import xla
+from tfp_bnn_adv.ensemble import PosteriorEnsemble
+
+__all__ = ["expected_loss_gradient", "predictive_loss_gradient",
+           "per_sample_loss_gradients", "loss_gradient_graph",
+           "per_sample_gradient_graph", "GRADIENT_KINDS"]
+
+GRADIENT_KINDS = ("expected", "predictive")
+# A finite stand-in for -inf in the running maximum: exp(_NEG - m) == 0.
+_NEG = -1e30
+
+
+def _per_sample_ce(network, params, x, y):
+    """Cross-entropy of every sample: ``[c, B]`` from logits ``[c, B, C]``."""
+    logits = network.apply_stack(params, x)
+    labels = tf.broadcast_to(y[None], tf.shape(logits)[:2])
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+
+
+def _expected(network, params, x, y, chunk_size):
+    s = params[0].shape[0]
+
+    def body(state, chunk):
+        grad, loss = state
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            ce = tf.reduce_sum(_per_sample_ce(network, chunk, x, y), axis=0)
+        # Each example's loss depends only on its own input, so the gradient
+        # of the batch sum holds every example's own gradient.
+        return grad + tape.gradient(ce, x), loss + ce
+
+    init = (tf.zeros_like(x), tf.zeros(tf.shape(x)[:1], tf.float32))
+    grad, loss = chunking.fold_sample_chunks(params, chunk_size, body, init)
+    return grad / s, loss / s
+
+
+def _predictive(network, params, x, y, chunk_size):
+    s = params[0].shape[0]
+    ex_shape = [-1] + [1] * (x.shape.rank - 1)
+
+    def body(state, chunk):
+        m_old, denom, grad = state
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            log_p = -_per_sample_ce(network, chunk, x, y)  # [c, B]
+            m_chunk = tf.stop_gradient(tf.reduce_max(log_p, axis=0))
+            w = tf.stop_gradient(tf.exp(log_p - m_chunk))
+            weighted = tf.reduce_sum(w * log_p)
+        # d/dx log sum_s p_s = sum_s p_s d/dx log p_s / sum_s p_s: accumulate
+        # the numerator and denominator relative to a running maximum.
+        g_chunk = tape.gradient(weighted, x)
+        d_chunk = tf.reduce_sum(w, axis=0)
+        m_new = tf.maximum(m_old, m_chunk)
+        a_old, a_chunk = tf.exp(m_old - m_new), tf.exp(m_chunk - m_new)
+        grad = (grad * tf.reshape(a_old, ex_shape) +
+                g_chunk * tf.reshape(a_chunk, ex_shape))
+        return m_new, denom * a_old + d_chunk * a_chunk, grad
+
+    b = tf.shape(x)[:1]
+    init = (tf.fill(b, tf.constant(_NEG, tf.float32)),
+            tf.zeros(b, tf.float32), tf.zeros_like(x))
+    m, denom, grad = chunking.fold_sample_chunks(params, chunk_size, body, init)
+    loss = -(m + tf.math.log(denom) - tf.math.log(tf.cast(s, tf.float32)))
+    return -grad / tf.reshape(denom, ex_shape), loss
+
+
+def loss_gradient_graph(network, params, x, y, kind: str, chunk_size: int):
+    """Input gradient and loss of one ensemble definition; pure, traceable.
+
+    Args:
+      network: the :class:`~tfp_bnn_adv.network.Network`.
+      params: stack of float32 tensors ``[S, ...]`` (static ``S``).
+      x: float32 ``[B, *input_shape]``.
+      y: int32 labels ``[B]``.
+      kind: ``"expected"`` or ``"predictive"``.
+      chunk_size: samples per chunk.
+
+    Returns:
+      ``(grad, loss)``: float32 ``[B, *input_shape]`` and ``[B]``; ``loss`` is
+      the mean per-sample cross-entropy (expected) or the negative log
+      posterior-predictive probability of ``y`` (predictive).
+    """
+    if kind == "expected":
+        return _expected(network, params, x, y, chunk_size)
+    if kind == "predictive":
+        return _predictive(network, params, x, y, chunk_size)
+    raise ValueError(f"kind must be one of {GRADIENT_KINDS}, got {kind!r}.")
+
+
+def per_sample_gradient_graph(network, params, x, y, chunk_size: int):
+    """Every sample's input gradient; pure, traceable.
+
+    Returns:
+      ``(grads, losses)``: float32 ``[S, B, *input_shape]`` and ``[S, B]``.
+    """
+    def fn(chunk):
+        c = chunk[0].shape[0]
+        xs = tf.broadcast_to(x[None], tf.concat([[c], tf.shape(x)], axis=0))
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            logits = network.apply_stack(chunk, xs, per_sample_inputs=True)
+            labels = tf.broadcast_to(y[None], tf.shape(logits)[:2])
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            total = tf.reduce_sum(ce)
+        return tape.gradient(total, xs), ce
+
+    return chunking.map_sample_chunks(params, chunk_size, fn)
+
+
+def _prepare(ensemble, x, y, chunk_size, batch_size):
+    if not isinstance(ensemble, PosteriorEnsemble):
+        raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
+                        f"{type(ensemble).__name__}.")
+    x, y = ensemble.network.check_inputs(x, y)
+    chunking.check_chunk_size(chunk_size)
+    if y is None:
+        y = tf.constant(ensemble.predict(x, batch_size=batch_size), tf.int32)
+    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+    return x, y, batch, chunk
+
+
+def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile):
+    x, y, batch, chunk = _prepare(ensemble, x, y, chunk_size, batch_size)
+    net = ensemble.network
+    fn = ensemble.network.cached_function(
+        ("grad", kind, chunk, jit_compile), lambda: xla.compile_fn(
+            lambda p, xb, yb: loss_gradient_graph(net, p, xb, yb, kind, chunk)[0],
+            jit_compile, f"{kind}_loss_gradient"))
+    return chunking.map_batches(lambda xb, yb: fn(ensemble.params, xb, yb),
+                                [x, y], batch)
+
+
+def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
+                           batch_size=None, jit_compile=None) -> np.ndarray:
+    """The paper's expected loss gradient ``(1/S) sum_s grad_x CE(f(x,w_s), y)``.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      x: inputs ``[B, *input_shape]``.
+      y: int labels ``[B]`` in ``[0, C)``; ``None`` uses the ensemble's own
+        predictions.
+      chunk_size: posterior samples per chunk (memory bound); ``None`` picks
+        the largest chunk within :data:`chunking.DEFAULT_MEMORY_BUDGET`.
+      batch_size: inputs per compiled call (the last batch is padded).
+      jit_compile: ``True``/``False``/``"auto"``/``None``, see
+        :func:`tfp_bnn_adv.xla.compile_fn`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]``.
+
+    Raises:
+      ValueError/TypeError: on a bad shape of ``x``, labels out of range or
+        not integers, or ``chunk_size < 1``.
+
+    Example:
+      >>> g = expected_loss_gradient(ens, x_test[:100], y_test[:100])
+      >>> np.abs(g).mean()      # the paper's mean |<grad L>|
+    """
+    return _ensemble_gradient("expected", ensemble, x, y, chunk_size,
+                              batch_size, jit_compile)
+
+
+def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
+                             batch_size=None, jit_compile=None) -> np.ndarray:
+    """``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]``, via log-sum-exp.
+
+    Args and Raises as :func:`expected_loss_gradient`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]``.
+    """
+    return _ensemble_gradient("predictive", ensemble, x, y, chunk_size,
+                              batch_size, jit_compile)
+
+
+def per_sample_loss_gradients(ensemble, x, y=None, *, chunk_size=None,
+                              batch_size=None, jit_compile=None) -> np.ndarray:
+    """Each posterior sample's ``grad_x CE(f(x, w_s), y)``.
+
+    Args and Raises as :func:`expected_loss_gradient`.
+
+    Returns:
+      float32 numpy array ``[S, B, *input_shape]``.
+    """
+    x, y, batch, chunk = _prepare(ensemble, x, y, chunk_size, batch_size)
+    net = ensemble.network
+    fn = ensemble.network.cached_function(
+        ("grad", "per_sample", chunk, jit_compile), lambda: xla.compile_fn(
+            lambda p, xb, yb: per_sample_gradient_graph(net, p, xb, yb, chunk)[0],
+            jit_compile, "per_sample_loss_gradients"))
+    return chunking.map_batches(lambda xb, yb: fn(ensemble.params, xb, yb),
+                                [x, y], batch, batch_axis=[1])

@@ -1,0 +1,1 @@
+"""Ways to fill a PosteriorEnsemble: HMC (``hmc``), VI (``vi``), SGD (``sgd``)."""

@@ -1,0 +1,855 @@
+"""Keras models as pure, sample-vectorised functions of their weights.
+
+A :class:`Network` is imported once from a Keras 3 ``Sequential`` or functional
+model.  From then on it is a pure function ``apply(params, x) -> logits`` where
+``params`` is a list of tensors in the order of ``model.trainable_weights``.
+The same graph also evaluates a whole stack of weight sets: with every
+parameter carrying a leading posterior-sample axis ``S``, ``apply_stack``
+returns logits of shape ``[S, B, C]`` in one op graph, with no Python loop over
+samples, and compiles under ``tf.function(jit_compile=True)``.
+
+How the sample axis is vectorised:
+
+* Dense layers fold ``S`` into the output features when the input is shared by
+  all samples (one big matmul), and use a batched matmul otherwise.
+* Conv2D layers keep activations in a *grouped* layout ``[B, H, W, S*C]``: the
+  first convolution (shared input) is a single convolution with ``S*O``
+  filters, every later one is a grouped convolution with ``S`` groups.
+  Pooling and element-wise activations act on that layout directly, so samples
+  never need a per-sample loop (``tf.vectorized_map`` would fall back to a
+  ``while_loop`` here, which XLA rejects).
+
+A final softmax (or log-softmax) is stripped at import: ``apply`` returns
+logits, so losses never apply softmax twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_bnn_adv import seeds as seeds_lib
+
+__all__ = ["Network", "SUPPORTED_LAYERS"]
+
+SUPPORTED_LAYERS = (
+    "InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D",
+    "Flatten", "Reshape", "Activation", "ReLU", "LeakyReLU", "Dropout",
+)
+
+# Activation functions by their Keras 3 serialised name.  All act element-wise
+# except softmax/log_softmax, which act on the last (feature) axis.
+_ELEMENTWISE = {
+    "linear": lambda h: h,
+    "relu": tf.nn.relu,
+    "relu6": tf.nn.relu6,
+    "leaky_relu": lambda h: tf.nn.leaky_relu(h, alpha=0.2),
+    "elu": tf.nn.elu,
+    "selu": tf.nn.selu,
+    "gelu": lambda h: tf.nn.gelu(h, approximate=False),
+    "tanh": tf.math.tanh,
+    "sigmoid": tf.math.sigmoid,
+    "hard_sigmoid": lambda h: tf.nn.relu6(h + 3.0) / 6.0,
+    "softplus": tf.math.softplus,
+    "softsign": tf.math.softsign,
+    "silu": tf.nn.silu,
+    "swish": tf.nn.silu,
+    "exponential": tf.math.exp,
+    "mish": lambda h: h * tf.math.tanh(tf.math.softplus(h)),
+}
+_FEATURE_WISE = {
+    "softmax": tf.nn.softmax,
+    "log_softmax": tf.nn.log_softmax,
+}
+# Output activations that map logits to (log-)probabilities: dropping them
+# leaves logits that give the same softmax.
+_STRIPPABLE_OUTPUT = ("softmax", "log_softmax")
+
+
+# --------------------------------------------------------------------------
+# Activations carried between ops.
+#
+# Three layouts, chosen so that no op ever needs a loop over samples:
+#   "shared":  [B, ...]           the same input for every sample (before the
+#                                 first parametrised layer);
+#   "stacked": [S, B, ...]        one activation per sample;
+#   "grouped": [B, H, W, S * C]   4-D feature maps with samples folded into
+#                                 channel groups (what grouped conv wants).
+# --------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Act:
+    value: tf.Tensor
+    layout: str
+    num_samples: int
+    channels: int = 0  # per-sample channels C in the grouped layout
+
+
+def _to_stacked(a: _Act) -> tf.Tensor:
+    if a.layout == "stacked":
+        return a.value
+    if a.layout == "shared":
+        shape = tf.concat([[a.num_samples], tf.shape(a.value)], axis=0)
+        return tf.broadcast_to(a.value[None], shape)
+    b, h, w = tf.unstack(tf.shape(a.value)[:3])
+    v = tf.reshape(a.value, [b, h, w, a.num_samples, a.channels])
+    return tf.transpose(v, [3, 0, 1, 2, 4])
+
+
+def _to_grouped(a: _Act) -> tf.Tensor:
+    if a.layout == "grouped":
+        return a.value
+    v = _to_stacked(a)
+    shape = tf.shape(v)
+    v = tf.transpose(v, [1, 2, 3, 0, 4])
+    return tf.reshape(v, [shape[1], shape[2], shape[3], shape[0] * shape[4]])
+
+
+def _merge_leading(v: tf.Tensor, n: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Folds the first ``n`` axes of ``v`` into one; returns it and their shape."""
+    shape = tf.shape(v)
+    lead = shape[:n]
+    return tf.reshape(v, tf.concat([[-1], shape[n:]], axis=0)), lead
+
+
+def _split_leading(v: tf.Tensor, lead: tf.Tensor) -> tf.Tensor:
+    return tf.reshape(v, tf.concat([lead, tf.shape(v)[1:]], axis=0))
+
+
+# --------------------------------------------------------------------------
+# Ops: one per supported Keras layer, each a pure function of its params.
+# --------------------------------------------------------------------------
+class _Op:
+    """A layer as a pure function; ``num_params`` tensors are consumed."""
+
+    num_params = 0
+    flops_per_example = 0  # multiply-adds x 2 of one forward pass, one sample
+
+    def __init__(self, name: str, in_shape: tuple, out_shape: tuple):
+        self.name = name
+        self.in_shape = in_shape
+        self.out_shape = out_shape
+
+    def __call__(self, a: _Act, params: Sequence[tf.Tensor], training: bool,
+                 seed) -> _Act:
+        raise NotImplementedError
+
+
+def _activation_fn(name: str, layer_name: str, class_name: str) -> Callable:
+    if name in _ELEMENTWISE:
+        return _ELEMENTWISE[name]
+    if name in _FEATURE_WISE:
+        return _FEATURE_WISE[name]
+    raise ValueError(
+        f"Layer {layer_name!r} ({class_name}) uses activation {name!r}, which "
+        f"tfp_bnn_adv does not support. Supported activations: "
+        f"{sorted(list(_ELEMENTWISE) + list(_FEATURE_WISE))}.")
+
+
+def _apply_activation(a: _Act, name: str) -> _Act:
+    if name == "linear":
+        return a
+    if name in _ELEMENTWISE:
+        return dataclasses.replace(a, value=_ELEMENTWISE[name](a.value))
+    # Feature-wise ops need the feature axis last and per sample.
+    v = _FEATURE_WISE[name](_to_stacked(a) if a.layout == "grouped" else a.value)
+    layout = "stacked" if a.layout == "grouped" else a.layout
+    return dataclasses.replace(a, value=v, layout=layout)
+
+
+class _Dense(_Op):
+
+    def __init__(self, name, in_shape, out_shape, units, use_bias, activation):
+        super().__init__(name, in_shape, out_shape)
+        self.units = units
+        self.use_bias = use_bias
+        self.activation = activation
+        self.num_params = 2 if use_bias else 1
+        self.flops_per_example = 2 * int(np.prod(in_shape)) * units
+
+    def __call__(self, a, params, training, seed):
+        kernel = params[0]  # [S, in, out]
+        s = a.num_samples
+        if a.layout == "shared":
+            # One matmul with the samples folded into the output features.
+            v, lead = _merge_leading(a.value, a.value.shape.rank - 1)
+            w = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [kernel.shape[1], -1])
+            out = tf.matmul(v, w)  # [N, S * units]
+            out = tf.reshape(out, [-1, s, self.units])
+            out = tf.transpose(out, [1, 0, 2])
+            out = tf.reshape(out, tf.concat([[s], lead, [self.units]], axis=0))
+        else:
+            v = _to_stacked(a)
+            lead = tf.shape(v)[:-1]
+            v = tf.reshape(v, [s, -1, v.shape[-1]])
+            out = tf.matmul(v, kernel)
+            out = tf.reshape(out, tf.concat([lead, [self.units]], axis=0))
+        if self.use_bias:
+            bias = params[1]  # [S, out]
+            extra = out.shape.rank - 2
+            out = out + tf.reshape(bias, [s] + [1] * extra + [self.units])
+        return _apply_activation(_Act(out, "stacked", s), self.activation)
+
+
+class _Conv2D(_Op):
+
+    def __init__(self, name, in_shape, out_shape, filters, kernel_size, strides,
+                 padding, dilation_rate, use_bias, activation):
+        super().__init__(name, in_shape, out_shape)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding.upper()
+        self.dilation_rate = dilation_rate
+        self.use_bias = use_bias
+        self.activation = activation
+        self.num_params = 2 if use_bias else 1
+        self.flops_per_example = (2 * out_shape[0] * out_shape[1] * filters *
+                                  kernel_size[0] * kernel_size[1] * in_shape[2])
+
+    def __call__(self, a, params, training, seed):
+        kernel = params[0]  # [S, kh, kw, C, O]
+        s = a.num_samples
+        kh, kw, c, o = kernel.shape[1:]
+        # Filters of all samples side by side: [kh, kw, C, S * O].  On a shared
+        # input this is one ordinary convolution; on a grouped input TF treats
+        # it as a grouped convolution with S groups.
+        filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, c, s * o])
+        v = a.value if a.layout == "shared" else _to_grouped(a)
+        out = tf.nn.conv2d(v, filt, strides=self.strides, padding=self.padding,
+                           dilations=self.dilation_rate)
+        if self.use_bias:
+            out = out + tf.reshape(params[1], [s * o])
+        return _apply_activation(_Act(out, "grouped", s, o), self.activation)
+
+
+class _Pool2D(_Op):
+
+    def __init__(self, name, in_shape, out_shape, kind, pool_size, strides,
+                 padding):
+        super().__init__(name, in_shape, out_shape)
+        self.fn = tf.nn.max_pool2d if kind == "max" else tf.nn.avg_pool2d
+        self.pool_size = pool_size
+        self.strides = strides
+        self.padding = padding.upper()
+
+    def _pool(self, v):
+        return self.fn(v, self.pool_size, self.strides, self.padding)
+
+    def __call__(self, a, params, training, seed):
+        if a.layout in ("shared", "grouped"):  # pooling is per channel
+            return dataclasses.replace(a, value=self._pool(a.value))
+        v, lead = _merge_leading(a.value, 2)
+        return dataclasses.replace(a, value=_split_leading(self._pool(v), lead))
+
+
+class _Reshape(_Op):
+    """Flatten and Reshape: per-example reshape to ``out_shape``."""
+
+    def __call__(self, a, params, training, seed):
+        if a.layout == "shared":
+            return dataclasses.replace(
+                a, value=tf.reshape(a.value, (-1,) + self.out_shape))
+        v = _to_stacked(a)
+        return _Act(tf.reshape(v, (a.num_samples, -1) + self.out_shape),
+                    "stacked", a.num_samples)
+
+
+class _Activation(_Op):
+
+    def __init__(self, name, in_shape, out_shape, activation):
+        super().__init__(name, in_shape, out_shape)
+        self.activation = activation
+
+    def __call__(self, a, params, training, seed):
+        return _apply_activation(a, self.activation)
+
+
+class _ReLU(_Op):
+    """Keras' general ReLU: threshold, negative slope and max value."""
+
+    def __init__(self, name, in_shape, out_shape, negative_slope, threshold,
+                 max_value):
+        super().__init__(name, in_shape, out_shape)
+        self.negative_slope = float(negative_slope)
+        self.threshold = float(threshold)
+        self.max_value = None if max_value is None else float(max_value)
+
+    def __call__(self, a, params, training, seed):
+        # Same formula as keras.activations.relu, so edge cases agree.
+        h = a.value
+        out = tf.where(h > self.threshold, h, tf.zeros_like(h))
+        if self.max_value is not None:
+            out = tf.clip_by_value(out, 0.0, self.max_value)
+        if self.negative_slope:
+            out = out - self.negative_slope * tf.nn.relu(self.threshold - h)
+        return dataclasses.replace(a, value=out)
+
+
+class _Dropout(_Op):
+    """Identity at prediction; stateless inverted dropout when training."""
+
+    def __init__(self, name, in_shape, out_shape, rate):
+        super().__init__(name, in_shape, out_shape)
+        self.rate = float(rate)
+
+    def __call__(self, a, params, training, seed):
+        if not training or self.rate == 0.0:
+            return a
+        return dataclasses.replace(a, value=tf.nn.experimental.stateless_dropout(
+            a.value, rate=self.rate, seed=seed))
+
+
+# --------------------------------------------------------------------------
+# Import from Keras.
+# --------------------------------------------------------------------------
+def _shape_tuple(shape) -> tuple:
+    return tuple(int(d) for d in shape[1:])
+
+
+def _serialized_activation(fn) -> str:
+    """The Keras name of a built-in activation, else the function's name."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import warnings  # pylint: disable=g-import-not-at-top
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns when it meets a lambda
+        name = keras.activations.serialize(fn)
+    if not isinstance(name, str):
+        name = getattr(fn, "__name__", type(fn).__name__)
+    return name
+
+
+def _check_channels_last(layer, cls):
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt != "channels_last":
+        raise ValueError(
+            f"Layer {layer.name!r} ({cls}) uses data_format={fmt!r}; only "
+            "'channels_last' is supported.")
+
+
+def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op | None:
+    """Builds the op for one Keras layer, or None for an input layer."""
+    cls = type(layer).__name__
+    name = layer.name
+    if cls == "InputLayer":
+        return None
+    if cls == "Dense":
+        act = _serialized_activation(layer.activation)
+        _activation_fn(act, name, cls)
+        return _Dense(name, in_shape, out_shape, int(layer.units),
+                      bool(layer.use_bias), act)
+    if cls == "Conv2D":
+        _check_channels_last(layer, cls)
+        if int(layer.groups) != 1:
+            raise ValueError(f"Layer {name!r} ({cls}) uses groups="
+                             f"{layer.groups}; only groups=1 is supported.")
+        act = _serialized_activation(layer.activation)
+        _activation_fn(act, name, cls)
+        return _Conv2D(name, in_shape, out_shape, int(layer.filters),
+                       tuple(layer.kernel_size), tuple(layer.strides),
+                       layer.padding, tuple(layer.dilation_rate),
+                       bool(layer.use_bias), act)
+    if cls in ("MaxPooling2D", "AveragePooling2D"):
+        _check_channels_last(layer, cls)
+        strides = layer.strides if layer.strides is not None else layer.pool_size
+        return _Pool2D(name, in_shape, out_shape,
+                       "max" if cls == "MaxPooling2D" else "avg",
+                       tuple(layer.pool_size), tuple(strides), layer.padding)
+    if cls in ("Flatten", "Reshape"):
+        if cls == "Flatten":
+            _check_channels_last(layer, cls)
+        return _Reshape(name, in_shape, out_shape)
+    if cls == "Activation":
+        act = _serialized_activation(layer.activation)
+        _activation_fn(act, name, cls)
+        return _Activation(name, in_shape, out_shape, act)
+    if cls == "ReLU":
+        return _ReLU(name, in_shape, out_shape, layer.negative_slope,
+                     layer.threshold, layer.max_value)
+    if cls == "LeakyReLU":
+        return _ReLU(name, in_shape, out_shape, layer.negative_slope, 0.0, None)
+    if cls == "Dropout":
+        if getattr(layer, "noise_shape", None) is not None:
+            raise ValueError(f"Layer {name!r} ({cls}) uses noise_shape; only "
+                             "plain Dropout is supported.")
+        return _Dropout(name, in_shape, out_shape, layer.rate)
+    raise ValueError(
+        f"Layer {name!r} of class {cls} is not supported by tfp_bnn_adv. "
+        f"Supported layers: {', '.join(SUPPORTED_LAYERS)} (and nested "
+        "Sequential/functional models made of them).")
+
+
+def _flatten_layers(model) -> list:
+    """The model's layers in execution order, nested models expanded.
+
+    Only chains are supported: every supported layer has one input, so a
+    single-input, single-output functional model made of them is a chain.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layers.extend(_flatten_layers(layer))
+        else:
+            layers.append(layer)
+    if not isinstance(model, keras.Sequential):
+        _check_chain(model)
+    return layers
+
+
+def _check_chain(model) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"Model {model.name!r} has {len(model.inputs)} inputs and "
+            f"{len(model.outputs)} outputs; tfp_bnn_adv needs exactly one "
+            "of each.")
+    previous = id(model.inputs[0])
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        nodes = [n for n in layer._inbound_nodes  # pylint: disable=protected-access
+                 if n.input_tensors]
+        ids = [id(t) for n in nodes for t in n.input_tensors]
+        if ids != [previous]:
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) of model "
+                f"{model.name!r} is not applied as the next step of a single "
+                "chain (branches, merges and shared layers are not "
+                "supported).")
+        previous = id(nodes[0].output_tensors[0])
+    if previous != id(model.outputs[0]):
+        raise ValueError(f"Model {model.name!r}: the output is not the end of "
+                         "its chain of layers.")
+
+
+def _layer_shapes(layer) -> tuple[tuple, tuple]:
+    return _shape_tuple(layer.input.shape), _shape_tuple(layer.output.shape)
+
+
+# --------------------------------------------------------------------------
+# Initialisers (stateless).
+# --------------------------------------------------------------------------
+_VARIANCE_SCALING = {
+    "GlorotUniform": (1.0, "fan_avg", "uniform"),
+    "GlorotNormal": (1.0, "fan_avg", "truncated_normal"),
+    "HeUniform": (2.0, "fan_in", "uniform"),
+    "HeNormal": (2.0, "fan_in", "truncated_normal"),
+    "LecunUniform": (1.0, "fan_in", "uniform"),
+    "LecunNormal": (1.0, "fan_in", "truncated_normal"),
+}
+
+
+def _fans(shape: tuple) -> tuple[float, float]:
+    if len(shape) < 2:
+        return float(shape[0]), float(shape[0])
+    receptive = float(np.prod(shape[:-2])) if len(shape) > 2 else 1.0
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def _stateless_init(config: dict, shape: tuple, seed) -> tf.Tensor:
+    """Samples Keras initialiser ``config`` statelessly; returns float32."""
+    cls = config["class_name"]
+    cfg = config.get("config", {}) or {}
+    if cls in _VARIANCE_SCALING:
+        scale, mode, dist = _VARIANCE_SCALING[cls]
+    elif cls == "VarianceScaling":
+        scale, mode, dist = (cfg.get("scale", 1.0), cfg.get("mode", "fan_in"),
+                             cfg.get("distribution", "truncated_normal"))
+    elif cls == "Zeros":
+        return tf.zeros(shape, tf.float32)
+    elif cls == "Ones":
+        return tf.ones(shape, tf.float32)
+    elif cls == "Constant":
+        return tf.fill(shape, tf.constant(cfg.get("value", 0.0), tf.float32))
+    elif cls == "RandomNormal":
+        return tf.random.stateless_normal(shape, seed, cfg.get("mean", 0.0),
+                                          cfg.get("stddev", 0.05))
+    elif cls == "TruncatedNormal":
+        return tf.random.stateless_truncated_normal(
+            shape, seed, cfg.get("mean", 0.0), cfg.get("stddev", 0.05))
+    elif cls == "RandomUniform":
+        return tf.random.stateless_uniform(shape, seed, cfg.get("minval", -0.05),
+                                           cfg.get("maxval", 0.05))
+    else:
+        raise ValueError(
+            f"Initializer {cls!r} has no stateless equivalent in tfp_bnn_adv; "
+            "use a Keras built-in initializer (Glorot/He/Lecun/VarianceScaling/"
+            "Random*/Zeros/Ones/Constant).")
+    fan_in, fan_out = _fans(shape)
+    fan = {"fan_in": fan_in, "fan_out": fan_out,
+           "fan_avg": (fan_in + fan_out) / 2.0}[mode]
+    var = scale / max(1.0, fan)
+    if dist == "uniform":
+        limit = math.sqrt(3.0 * var)
+        return tf.random.stateless_uniform(shape, seed, -limit, limit)
+    if dist == "untruncated_normal":
+        return tf.random.stateless_normal(shape, seed, 0.0, math.sqrt(var))
+    # Keras' truncated normal: std corrected for the truncation at 2 sigma.
+    std = math.sqrt(var) / 0.87962566103423978
+    return tf.random.stateless_truncated_normal(shape, seed, 0.0, std)
+
+
+# --------------------------------------------------------------------------
+# The public class.
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Name, shape and Keras initialiser config of one parameter tensor."""
+    name: str
+    shape: tuple
+    initializer: dict
+
+
+class Network:
+    """A Keras classifier as a pure function of its weights.
+
+    Build one with :meth:`from_keras`.  Parameters are a list of float32
+    tensors in the order of ``keras_model.trainable_weights``; the same list
+    with a leading sample axis ``S`` on every tensor is a *stack*.
+
+    Attributes:
+      param_specs: one :class:`ParamSpec` per parameter tensor.
+      input_shape: shape of one input example, without the batch axis.
+      num_classes: number of logits ``C``.
+      stripped_output_activation: the final softmax/log-softmax dropped at
+        import (``None`` if the model already ended in logits).
+      keras_model: the Keras model it was built from (used for its config and
+        by the SGD trainer; its weights are never read by ``apply``).
+
+    Example:
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8,
+      ...     activation="relu"), keras.layers.Dense(2)])
+      >>> net = Network.from_keras(model)
+      >>> params = net.init_params(seed=0, num_samples=5)   # 5 weight sets
+      >>> net.apply_stack(params, tf.zeros([3, 2])).shape
+      TensorShape([5, 3, 2])
+    """
+
+    def __init__(self, keras_model, ops: list[_Op], param_specs: list[ParamSpec],
+                 input_shape: tuple, num_classes: int,
+                 stripped_output_activation: str | None):
+        self.keras_model = keras_model
+        self._ops = ops
+        self.param_specs = tuple(param_specs)
+        self.input_shape = tuple(input_shape)
+        self.num_classes = int(num_classes)
+        self.stripped_output_activation = stripped_output_activation
+        self._compiled: dict = {}
+
+    # ---------------------------------------------------------------- import
+    @classmethod
+    def from_keras(cls, model) -> "Network":
+        """Imports a built Keras 3 ``Sequential`` or functional model.
+
+        Args:
+          model: a built ``keras.Model`` whose layers are all in
+            ``SUPPORTED_LAYERS`` (nested Sequential/functional models are
+            expanded), with one input and a rank-2 output ``[B, C]``, ``C>=2``.
+
+        Returns:
+          A :class:`Network`.
+
+        Raises:
+          TypeError: if ``model`` is not a Keras 3 model.
+          ValueError: naming the layer and its class if a layer, activation,
+            data format or topology is not supported, or if the model is not
+            built or its output is not ``[B, C]`` with ``C >= 2``.
+        """
+        import keras  # pylint: disable=g-import-not-at-top
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model (Keras 3), got "
+                            f"{type(model).__module__}.{type(model).__name__}.")
+        if not model.built or not getattr(model, "inputs", None):
+            raise ValueError(
+                f"model {model.name!r} is not built; give it an input shape, "
+                "e.g. keras.Sequential([keras.Input((784,)), ...]).")
+        layers = _flatten_layers(model)
+        ops: list[_Op] = []
+        specs: list[ParamSpec] = []
+        for layer in layers:
+            in_shape, out_shape = _layer_shapes(layer) if type(
+                layer).__name__ != "InputLayer" else ((), ())
+            op = _op_from_layer(layer, in_shape, out_shape)
+            if op is None:
+                continue
+            ops.append(op)
+            if op.num_params:
+                init_cfg = [keras.initializers.serialize(layer.kernel_initializer)]
+                if op.num_params == 2:
+                    init_cfg.append(
+                        keras.initializers.serialize(layer.bias_initializer))
+                weights = layer.trainable_weights
+                if len(weights) != op.num_params:
+                    raise ValueError(
+                        f"Layer {layer.name!r} ({type(layer).__name__}) has "
+                        f"{len(weights)} trainable weights, expected "
+                        f"{op.num_params} (is it frozen?).")
+                for w, ini in zip(weights, init_cfg):
+                    specs.append(ParamSpec(w.path, tuple(int(d) for d in w.shape),
+                                           ini))
+        if not any(op.num_params for op in ops):
+            raise ValueError(f"model {model.name!r} has no Dense or Conv2D "
+                             "layer, so no weights to put a posterior on.")
+        out_shape = _shape_tuple(model.outputs[0].shape)
+        if len(out_shape) != 1 or out_shape[0] < 2:
+            raise ValueError(
+                f"model {model.name!r} must output [batch, num_classes] with "
+                f"num_classes >= 2 (logits or softmax); its output shape is "
+                f"(None, {', '.join(map(str, out_shape))}).")
+        stripped = None
+        last = ops[-1]
+        if isinstance(last, (_Dense, _Conv2D, _Activation)) and (
+                last.activation in _STRIPPABLE_OUTPUT):
+            stripped = last.activation
+            if isinstance(last, _Activation):
+                ops.pop()
+            else:
+                last.activation = "linear"
+        return cls(model, ops, specs, _shape_tuple(model.inputs[0].shape),
+                   out_shape[0], stripped)
+
+    # ------------------------------------------------------------- describing
+    @property
+    def param_shapes(self) -> tuple[tuple, ...]:
+        """Shape of each parameter tensor (no sample axis)."""
+        return tuple(s.shape for s in self.param_specs)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of scalar weights in one weight set."""
+        return int(sum(np.prod(s) for s in self.param_shapes))
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(op, _Dropout) and op.rate > 0 for op in self._ops)
+
+    def flops_per_example(self) -> int:
+        """Forward-pass FLOPs (2 x multiply-adds) for one example, one sample."""
+        return int(sum(op.flops_per_example for op in self._ops))
+
+    def activation_size_per_example(self) -> int:
+        """Number of activation floats one example produces, one sample."""
+        return int(sum(np.prod(op.out_shape) for op in self._ops))
+
+    def get_config(self) -> dict:
+        """JSON-serialisable architecture: the Keras model config."""
+        return {"keras_model": json.loads(self.keras_model.to_json())}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Network":
+        """Rebuilds a Network from :meth:`get_config` (never unpickles)."""
+        import keras  # pylint: disable=g-import-not-at-top
+        if not isinstance(config, dict) or "keras_model" not in config:
+            raise ValueError("config must be a dict with key 'keras_model' as "
+                             f"written by Network.get_config(); got {config!r:.200}.")
+        model = keras.models.model_from_json(json.dumps(config["keras_model"]))
+        return cls.from_keras(model)
+
+    def __repr__(self) -> str:
+        layers = " -> ".join(type(op).__name__.lstrip("_") for op in self._ops)
+        return (f"Network(input_shape={self.input_shape}, num_classes="
+                f"{self.num_classes}, num_params={self.num_params}, {layers})")
+
+    def cached_function(self, key, builder: Callable):
+        """A compiled function of this network, built once per ``key``.
+
+        Compiled functions take the parameters as arguments, so every
+        ensemble of this network (slices included) shares them.
+        """
+        if key not in self._compiled:
+            self._compiled[key] = builder()
+        return self._compiled[key]
+
+    # -------------------------------------------------------------- parameters
+    def init_params(self, seed, num_samples: int | None = None) -> list[tf.Tensor]:
+        """Draws weights from the layers' Keras initialisers, statelessly.
+
+        Args:
+          seed: an int or a stateless seed (shape-[2] int tensor).
+          num_samples: ``None`` for one weight set; an int ``S`` for a stack
+            with a leading sample axis of size ``S``.
+
+        Returns:
+          A list of float32 tensors of shapes ``param_shapes`` (or
+          ``[S, *shape]``).  The same seed gives the same weights.
+        """
+        if num_samples is not None:
+            _check_positive_int(num_samples, "num_samples")
+        seeds = seeds_lib.split(seed, len(self.param_specs))
+        out = []
+        for spec, s in zip(self.param_specs, tf.unstack(seeds)):
+            if num_samples is None:
+                out.append(_stateless_init(spec.initializer, spec.shape, s))
+            else:
+                sample_seeds = seeds_lib.split(s, num_samples)
+                out.append(tf.stack([
+                    _stateless_init(spec.initializer, spec.shape, ss)
+                    for ss in tf.unstack(sample_seeds)]))
+        return out
+
+    def check_params(self, params, stacked: bool, name: str = "params") -> list[tf.Tensor]:
+        """Validates and converts a weight set (or stack) to float32 tensors.
+
+        Returns:
+          The list of tensors; raises ValueError/TypeError naming ``name``
+          when the number or shapes of tensors do not match the network.
+        """
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors, got "
+                            f"{type(params).__name__}.")
+        if len(params) != len(self.param_specs):
+            raise ValueError(f"{name} has {len(params)} tensors; the network "
+                             f"has {len(self.param_specs)} parameter tensors.")
+        out = [tf.convert_to_tensor(p, tf.float32) for p in params]
+        lead = None
+        for p, spec in zip(out, self.param_specs):
+            shape = tuple(p.shape)
+            body = shape[1:] if stacked else shape
+            if body != spec.shape:
+                raise ValueError(
+                    f"{name}: tensor for {spec.name!r} has shape {shape}; "
+                    f"expected {('[S] + ' if stacked else '')}{list(spec.shape)}.")
+            if stacked:
+                lead = shape[0] if lead is None else lead
+                if shape[0] != lead:
+                    raise ValueError(f"{name}: inconsistent sample axis sizes "
+                                     f"({lead} vs {shape[0]} for {spec.name!r}).")
+        return out
+
+    # ---------------------------------------------------------------- applying
+    def apply_stack(self, params: Sequence[tf.Tensor], x: tf.Tensor, *,
+                    per_sample_inputs: bool = False, training: bool = False,
+                    seed=None) -> tf.Tensor:
+        """Logits of every weight set in a stack, in one op graph.
+
+        Pure and XLA-compilable; performs no input validation (callers at the
+        public boundary validate, see :meth:`check_inputs`).
+
+        Args:
+          params: list of float32 tensors ``[S, *shape]``.
+          x: float32 inputs ``[B, *input_shape]`` shared by all samples, or
+            ``[S, B, *input_shape]`` if ``per_sample_inputs``.
+          per_sample_inputs: whether ``x`` carries its own sample axis.
+          training: apply dropout (needs ``seed``); otherwise dropout is the
+            identity.
+          seed: stateless seed for dropout when ``training``.
+
+        Returns:
+          Logits, float32 ``[S, B, C]``.
+        """
+        if training and self.has_dropout and seed is None:
+            raise ValueError("apply with training=True needs a seed for dropout.")
+        params = [tf.convert_to_tensor(p, tf.float32) for p in params]
+        x = tf.convert_to_tensor(x, tf.float32)
+        s = params[0].shape[0]
+        if s is None:
+            s = tf.shape(params[0])[0]
+        a = _Act(x, "stacked" if per_sample_inputs else "shared", s)
+        i = 0
+        for k, op in enumerate(self._ops):
+            op_seed = None
+            if training and isinstance(op, _Dropout):
+                op_seed = tf.random.experimental.stateless_fold_in(seed, k)
+            a = op(a, params[i:i + op.num_params], training, op_seed)
+            i += op.num_params
+        return _to_stacked(a)
+
+    def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, *,
+              training: bool = False, seed=None) -> tf.Tensor:
+        """Logits of one weight set.
+
+        Args:
+          params: list of float32 tensors of shapes ``param_shapes``.
+          x: float32 ``[B, *input_shape]``.
+          training: apply dropout (needs ``seed``).
+          seed: stateless seed for dropout.
+
+        Returns:
+          Logits, float32 ``[B, C]``.
+        """
+        stacked = [p[None] for p in params]
+        return self.apply_stack(stacked, x, training=training, seed=seed)[0]
+
+    # -------------------------------------------------------------- validation
+    def check_inputs(self, x, y=None, *, x_name: str = "x", y_name: str = "y"):
+        """Validates inputs (and optional integer labels) at a public boundary.
+
+        Args:
+          x: array-like ``[B, *input_shape]``.
+          y: optional labels ``[B]``, integers in ``[0, num_classes)``.
+
+        Returns:
+          ``(x, y)`` as float32 / int32 tensors (``y`` may be None).
+
+        Raises:
+          ValueError / TypeError naming the argument and the bad value.
+        """
+        x = _as_float_tensor(x, x_name)
+        expected = (None,) + self.input_shape
+        if x.shape.rank != len(expected) or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{x_name} has shape {tuple(x.shape)}; the network expects "
+                f"[batch, {', '.join(map(str, self.input_shape))}].")
+        if x.shape[0] == 0:
+            raise ValueError(f"{x_name} is empty (batch size 0).")
+        if y is None:
+            return x, None
+        y = check_labels(y, self.num_classes, y_name)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{y_name} has {y.shape[0]} labels but {x_name} has "
+                             f"{x.shape[0]} examples.")
+        return x, y
+
+
+# --------------------------------------------------------------------------
+# Shared argument checks.
+# --------------------------------------------------------------------------
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}.")
+    return int(value)
+
+
+def _as_float_tensor(x, name: str) -> tf.Tensor:
+    if isinstance(x, tf.Tensor):
+        if not (x.dtype.is_floating or x.dtype.is_integer):
+            raise TypeError(f"{name} must be numeric, got dtype {x.dtype.name}.")
+        t = tf.cast(x, tf.float32)
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+            raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}.")
+        t = tf.convert_to_tensor(arr.astype(np.float32, copy=False))
+    if not bool(tf.reduce_all(tf.math.is_finite(t))):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return t
+
+
+def check_labels(y, num_classes: int, name: str = "y") -> tf.Tensor:
+    """Validates integer class labels ``[B]`` in ``[0, num_classes)``.
+
+    Returns:
+      An int32 tensor.
+
+    Raises:
+      TypeError if not integers; ValueError if not rank 1 or out of range.
+    """
+    arr = y.numpy() if isinstance(y, tf.Tensor) else np.asarray(y)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"{name} must hold integer class labels, got dtype "
+                            f"{arr.dtype}.")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must have shape [batch], got {arr.shape}.")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        bad = arr[(arr < 0) | (arr >= num_classes)][0]
+        raise ValueError(f"{name} has label {int(bad)} outside [0, {num_classes}).")
+    return tf.convert_to_tensor(arr.astype(np.int32))

@@ -1,0 +1,1 @@
+"""Flag-free study functions: config in, results dict and files out."""
