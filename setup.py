@@ -22,6 +22,7 @@ setuptools.setup(
         "keras>=3.10,<4",
         "tensorflow-datasets==4.9.10",
         "absl-py>=2.1",
+        "tensorboard>=2.21",
         "numpy>=1.26",
         "matplotlib>=3.8",
     ],

@@ -58,3 +58,23 @@ def test_auto_falls_back_when_xla_cannot_compile():
     out = f(tf.ones([3]))
     np.testing.assert_array_equal(out.numpy(), 2.0)
     assert next(iter(f.choices.values()))[0] is False
+
+
+def test_auto_choice_is_remembered_across_processes(tmp_path, monkeypatch):
+    cache = tmp_path / "choices.json"
+    monkeypatch.setenv("TFP_BNN_ADV_JIT_CACHE", str(cache))
+    a = tf.ones([8, 8])
+    first = xla.compile_fn(_fn, jit_compile="auto", name="remember")
+    first(a, a)
+    use_xla, t_default, t_xla = next(iter(first.choices.values()))
+    assert np.isfinite(t_default) and cache.exists()
+    # A new function object (as in a new process) takes the stored path
+    # without measuring.
+    second = xla.compile_fn(_fn, jit_compile="auto", name="remember")
+    second(a, a)
+    again, t2, _ = next(iter(second.choices.values()))
+    assert again == use_xla and np.isnan(t2)
+    monkeypatch.setenv("TFP_BNN_ADV_JIT_CACHE", "none")
+    third = xla.compile_fn(_fn, jit_compile="auto", name="remember")
+    third(a, a)
+    assert np.isfinite(next(iter(third.choices.values()))[1])

@@ -17,15 +17,19 @@ from tfp_bnn_adv import files
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.network import Network
 
-__all__ = ["PosteriorEnsemble", "FORMAT_VERSION"]
+__all__ = ["PosteriorEnsemble", "FORMAT_VERSION", "predict_proba_graph"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "tfp_bnn_adv.PosteriorEnsemble"
 DEFAULT_BATCH_SIZE = 512
 
 
-def _predict_proba_graph(network: Network, params, x, chunk_size: int):
-    """Mean over samples of the per-sample softmax, chunked over ``S``."""
+def predict_proba_graph(network: Network, params, x, chunk_size: int):
+    """Mean over samples of the per-sample softmax, chunked over ``S``.
+
+    Pure and traceable: ``params`` ``[S, ...]``, ``x`` ``[B, ...]`` ->
+    float32 ``[B, C]``.
+    """
     s = params[0].shape[0]
 
     def body(total, chunk):
@@ -196,7 +200,7 @@ class PosteriorEnsemble:
         batch_size, chunk = self.batch_and_chunk(x.shape[0], batch_size, chunk_size)
         net = self.network
         fn = self.network.cached_function(("proba", chunk, jit_compile), lambda: xla.compile_fn(
-            lambda p, xb: _predict_proba_graph(net, p, xb, chunk), jit_compile,
+            lambda p, xb: predict_proba_graph(net, p, xb, chunk), jit_compile,
             "predict_proba"))
         return chunking.map_batches(lambda xb: fn(self.params, xb), [x], batch_size)
 

@@ -678,7 +678,7 @@ class Network:
           ``[S, *shape]``).  The same seed gives the same weights.
         """
         if num_samples is not None:
-            _check_positive_int(num_samples, "num_samples")
+            check_positive_int(num_samples, "num_samples")
         seeds = seeds_lib.split(seed, len(self.param_specs))
         out = []
         for spec, s in zip(self.param_specs, tf.unstack(seeds)):
@@ -808,7 +808,8 @@ class Network:
 # --------------------------------------------------------------------------
 # Shared argument checks.
 # --------------------------------------------------------------------------
-def _check_positive_int(value, name: str) -> int:
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1, else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}.")
     if value < 1:

@@ -9,15 +9,25 @@ mode on a CPU-only host, times both on the first call for each input
 signature and keeps the faster one.
 
 The default mode comes from the environment variable ``TFP_BNN_ADV_JIT``
-(``auto``, ``xla`` or ``default``) and is ``auto`` when unset.  Both paths
-compute the same numbers up to float round-off; pin ``jit_compile=True`` or
-``False`` when bit-for-bit reproducibility across runs matters more than
-speed.
+(``auto``, ``xla`` or ``default``) and is ``auto`` when unset.
+
+Reproducibility: deterministic functions agree on both paths up to float
+round-off, but TensorFlow's CPU kernels and XLA turn the same stateless seed
+into *different* random floats, and a chaotic computation such as an HMC
+chain amplifies any round-off.  So an "auto" decision is measured once per
+machine and remembered in a small JSON file (``TFP_BNN_ADV_JIT_CACHE``,
+default ``~/.cache/tfp_bnn_adv/jit_choices.json``; ``none`` disables it):
+every later run on the machine takes the same path and, with the same seed,
+gives the same result.  Pin ``jit_compile=True`` or ``False`` to make results
+identical across machines too.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import platform
 import time
 from typing import Any, Callable
 
@@ -27,6 +37,8 @@ import tensorflow as tf
 __all__ = ["compile_fn", "resolve_jit", "has_accelerator"]
 
 _ENV = "TFP_BNN_ADV_JIT"
+_CACHE_ENV = "TFP_BNN_ADV_JIT_CACHE"
+_TRACE_IDS = itertools.count()
 _MODES = {"auto": "auto", "xla": True, "true": True, "1": True,
           "default": False, "false": False, "0": False}
 
@@ -69,6 +81,51 @@ def resolve_jit(jit_compile: Any = None):
     return jit_compile
 
 
+def _cache_path() -> str | None:
+    path = os.environ.get(_CACHE_ENV)
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".cache", "tfp_bnn_adv",
+                            "jit_choices.json")
+    return None if path.lower() == "none" else path
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            models = [ln.split(":", 1)[1].strip() for ln in f
+                      if ln.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:
+        pass
+    return f"{cpu}|{os.cpu_count()}|tf{tf.__version__}"
+
+
+def _load_choices() -> dict:
+    path = _cache_path()
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        logging.warning("Ignoring unreadable XLA choice cache %s", path)
+        return {}
+
+
+def _store_choice(key: str, use_xla: bool) -> None:
+    path = _cache_path()
+    if not path:
+        return
+    from tfp_bnn_adv import files  # pylint: disable=g-import-not-at-top
+    choices = _load_choices()
+    choices[key] = use_xla
+    try:
+        files.write_json(path, choices)
+    except OSError as e:
+        logging.warning("Cannot write XLA choice cache %s: %s", path, e)
+
+
 def _signature(args, kwargs) -> tuple:
     def leaf(v):
         if isinstance(v, (tf.Tensor, tf.Variable)):
@@ -98,20 +155,35 @@ class CompiledFunction:
         self.name = name or getattr(fn, "__name__", "fn")
         self.mode = resolve_jit(jit_compile)
         self.repeats = repeats
-        self._xla = tf.function(fn, jit_compile=True, autograph=False)
-        self._default = tf.function(fn, jit_compile=False, autograph=False)
+        self._fn = fn
+        # One tf.function per input signature and path: each traces once, so
+        # a study that calls with many ensemble sizes never retraces.
+        self._traced: dict[tuple, Any] = {}
         self.choices: dict[tuple, tuple[bool, float, float]] = {}
 
+    def _get(self, key, use_xla: bool):
+        if (key, use_xla) not in self._traced:
+            # TF counts traces per code object, so a wrapper sharing one code
+            # object would make our deliberate one-trace-per-shape look like
+            # runaway retracing; each wrapper gets its own (and a readable
+            # name in profiles).
+            def traced(*args, **kwargs):
+                return self._fn(*args, **kwargs)
+
+            name = f"{self.name}_{next(_TRACE_IDS)}".replace(".", "_")
+            traced.__code__ = traced.__code__.replace(co_name=name)
+            traced.__name__ = name
+            self._traced[(key, use_xla)] = tf.function(
+                traced, jit_compile=use_xla, autograph=False)
+        return self._traced[(key, use_xla)]
+
     def __call__(self, *args, **kwargs):
-        if self.mode is True:
-            return self._xla(*args, **kwargs)
-        if self.mode is False:
-            return self._default(*args, **kwargs)
         key = _signature(args, kwargs)
+        if self.mode != "auto":
+            return self._get(key, self.mode)(*args, **kwargs)
         if key not in self.choices:
             return self._autotune(key, args, kwargs)
-        fn = self._xla if self.choices[key][0] else self._default
-        return fn(*args, **kwargs)
+        return self._get(key, self.choices[key][0])(*args, **kwargs)
 
     def _time(self, fn, args, kwargs):
         result = fn(*args, **kwargs)  # compiles
@@ -124,9 +196,14 @@ class CompiledFunction:
         return result, best
 
     def _autotune(self, key, args, kwargs):
-        result, t_default = self._time(self._default, args, kwargs)
+        disk_key = f"{self.name}|{key}|{_machine()}"
+        remembered = _load_choices().get(disk_key)
+        if remembered is not None:
+            self.choices[key] = (bool(remembered), float("nan"), float("nan"))
+            return self._get(key, bool(remembered))(*args, **kwargs)
+        result, t_default = self._time(self._get(key, False), args, kwargs)
         try:
-            _, t_xla = self._time(self._xla, args, kwargs)
+            result_xla, t_xla = self._time(self._get(key, True), args, kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
                 tf.errors.InternalError) as e:
             logging.warning("%s: XLA compilation failed (%s); using TF default "
@@ -134,10 +211,14 @@ class CompiledFunction:
             t_xla = float("inf")
         use_xla = t_xla < t_default
         self.choices[key] = (use_xla, t_default, t_xla)
+        self._traced.pop((key, not use_xla), None)
+        _store_choice(disk_key, use_xla)
         logging.info("%s: TF default kernels %.2f ms, XLA %.2f ms -> %s",
                      self.name, 1e3 * t_default, 1e3 * t_xla,
                      "XLA" if use_xla else "default kernels")
-        return result
+        # Return what the chosen path computes, so the first call agrees
+        # with every later one.
+        return result_xla if use_xla else result
 
 
 def compile_fn(fn: Callable, jit_compile=None, name: str | None = None

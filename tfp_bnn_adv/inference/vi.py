@@ -65,6 +65,7 @@ from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds as seeds_lib
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
+from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
            "FORMAT_VERSION"]
@@ -82,14 +83,6 @@ _PARAM_LAYERS = ("Dense", "Conv2D")
 # --------------------------------------------------------------------------
 # Argument checks.
 # --------------------------------------------------------------------------
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return int(value)
-
-
 def _check_positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a number, got {value!r}.")
@@ -358,7 +351,7 @@ class VIPosterior:
             "estimator": _check_estimator(estimator),
             "prior_scale": _check_positive_float(prior_scale, "prior_scale"),
             "kl_weight": _check_positive_float(kl_weight, "kl_weight"),
-            "num_train": _check_positive_int(num_train, "num_train"),
+            "num_train": check_positive_int(num_train, "num_train"),
             "seed": _check_seed_int(seed),
         }
         self.history: dict[str, list] = {}
@@ -412,7 +405,7 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad ``num_samples`` or ``seed``.
         """
-        num_samples = _check_positive_int(num_samples, "num_samples")
+        num_samples = check_positive_int(num_samples, "num_samples")
         seed = seeds_lib.stateless(seed)
         dists = _posteriors(self._layers)
         params = []
@@ -451,8 +444,8 @@ class VIPosterior:
           TypeError / ValueError: for a bad argument.
         """
         import tf_keras  # pylint: disable=g-import-not-at-top
-        num_samples = _check_positive_int(num_samples, "num_samples")
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        num_samples = check_positive_int(num_samples, "num_samples")
+        batch_size = check_positive_int(batch_size, "batch_size")
         seed = _check_seed_int(seed)
         x, _ = self.network.check_inputs(x)
         model = self.variational_model
@@ -552,7 +545,7 @@ def _check_validation(validation_split, validation_data, patience, network):
     if validation_split and validation_data is not None:
         raise ValueError("Give validation_split or validation_data, not both.")
     if patience is not None:
-        patience = _check_positive_int(patience, "early_stopping_patience")
+        patience = check_positive_int(patience, "early_stopping_patience")
         if not validation_split and validation_data is None:
             raise ValueError(
                 "early_stopping_patience needs validation data: set "
@@ -624,8 +617,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       >>> post.sample_ensemble(100, seed=1).accuracy(ds.test_x, ds.test_y)
     """
     import tf_keras  # pylint: disable=g-import-not-at-top
-    epochs = _check_positive_int(epochs, "epochs")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
     learning_rate = _check_positive_float(learning_rate, "learning_rate")
     init_scale = _check_positive_float(init_scale, "init_scale")
     _check_positive_float(prior_scale, "prior_scale")

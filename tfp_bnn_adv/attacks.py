@@ -1,0 +1,720 @@
+"""Adversarial attacks on posterior ensembles: FGSM, PGD, random, Square Attack.
+
+Every attack is a pure function in the shape of cleverhans' attacks,
+``attack(ensemble, x, y, eps, ...) -> x_adv``: it returns float32 inputs of
+the shape of ``x`` inside the threat set, the ``eps``-ball around ``x`` (L-inf
+or L2) intersected with the data range ``clip``.  ``y=None`` attacks the
+ensemble's own predictions.
+
+Gradient attacks (:func:`fgsm`, :func:`pgd`) take ``gradient=``:
+
+* ``"expected"``: the paper's expected loss gradient
+  ``(1/S) sum_s grad_x CE(f(x, w_s), y)`` (Carbone et al., 2020); Theorem 1
+  says it vanishes for ideal BNNs, which is what makes these attacks weak.
+* ``"predictive"``: the gradient of the loss of the posterior predictive,
+  ``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]`` (Feng et al., 2024).
+* ``"sample"``: the cross-entropy gradient of one posterior sample, drawn
+  afresh at every step, as an expectation-over-transformation attacker would.
+
+:func:`random_attack` needs no gradient, and :func:`square_attack`
+(Andriushchenko et al., 2020) only queries the posterior predictive
+probabilities: it tells real robustness from gradients that merely vanish.
+
+How it runs: the data stream through fixed-size batches, the last one padded
+(:func:`tfp_bnn_adv.chunking.map_batches`), and each batch is attacked by one
+compiled function (PGD's steps and restarts, the random trials and the Square
+Attack's queries are ``tf.while_loop``s inside it), compiled once per network
+and configuration (:meth:`Network.cached_function`).  ``eps``, step sizes,
+step and query counts are tensors, so sweeping them does not recompile.
+
+Randomness is stateless: the same ``seed`` gives the same ``x_adv``.  Random
+starts and random-attack noise come from one stream per example (seed,
+restart or trial, example index), so they do not depend on ``batch_size``;
+the sample draws of ``gradient="sample"`` and the Square Attack's proposals
+come from one stream per batch, so they do.  Random floats are built from
+integer draws because TensorFlow's and XLA's float samplers differ, and the
+answer must not depend on which one :func:`tfp_bnn_adv.xla.compile_fn` picks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tfp_bnn_adv import chunking
+from tfp_bnn_adv import seeds
+from tfp_bnn_adv import xla
+from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.ensemble import predict_proba_graph
+from tfp_bnn_adv.gradients import loss_gradient_graph
+from tfp_bnn_adv.network import check_positive_int
+
+__all__ = ["fgsm", "pgd", "random_attack", "square_attack", "NORMS",
+           "GRADIENTS", "RANDOM_KINDS"]
+
+NORMS = (np.inf, 2)
+GRADIENTS = ("expected", "predictive", "sample")
+RANDOM_KINDS = ("ternary", "uniform")
+
+# The counter-based generator whose integer output TF and XLA agree on.
+_ALG = "philox"
+# Square Attack: p is halved once the query count, rescaled to a budget of
+# 10000, passes each of these (Andriushchenko et al., 2020, L-inf schedule).
+_SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+# --------------------------------------------------------------------------
+# Argument checks (all run before any work starts).
+# --------------------------------------------------------------------------
+def _check_ensemble(ensemble) -> None:
+    if not isinstance(ensemble, PosteriorEnsemble):
+        raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
+                        f"{type(ensemble).__name__}.")
+
+
+def _check_nonnegative(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
+    return float(value)
+
+
+def _check_eps(eps) -> float:
+    if eps is None:
+        raise TypeError("eps is required: the radius of the threat ball, "
+                        "e.g. eps=0.25 for [0, 1] pixels.")
+    return _check_nonnegative(eps, "eps")
+
+
+def _check_norm(norm) -> float:
+    if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or (
+            norm not in NORMS):
+        raise ValueError(f"norm must be np.inf or 2, got {norm!r}.")
+    return float(norm)
+
+
+def _check_choice(value, choices, name: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+    return value
+
+
+def _check_clip(clip):
+    if clip is None:
+        return None
+    try:
+        lo, hi = clip
+    except (TypeError, ValueError):
+        raise TypeError(f"clip must be None or a pair (low, high), got "
+                        f"{clip!r}.") from None
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or (
+                not math.isfinite(v)):
+            raise TypeError(f"clip must hold two finite numbers, got {clip!r}.")
+    if not lo < hi:
+        raise ValueError(f"clip must satisfy low < high, got {clip!r}.")
+    return float(lo), float(hi)
+
+
+def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile):
+    """Validated ``(x, y, idx, batch, chunk)``; labels default to predictions."""
+    x, y = ensemble.network.check_inputs(x, y)
+    if clip is not None:
+        lo, hi = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+        if lo < clip[0] or hi > clip[1]:
+            raise ValueError(
+                f"x has values in [{lo:g}, {hi:g}], outside clip={clip}; "
+                "rescale x into the data range or pass clip=None.")
+    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+    if y is None:
+        y = tf.constant(ensemble.predict(x, batch_size=batch, chunk_size=chunk,
+                                         jit_compile=jit_compile), tf.int32)
+    idx = tf.range(x.shape[0], dtype=tf.int32)
+    return x, y, idx, batch, chunk
+
+
+def _stream(name, fn, ensemble, arrays, batch, scalars):
+    """Runs the compiled ``fn`` over fixed-size batches, logging progress."""
+    total = -(-int(arrays[0].shape[0]) // batch)
+    start, done = time.perf_counter(), [0]
+
+    def run(*batch_arrays):
+        out = fn(ensemble.params, *batch_arrays, *scalars)
+        done[0] += 1
+        logging.info("%s: batch %d/%d done, %.1f s", name, done[0], total,
+                     time.perf_counter() - start)
+        return out
+
+    return chunking.map_batches(run, arrays, batch)
+
+
+def _clip_args(clip):
+    lo, hi = clip if clip is not None else (0.0, 0.0)
+    return tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
+
+
+# --------------------------------------------------------------------------
+# Graph building blocks: pure and traceable, for the compiled batch functions.
+# --------------------------------------------------------------------------
+def _fold(seed, data):
+    return tf.random.experimental.stateless_fold_in(seed, data, alg=_ALG)
+
+
+def _split(seed, n: int):
+    return tf.unstack(tf.random.split(seed, n, alg=_ALG))
+
+
+def _uniform(shape, seed):
+    """float32 uniform on ``[0, 1)`` with 24 random bits, from integer draws."""
+    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
+                                       dtype=tf.int32, alg=_ALG)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 8), 0xFFFFFF)
+    return tf.cast(bits, tf.float32) * (2.0 ** -24)
+
+
+def _integers(shape, seed, maxval):
+    """int32 uniform on ``[0, maxval)``."""
+    return tf.random.stateless_uniform(shape, seed, minval=0, maxval=maxval,
+                                       dtype=tf.int32, alg=_ALG)
+
+
+def _per_example(fn, seed, idx, shape, dtype=tf.float32):
+    """Stacks ``fn(example_seed) -> [*shape]`` over the batch.
+
+    Each example's seed folds its global index into ``seed``, so its draw
+    does not depend on the batch it lands in.  (A ``tf.map_fn``: ``pfor``
+    has no converter for stateless samplers and would loop anyway.)
+    """
+    return tf.map_fn(lambda i: fn(_fold(seed, i)), idx,
+                     fn_output_signature=tf.TensorSpec(shape, dtype))
+
+
+def _example_reduce(fn, t):
+    return fn(t, axis=list(range(1, t.shape.rank)), keepdims=True)
+
+
+def _l2_direction(g):
+    """``g / ||g||_2`` per example; zero where ``g`` is zero.
+
+    Dividing by the largest component first keeps the squares from
+    underflowing, so a vanishingly small (but non-zero) gradient, the very
+    thing Theorem 1 predicts, still gives a unit step.
+    """
+    g = tf.math.divide_no_nan(g, _example_reduce(tf.reduce_max, tf.abs(g)))
+    return tf.math.divide_no_nan(g, tf.sqrt(_example_reduce(tf.reduce_sum, g * g)))
+
+
+def _project(x0, x, eps, norm, lo, hi, has_clip):
+    """Projects ``x`` onto the ``eps``-ball around ``x0``, then the data range.
+
+    Clipping to the data range after the ball only moves coordinates towards
+    ``x0`` (which lies in the range), so the result stays in the ball.
+    """
+    d = x - x0
+    if norm == np.inf:
+        d = tf.clip_by_value(d, -eps, eps)
+    else:
+        # float32 rounding of the norm, of the rescale (relative, < 2^-20)
+        # and of x0 + d (< 2^-24 |x0 + d| per component) can push the
+        # returned point a few ulps past eps; shrinking the radius by those
+        # bounds keeps the float32 result itself within eps.
+        size = float(np.prod(d.shape[1:]))
+        scale = _example_reduce(tf.reduce_max, tf.abs(x0)) + eps
+        radius = tf.maximum(
+            eps - 2.0 ** -20 * eps - 2.0 ** -23 * math.sqrt(size) * scale, 0.0)
+        norm2 = tf.sqrt(_example_reduce(tf.reduce_sum, d * d))
+        d = d * tf.minimum(1.0, tf.math.divide_no_nan(radius, norm2))
+    out = x0 + d
+    return tf.clip_by_value(out, lo, hi) if has_clip else out
+
+
+def _random_start(x0, eps, norm, seed, idx):
+    """A uniform draw from the ``eps``-ball around each example."""
+    shape = x0.shape[1:]
+    size = int(np.prod(shape))
+    if norm == np.inf:
+        u = _per_example(lambda s: _uniform(shape, s), seed, idx, shape)
+        return x0 + eps * (2.0 * u - 1.0)
+    # Uniform in the L2 ball: a Gaussian direction (Box-Muller) and a radius
+    # eps * u^(1/d).
+    u = _per_example(lambda s: _uniform([2 * size + 1], s), seed, idx,
+                     [2 * size + 1])
+    u1, u2, u3 = 1.0 - u[:, :size], u[:, size:2 * size], u[:, 2 * size]
+    z = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
+    z = tf.reshape(_l2_direction(z), tf.shape(x0))
+    radius = eps * tf.pow(u3, 1.0 / size)
+    return x0 + tf.reshape(radius, [-1] + [1] * (x0.shape.rank - 1)) * z
+
+
+def _step_direction(g, norm):
+    return tf.sign(g) if norm == np.inf else _l2_direction(g)
+
+
+def _loss_gradient(network, params, x, y, gradient, chunk, seed):
+    """Input gradient of the attacker's loss, ``[B, *input_shape]``."""
+    if gradient != "sample":
+        return loss_gradient_graph(network, params, x, y, gradient, chunk)[0]
+    s = params[0].shape[0]
+    pick = _integers([1], seed, s)
+    one = [tf.gather(p, pick) for p in params]
+    return loss_gradient_graph(network, one, x, y, "expected", 1)[0]
+
+
+def _score(network, params, x, y, chunk):
+    """What makes an adversarial example worse: ``(misclassified, loss)``.
+
+    Both come from the posterior predictive, the classifier being attacked,
+    whichever gradient the attacker followed.
+    """
+    p = predict_proba_graph(network, params, x, chunk)
+    p_y = tf.gather(p, y, batch_dims=1)
+    wrong = tf.not_equal(tf.argmax(p, axis=-1, output_type=tf.int32), y)
+    return wrong, -tf.math.log(p_y)
+
+
+def _keep_worse(best, new):
+    """Per example, the candidate that is misclassified, else has more loss."""
+    (x_b, wrong_b, loss_b), (x_n, wrong_n, loss_n) = best, new
+    take = (wrong_n & ~wrong_b) | ((wrong_n == wrong_b) & (loss_n > loss_b))
+    mask = tf.reshape(take, [-1] + [1] * (x_b.shape.rank - 1))
+    return (tf.where(mask, x_n, x_b), wrong_b | wrong_n,
+            tf.where(take, loss_n, loss_b))
+
+
+def _best_of(run, score, count: int):
+    """Runs ``run(r)`` for ``r < count`` and keeps the worst case per example.
+
+    ``run(0)`` is what a single run returns, so more runs never weaken the
+    attack.
+    """
+    x = run(tf.constant(0))
+    if count == 1:
+        return x
+    first = (x,) + score(x)
+
+    def body(r, best):
+        x_r = run(r)
+        return r + 1, _keep_worse(best, (x_r,) + score(x_r))
+
+    _, best = tf.while_loop(lambda r, best: r < count, body,
+                            (tf.constant(1), first))
+    return best[0]
+
+
+def _pgd_graph(network, params, x0, y, idx, seed, eps, step_size, steps,
+               lo, hi, *, norm, gradient, random_start, restarts, chunk,
+               has_clip):
+    """PGD on one batch: ``restarts`` runs of ``steps`` projected steps."""
+
+    def run(r):
+        run_seed = _fold(seed, r)
+        start_seed, sample_seed = _split(run_seed, 2)
+        # One stream per batch for the sample draws, keyed by its first row.
+        sample_seed = _fold(sample_seed, idx[0])
+        x = x0
+        if random_start:
+            x = _project(x0, _random_start(x0, eps, norm, start_seed, idx), eps,
+                         norm, lo, hi, has_clip)
+
+        def body(t, x):
+            g = _loss_gradient(network, params, x, y, gradient, chunk,
+                               _fold(sample_seed, t))
+            x = x + step_size * _step_direction(g, norm)
+            return t + 1, _project(x0, x, eps, norm, lo, hi, has_clip)
+
+        return tf.while_loop(lambda t, x: t < steps, body,
+                             (tf.constant(0), x))[1]
+
+    return _best_of(run, lambda x: _score(network, params, x, y, chunk),
+                    restarts)
+
+
+def _random_graph(network, params, x0, y, idx, seed, eps, lo, hi, *, kind,
+                  trials, chunk, has_clip):
+    """``trials`` random perturbations per example; keeps the worst."""
+    shape = x0.shape[1:]
+
+    def run(t):
+        trial_seed = _fold(seed, t)
+        if kind == "ternary":
+            u = _per_example(lambda s: _integers(shape, s, 3), trial_seed,
+                             idx, shape, tf.int32)
+            u = tf.cast(u - 1, tf.float32)
+        else:
+            u = 2.0 * _per_example(lambda s: _uniform(shape, s), trial_seed,
+                                   idx, shape) - 1.0
+        return _project(x0, x0 + eps * u, eps, np.inf, lo, hi, has_clip)
+
+    return _best_of(run, lambda x: _score(network, params, x, y, chunk), trials)
+
+
+def _image_layout(input_shape) -> tuple[int, int, int]:
+    """``(H, W, C)`` the Square Attack places its squares in."""
+    if len(input_shape) == 1:
+        return 1, input_shape[0], 1
+    if len(input_shape) == 2:
+        return input_shape[0], input_shape[1], 1
+    return tuple(input_shape)
+
+
+def _square_side(p, height, width):
+    """Side of a square covering a fraction ``p`` of the pixels, per example."""
+    if height == 1:  # a vector: windows are 1 x side segments
+        side = tf.round(p * width)
+        cap = max(width - 1, 1)
+    else:
+        side = tf.round(tf.sqrt(p * height * width))
+        cap = max(min(height, width) - 1, 1)
+    return tf.cast(tf.clip_by_value(side, 1.0, float(cap)), tf.int32)
+
+
+def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
+                  lo, hi, *, layout, chunk, has_clip):
+    """Square Attack (L-inf) on one batch: returns ``(x_adv, queries)``."""
+    height, width, channels = layout
+    batch = tf.shape(x0)[0]
+    img0 = tf.reshape(x0, [-1, height, width, channels])
+    seed = _fold(seed, idx[0])
+    init_seed, loop_seed = _split(seed, 2)
+
+    def margin(img):
+        # One query: p(y) - max_{c != y} p(c) of the posterior predictive;
+        # negative once the example is misclassified.
+        p = predict_proba_graph(network, params, tf.reshape(img, tf.shape(x0)),
+                                 chunk)
+        onehot = tf.one_hot(y, network.num_classes)
+        return tf.reduce_sum(p * onehot, -1) - tf.reduce_max(p - 2.0 * onehot, -1)
+
+    def perturb(v):
+        out = img0 + eps * tf.cast(v, tf.float32)
+        return tf.clip_by_value(out, lo, hi) if has_clip else out
+
+    # Vertical stripes: one random sign per column and channel.
+    m_clean = margin(img0)
+    stripes = perturb(2 * _integers([batch, 1, width, channels], init_seed, 2) - 1)
+    todo = m_clean >= 0  # already misclassified examples are left alone
+    m_init = margin(stripes)
+    x_best = tf.where(todo[:, None, None, None], stripes, img0)
+    m_best = tf.where(todo, m_init, m_clean)
+    queries = tf.cast(todo, tf.int32)
+    rows = tf.range(height)[None, :, None, None]
+    cols = tf.range(width)[None, None, :, None]
+    budget = tf.cast(max_queries, tf.float32)
+
+    def active(m_best, queries):
+        return (m_best >= 0) & (queries < max_queries)
+
+    def cond(i, x_best, m_best, queries):
+        return tf.reduce_any(active(m_best, queries))
+
+    def body(i, x_best, m_best, queries):
+        s_pos, s_sign, s_flip = _split(_fold(loop_seed, i), 3)
+        done = tf.cast(queries - 1, tf.float32) * 10000.0 / budget
+        halvings = tf.add_n([tf.cast(done > t, tf.float32)
+                             for t in _SQUARE_HALVINGS])
+        side = _square_side(p_init * tf.pow(0.5, halvings), height, width)
+        side_h = tf.minimum(side, height)
+        pos = _uniform([batch, 2], s_pos)
+        top = tf.cast(pos[:, 0] * tf.cast(height - side_h + 1, tf.float32),
+                      tf.int32)
+        left = tf.cast(pos[:, 1] * tf.cast(width - side + 1, tf.float32),
+                       tf.int32)
+        top, left = top[:, None, None, None], left[:, None, None, None]
+        window = ((rows >= top) & (rows < top + side_h[:, None, None, None]) &
+                  (cols >= left) & (cols < left + side[:, None, None, None]))
+        v = 2 * _integers([batch, 1, 1, channels], s_sign, 2) - 1
+        cand = tf.where(window, perturb(v), x_best)
+        # A proposal equal to the current point would waste a query, so it
+        # is redrawn without one, as in the paper's reference code: flip the
+        # signs of a random subset of channels (all of them if the draw
+        # picks none), which for one channel is exactly the other sign.
+        same = tf.reduce_all(tf.equal(cand, x_best), axis=[1, 2, 3])
+        flip = _integers([batch, 1, 1, channels], s_flip, 2)
+        flip = tf.where(tf.reduce_any(flip > 0, axis=-1, keepdims=True),
+                        flip, tf.ones_like(flip))
+        v = tf.where(same[:, None, None, None], v * (1 - 2 * flip), v)
+        cand = tf.where(window, perturb(v), x_best)
+        m_cand = margin(cand)
+        live = active(m_best, queries)
+        accept = live & (m_cand < m_best)
+        x_best = tf.where(accept[:, None, None, None], cand, x_best)
+        m_best = tf.where(accept, m_cand, m_best)
+        return i + 1, x_best, m_best, queries + tf.cast(live, tf.int32)
+
+    _, x_best, _, queries = tf.while_loop(
+        cond, body, (tf.constant(0), x_best, m_best, queries))
+    return tf.reshape(x_best, tf.shape(x0)), queries
+
+
+# --------------------------------------------------------------------------
+# Public attacks.
+# --------------------------------------------------------------------------
+def _run_gradient_attack(name, ensemble, x, y, eps, *, norm, steps, step_size,
+                         random_start, restarts, gradient, clip, seed,
+                         batch_size, chunk_size, jit_compile):
+    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
+                                       chunk_size, jit_compile)
+    net = ensemble.network
+    has_clip = clip is not None
+    key = ("attack", "pgd", norm, gradient, random_start, restarts, chunk,
+           has_clip, jit_compile)
+    fn = net.cached_function(key, lambda: xla.compile_fn(
+        lambda p, xb, yb, ib, *scalars: _pgd_graph(
+            net, p, xb, yb, ib, *scalars, norm=norm, gradient=gradient,
+            random_start=random_start, restarts=restarts, chunk=chunk,
+            has_clip=has_clip), jit_compile, "gradient_attack"))
+    scalars = (seed, tf.constant(eps, tf.float32),
+               tf.constant(step_size, tf.float32), tf.constant(steps, tf.int32),
+               *_clip_args(clip))
+    return _stream(name, fn, ensemble, [x, y, idx], batch, scalars)
+
+
+def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
+         clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
+         jit_compile=None) -> np.ndarray:
+    """Fast gradient method: one step of size ``eps`` along the loss gradient.
+
+    L-inf: ``x + eps * sign(g)``; L2: ``x + eps * g / ||g||_2``; then clipped
+    to ``clip``.  Where ``g`` is exactly zero the step is zero (never NaN).
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` with ``S``
+        samples.
+      x: inputs ``[B, *input_shape]``, values inside ``clip``.
+      y: int labels ``[B]`` in ``[0, C)``; ``None`` attacks the ensemble's own
+        predictions.
+      eps: radius of the threat ball, >= 0 (required).
+      norm: ``np.inf`` or ``2``.
+      gradient: ``"expected"``, ``"predictive"`` or ``"sample"`` (see the
+        module docstring).
+      clip: ``(low, high)`` data range, or ``None`` for no clipping.
+      seed: int or stateless seed; used by ``gradient="sample"``.
+      batch_size: inputs per compiled call (the last batch is padded).
+      chunk_size: posterior samples per chunk inside the call (memory).
+      jit_compile: ``True``/``False``/``"auto"``/``None``, see
+        :func:`tfp_bnn_adv.xla.compile_fn`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]`` with ``||x_adv - x|| <= eps``.
+
+    Raises:
+      TypeError/ValueError: naming the argument, for a bad ``ensemble``,
+        ``eps``, ``norm``, ``gradient``, ``clip``, ``chunk_size``, a shape
+        mismatch between ``x`` and ``y`` or the network, labels out of range,
+        or ``x`` outside ``clip``.
+
+    Example:
+      >>> x_adv = fgsm(ens, x_test, y_test, eps=0.1, gradient="predictive")
+    """
+    _check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    norm = _check_norm(norm)
+    gradient = _check_choice(gradient, GRADIENTS, "gradient")
+    clip = _check_clip(clip)
+    seed = seeds.stateless(seed)
+    return _run_gradient_attack(
+        "fgsm", ensemble, x, y, eps, norm=norm, steps=1, step_size=eps,
+        random_start=False, restarts=1, gradient=gradient, clip=clip,
+        seed=seed, batch_size=batch_size, chunk_size=chunk_size,
+        jit_compile=jit_compile)
+
+
+def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
+        step_size=None, random_start=True, restarts=1, gradient="expected",
+        clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
+        jit_compile=None) -> np.ndarray:
+    """Projected gradient descent (Madry et al., 2018) on the ensemble's loss.
+
+    Each of ``steps`` steps moves ``step_size`` along ``sign(g)`` (L-inf) or
+    ``g / ||g||_2`` (L2) and projects back onto the ``eps``-ball around ``x``
+    and into ``clip``.  With ``restarts > 1`` the attack runs again from new
+    random starts and keeps, per example, the worst case for the posterior
+    predictive: misclassified first, then the higher loss
+    ``-log p(y | x_adv)``.  Restart 0 is the single run (same seed stream), so
+    restarts never weaken the attack.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` with ``S``
+        samples.
+      x: inputs ``[B, *input_shape]``, values inside ``clip``.
+      y: int labels ``[B]``; ``None`` attacks the ensemble's own predictions.
+      eps: radius of the threat ball, >= 0 (required).
+      norm: ``np.inf`` or ``2``.
+      steps: number of gradient steps, >= 1.
+      step_size: step length; default ``2.5 * eps / steps``, which reaches the
+        boundary of the ball without saturating it in one step.
+      random_start: start from a uniform draw in the ball.
+      restarts: number of runs, >= 1 (they differ only with a random start or
+        ``gradient="sample"``).
+      gradient: ``"expected"``, ``"predictive"`` or ``"sample"``.
+      clip: ``(low, high)`` data range, or ``None``.
+      seed: int or stateless seed.
+      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]`` with ``||x_adv - x|| <= eps``.
+
+    Raises:
+      TypeError/ValueError: as :func:`fgsm`, and for ``steps < 1``,
+        ``restarts < 1`` or a negative ``step_size``.
+
+    Example:
+      >>> x_adv = pgd(ens, x_test, y_test, eps=0.25, steps=40, restarts=3,
+      ...             gradient="expected")
+    """
+    _check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    norm = _check_norm(norm)
+    steps = check_positive_int(steps, "steps")
+    restarts = check_positive_int(restarts, "restarts")
+    step_size = (2.5 * eps / steps if step_size is None else
+                 _check_nonnegative(step_size, "step_size"))
+    if not isinstance(random_start, bool):
+        raise TypeError(f"random_start must be a bool, got {random_start!r}.")
+    gradient = _check_choice(gradient, GRADIENTS, "gradient")
+    clip = _check_clip(clip)
+    seed = seeds.stateless(seed)
+    return _run_gradient_attack(
+        "pgd", ensemble, x, y, eps, norm=norm, steps=steps,
+        step_size=step_size, random_start=random_start, restarts=restarts,
+        gradient=gradient, clip=clip, seed=seed, batch_size=batch_size,
+        chunk_size=chunk_size, jit_compile=jit_compile)
+
+
+def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
+                  clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
+                  jit_compile=None) -> np.ndarray:
+    """Random perturbations in the L-inf ball: the paper's baseline attack.
+
+    ``kind="ternary"`` is the paper's ``x + eps * u`` with every pixel's ``u``
+    uniform over ``{-1, 0, 1}``; ``kind="uniform"`` draws ``u`` uniformly
+    from ``[-1, 1]``.  With ``trials > 1`` each example keeps the draw that is
+    worst for the posterior predictive (misclassified first, then the higher
+    loss ``-log p(y | x_adv)``); trial 0 is the single-trial draw.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      x: inputs ``[B, *input_shape]``, values inside ``clip``.
+      y: int labels ``[B]``; ``None`` uses the ensemble's own predictions
+        (only the choice among ``trials`` depends on it).
+      eps: radius of the L-inf ball, >= 0 (required).
+      kind: ``"ternary"`` or ``"uniform"``.
+      trials: number of random draws per example, >= 1.
+      clip: ``(low, high)`` data range, or ``None``.
+      seed: int or stateless seed.
+      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]`` with
+      ``||x_adv - x||_inf <= eps``.
+
+    Raises:
+      TypeError/ValueError: naming the argument, for a bad ``eps``, ``kind``,
+        ``trials``, ``clip`` or shapes.
+
+    Example:
+      >>> x_adv = random_attack(ens, x_test, y_test, eps=0.25)
+    """
+    _check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    kind = _check_choice(kind, RANDOM_KINDS, "kind")
+    trials = check_positive_int(trials, "trials")
+    clip = _check_clip(clip)
+    seed = seeds.stateless(seed)
+    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
+                                       chunk_size, jit_compile)
+    net = ensemble.network
+    has_clip = clip is not None
+    key = ("attack", "random", kind, trials, chunk, has_clip, jit_compile)
+    fn = net.cached_function(key, lambda: xla.compile_fn(
+        lambda p, xb, yb, ib, *scalars: _random_graph(
+            net, p, xb, yb, ib, *scalars, kind=kind, trials=trials,
+            chunk=chunk, has_clip=has_clip), jit_compile, "random_attack"))
+    scalars = (seed, tf.constant(eps, tf.float32), *_clip_args(clip))
+    return _stream("random_attack", fn, ensemble, [x, y, idx], batch, scalars)
+
+
+def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
+                  p_init=0.3, clip=(0.0, 1.0), seed=0, batch_size=None,
+                  chunk_size=None, jit_compile=None, return_queries=False):
+    """Square Attack (Andriushchenko et al., 2020), L-inf, score-based.
+
+    Uses only forward passes of the posterior predictive ``p(c | x)``, never
+    a gradient.  It minimises the margin ``p(y) - max_{c != y} p(c)``: start
+    from vertical stripes (each column and channel at ``+-eps``); then
+    repeatedly set a random square window, one per example, to ``+-eps``
+    (one random sign per channel, i.e. a ``+-2 eps`` step projected onto the
+    ball) and keep it if the margin decreases.  The square covers a fraction
+    ``p`` of the pixels, halved as the example's queries pass fixed fractions
+    of the budget.  An example stops as soon as it is misclassified or has
+    used ``max_queries`` queries.  Inputs of rank 1 are treated as a
+    ``1 x D`` image (squares become segments), rank 2 as one channel.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      x: inputs ``[B, *input_shape]`` (input rank 1 to 3), inside ``clip``.
+      y: int labels ``[B]``; ``None`` attacks the ensemble's own predictions.
+      eps: radius of the L-inf ball, >= 0 (required).
+      max_queries: forward passes allowed per example (the stripe start
+        included, the clean prediction not), >= 1.
+      p_init: initial fraction of pixels a square covers, in ``(0, 1]``.
+        The paper uses 0.05 on ImageNet-size images with 10000 queries; on
+        28x28 images and budgets of a few hundred queries larger squares
+        work better (Fashion-MNIST MLP, eps=0.1, 500 queries: success 0.78
+        with 0.3, 0.55 with 0.05).
+      clip: ``(low, high)`` data range, or ``None``.
+      seed: int or stateless seed.
+      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+      return_queries: also return the queries each example used.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]`` with
+      ``||x_adv - x||_inf <= eps``; with ``return_queries``, the pair
+      ``(x_adv, queries)`` with int32 ``queries`` ``[B]`` (0 for examples
+      misclassified before the attack).
+
+    Raises:
+      TypeError/ValueError: naming the argument, for a bad ``eps``,
+        ``max_queries``, ``p_init``, ``clip``, shapes, or an input rank above 3.
+
+    Example:
+      >>> x_adv = square_attack(ens, x_test, y_test, eps=0.1, max_queries=5000)
+    """
+    _check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    max_queries = check_positive_int(max_queries, "max_queries")
+    if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or (
+            not 0.0 < p_init <= 1.0):
+        raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}.")
+    clip = _check_clip(clip)
+    seed = seeds.stateless(seed)
+    if not isinstance(return_queries, bool):
+        raise TypeError(f"return_queries must be a bool, got {return_queries!r}.")
+    net = ensemble.network
+    if len(net.input_shape) > 3:
+        raise ValueError(f"square_attack needs inputs of rank 1 to 3; the "
+                         f"network's input shape is {net.input_shape}.")
+    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
+                                       chunk_size, jit_compile)
+    if eps == 0.0:  # every proposal would equal x: skip the query loop
+        x_adv, queries = x.numpy(), np.zeros(x.shape[0], np.int32)
+    else:
+        layout = _image_layout(net.input_shape)
+        has_clip = clip is not None
+        key = ("attack", "square", chunk, has_clip, jit_compile)
+        fn = net.cached_function(key, lambda: xla.compile_fn(
+            lambda p, xb, yb, ib, *scalars: _square_graph(
+                net, p, xb, yb, ib, *scalars, layout=layout, chunk=chunk,
+                has_clip=has_clip), jit_compile, "square_attack"))
+        scalars = (seed, tf.constant(eps, tf.float32),
+                   tf.constant(max_queries, tf.int32),
+                   tf.constant(p_init, tf.float32), *_clip_args(clip))
+        x_adv, queries = _stream("square_attack", fn, ensemble, [x, y, idx],
+                                 batch, scalars)
+    return (x_adv, queries) if return_queries else x_adv
