@@ -1,0 +1,50 @@
+r"""The attack table: random / FGSM / PGD (both gradients) / Square.
+
+Attacks saved posteriors (``--posteriors=label=path,...``, written by
+``launch.train``) and writes ``table.md`` (accuracy on attacked inputs next to
+the paper's figures, and unchanged predictions), ``table.csv``,
+``results.json`` and ``figures/``.
+
+Example:
+  python -m launch.attack --output_dir=runs/table --dataset=fashion_mnist \
+      --posteriors=HMC=runs/fmnist_hmc/posterior.npz,VI=runs/fmnist_vi/posterior.npz \
+      --preset=paper
+"""
+
+from absl import app
+
+from launch import flags as lf
+from tfp_bnn_adv.studies.attack_table import AttackTableConfig
+from tfp_bnn_adv.studies.attack_table import run_attack_table
+
+FLAGS = lf.FLAGS
+
+
+def config_from_flags() -> AttackTableConfig:
+    make = AttackTableConfig.paper if FLAGS.preset == "paper" else AttackTableConfig.quick
+    overrides = dict(
+        posteriors=lf.posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
+        eps_sweep=lf.floats(FLAGS.eps_sweep, "eps_sweep"),
+        attacks=tuple(FLAGS.attacks), gradients=tuple(FLAGS.gradients),
+        data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
+        half_moons_n=FLAGS.half_moons_n, seed=FLAGS.seed)
+    for flag, field in (("num_test", "num_test"), ("pgd_steps", "pgd_steps"),
+                        ("square_queries", "square_queries")):
+        if FLAGS[flag].value is not None:
+            overrides[field] = FLAGS[flag].value
+    return make(**overrides)
+
+
+def main(argv):
+    del argv
+    out_dir = lf.start("attack")
+    if not FLAGS.posteriors:
+        raise app.UsageError("--posteriors is required (label=path,...).")
+    with lf.strategy().scope():
+        results = run_attack_table(config_from_flags(), out_dir)
+    print(results["table_markdown"])
+    print(f"Figures: {', '.join(results['figures'])}")
+
+
+if __name__ == "__main__":
+    app.run(main)

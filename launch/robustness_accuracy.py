@@ -1,0 +1,54 @@
+r"""Experiment 3: robustness against accuracy over a sweep of models.
+
+Trains every (method, depth, width, training length, seed) model, attacks it
+and records test accuracy and softmax robustness.  Resumable: finished models
+are kept in ``runs/`` and skipped when the command runs again.
+
+Example (paper scale: ~1000 models):
+  python -m launch.robustness_accuracy --output_dir=runs/sweep --preset=paper \
+      --dataset=mnist --data_dir=/path/to/mnist_idx
+"""
+
+from absl import app
+
+from launch import flags as lf
+from tfp_bnn_adv.studies.robustness_accuracy import RobustnessAccuracyConfig
+from tfp_bnn_adv.studies.robustness_accuracy import run_robustness_accuracy
+
+FLAGS = lf.FLAGS
+
+
+def config_from_flags() -> RobustnessAccuracyConfig:
+    make = (RobustnessAccuracyConfig.paper if FLAGS.preset == "paper"
+            else RobustnessAccuracyConfig.quick)
+    overrides = dict(dataset=FLAGS.dataset, keras_model=FLAGS.keras_model,
+                     data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
+                     half_moons_n=FLAGS.half_moons_n)
+    for flag, field in (("widths", "widths"), ("depths", "depths"),
+                        ("training_lengths", "training_lengths"),
+                        ("hmc_lengths", "hmc_lengths")):
+        if FLAGS[flag].value:
+            overrides[field] = lf.ints(FLAGS[flag].value, flag)
+    if FLAGS.methods:
+        overrides["methods"] = tuple(FLAGS.methods)
+    if FLAGS.num_train is not None:
+        overrides["num_train"] = FLAGS.num_train
+    if FLAGS.num_test is not None:
+        overrides["num_test"] = FLAGS.num_test
+    if lf.explicit("seed"):
+        overrides["seeds"] = (FLAGS.seed,)
+    return make(**overrides)
+
+
+def main(argv):
+    del argv
+    out_dir = lf.start("robustness_accuracy")
+    with lf.strategy().scope():
+        results = run_robustness_accuracy(config_from_flags(), out_dir)
+    print(f"{results['num_models']} models ({results['num_skipped']} resumed "
+          f"from {out_dir}/runs); table {out_dir}/sweep.md; figures: "
+          f"{', '.join(results['figures'])}")
+
+
+if __name__ == "__main__":
+    app.run(main)

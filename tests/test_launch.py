@@ -1,0 +1,137 @@
+"""Smoke tests of every launch script with tiny settings: files and keys."""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl.testing import flagsaver  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+from launch import attack  # pylint: disable=wrong-import-position
+from launch import gradient_study  # pylint: disable=wrong-import-position
+from launch import quickstart  # pylint: disable=wrong-import-position
+from launch import robustness_accuracy  # pylint: disable=wrong-import-position
+from launch import train  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(autouse=True)
+def parsed_flags():
+    if not FLAGS.is_parsed():
+        FLAGS(["pytest"])
+    yield
+
+
+def _results(path):
+    return json.loads((path / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny deep ensemble and an HMC posterior on half-moons."""
+    if not FLAGS.is_parsed():
+        FLAGS(["pytest"])
+    out = {}
+    for method, extra in (("ensemble", dict(num_members=2, epochs=3)),
+                          ("hmc", dict(num_burnin_steps=20, num_results=5,
+                                       num_leapfrog_steps=3))):
+        d = tmp_path_factory.mktemp(method)
+        with flagsaver.flagsaver(output_dir=str(d), method=method,
+                                 dataset="half_moons", half_moons_n=300,
+                                 hidden=["8"], **extra):
+            train.main(["train"])
+        out[method] = d
+    return out
+
+
+def test_train_writes_a_loadable_posterior(trained):
+    for method, d in trained.items():
+        results = _results(d)
+        assert 0.0 <= results["test/accuracy"] <= 1.0
+        assert results["settings"]["method"] == method
+        assert (d / "posterior.npz").exists() and (d / "flags.txt").exists()
+        assert f"--method={method}" in (d / "flags.txt").read_text()
+    assert (trained["hmc"] / "ckpt").is_dir()
+
+
+def test_attack_table_script(trained, tmp_path):
+    posts = [f"HMC={trained['hmc'] / 'posterior.npz'}",
+             str(trained["ensemble"] / "posterior.npz")]
+    with flagsaver.flagsaver(output_dir=str(tmp_path), dataset="half_moons",
+                             half_moons_n=300, posteriors=posts, num_test=30,
+                             pgd_steps=2, square_queries=5, eps=0.1):
+        attack.main(["attack"])
+    results = _results(tmp_path)
+    for label in ("HMC", "Deep ensemble"):
+        for key in ("adv_accuracy/random", "adv_accuracy/fgsm/expected",
+                    "adv_robustness/pgd/predictive", "softmax_robustness/square"):
+            assert f"{label}/eps=0.1/test/{key}" in results
+    assert (tmp_path / "table.md").exists() and (tmp_path / "table.csv").exists()
+
+
+def test_attack_requires_posteriors(tmp_path):
+    from absl import app  # pylint: disable=g-import-not-at-top
+    with flagsaver.flagsaver(output_dir=str(tmp_path), posteriors=[]):
+        with pytest.raises(app.UsageError, match="--posteriors"):
+            attack.main(["attack"])
+
+
+def test_output_dir_is_required():
+    with flagsaver.flagsaver(output_dir=None):
+        with pytest.raises(flags.IllegalFlagValueError, match="--output_dir"):
+            train.main(["train"])
+
+
+def test_gradient_study_script(tmp_path):
+    with flagsaver.flagsaver(output_dir=str(tmp_path), dataset="half_moons",
+                             widths=["4", "8"], train_sizes=["80"],
+                             sample_counts=["1", "2"], num_test=20):
+        gradient_study.main(["gradient_study"])
+    results = _results(tmp_path)
+    assert "half_moons/hmc/width=8/n_train=80/samples=2/grad_mean_abs/predictive" in results
+    assert (tmp_path / "figures" / "grad_vs_width.png").exists()
+
+
+def test_robustness_accuracy_script_resumes(tmp_path):
+    kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
+                  half_moons_n=300, methods=["sgd"], widths=["4"],
+                  training_lengths=["1"], num_test=20)
+    with flagsaver.flagsaver(**kwargs):
+        robustness_accuracy.main(["robustness_accuracy"])
+    assert _results(tmp_path)["num_skipped"] == 0
+    with flagsaver.flagsaver(**kwargs):
+        robustness_accuracy.main(["robustness_accuracy"])
+    assert _results(tmp_path)["num_skipped"] == 1
+
+
+def test_user_keras_model_file(tmp_path):
+    from tfp_bnn_adv import models  # pylint: disable=g-import-not-at-top
+    path = tmp_path / "mine.keras"
+    models.mlp((2,), 2, (5, 3), name="mine").save(path)
+    with flagsaver.flagsaver(output_dir=str(tmp_path / "out"), method="sgd",
+                             dataset="half_moons", half_moons_n=200, epochs=1,
+                             keras_model=str(path)):
+        train.main(["train"])
+    from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
+    ens = PosteriorEnsemble.load(tmp_path / "out" / "posterior.npz")
+    assert ens.network.param_shapes == ((2, 5), (5,), (5, 3), (3,), (3, 2), (2,))
+
+
+def test_quickstart_end_to_end_tiny(tmp_path, capsys):
+    with flagsaver.flagsaver(
+            output_dir=str(tmp_path), num_train=300, num_test=20, hidden=["8"],
+            num_burnin_steps=10, num_results=4, epochs=1, vi_samples=4,
+            widths=["4"], train_sizes=["60"], sample_counts=["1", "2"],
+            training_lengths=["1"], hmc_lengths=["5"], pgd_steps=2,
+            square_queries=5):
+        quickstart.main(["quickstart"])
+    printed = capsys.readouterr().out
+    assert "fashion_mnist / HMC" in printed and "paper FGSM" in printed
+    for sub in ("attack_table", "gradient_study", "robustness_accuracy"):
+        assert (tmp_path / sub / "results.json").exists()
+    assert (tmp_path / "summary.md").exists()
+    for method in ("hmc", "vi", "sgd"):
+        assert (tmp_path / f"posterior_{method}.npz").exists()

@@ -1,0 +1,307 @@
+"""Experiment 3 of Carbone et al. (2020): robustness against accuracy.
+
+A sweep over many networks (widths, depths, training lengths, seeds) and
+inference methods (SGD, HMC, VI).  Each model gets its test accuracy and its
+*softmax robustness* ``1 - (1/N) sum_j ||p(x_j) - p(x~_j)||_inf`` under an
+attack (FGSM with the expected gradient by default) at one or more ``eps``
+(the paper: 0.25 for BNNs; 0.25, 0.025 and 0.0025 for SGD networks).  The
+paper finds HMC BNNs grow more robust as they grow larger and more accurate,
+while SGD networks show the reverse trend.
+
+The sweep resumes: each finished model's result is written atomically to
+``runs/<run id>.json`` and skipped when the sweep runs again, so an
+interrupted sweep of hundreds of models loses at most the one in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from tfp_bnn_adv import attacks
+from tfp_bnn_adv import data as data_lib
+from tfp_bnn_adv import files
+from tfp_bnn_adv import metrics
+from tfp_bnn_adv import models
+from tfp_bnn_adv.studies import common
+from tfp_bnn_adv.studies.training import InferenceSettings
+from tfp_bnn_adv.studies.training import fit_posterior
+
+__all__ = ["RobustnessAccuracyConfig", "run_robustness_accuracy", "run_ids"]
+
+_ATTACKS = ("fgsm", "pgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustnessAccuracyConfig:
+    """What the sweep trains and attacks.
+
+    Attributes:
+      dataset: ``"mnist"``, ``"fashion_mnist"`` or ``"half_moons"``.
+      methods: subset of ``("sgd", "hmc", "vi", "ensemble")``.
+      widths: hidden widths (every hidden layer of a model has the same).
+      depths: numbers of hidden layers.
+      training_lengths: epochs of SGD/VI training.
+      hmc_lengths: burn-in iterations of HMC (its "training length").
+      seeds: one model per seed and setting.
+      eps: ``method -> tuple of eps``; methods not listed use ``eps_default``.
+      eps_default: radii for methods without their own entry.
+      attack: ``"fgsm"`` or ``"pgd"``; gradient: ``"expected"`` or
+        ``"predictive"``.
+      num_train, num_test: data subset sizes (``None``: all training data).
+      hmc, vi, sgd: base settings of each method.
+      keras_model: optional ``.keras`` model file used instead of the MLPs
+        (then ``widths``/``depths`` are ignored).
+      data_dir, data_source, half_moons_n: data location.
+    """
+    dataset: str = "mnist"
+    methods: tuple = ("sgd", "hmc", "vi")
+    widths: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    depths: tuple = (1, 2)
+    training_lengths: tuple = (1, 2, 3, 4, 5, 7, 10)
+    hmc_lengths: tuple = (50, 100, 150, 200, 250, 350, 500)
+    seeds: tuple = (0, 1, 2)
+    eps: tuple = (("sgd", (0.25, 0.025, 0.0025)),)
+    eps_default: tuple = (0.25,)
+    attack: str = "fgsm"
+    gradient: str = "expected"
+    num_train: int | None = None
+    num_test: int = 1000
+    hmc: InferenceSettings = InferenceSettings(
+        method="hmc", num_chains=2, num_results=100, step_size=0.005,
+        num_leapfrog_steps=10)
+    vi: InferenceSettings = InferenceSettings(method="vi", learning_rate=1e-3,
+                                              vi_samples=100)
+    sgd: InferenceSettings = InferenceSettings(method="sgd", learning_rate=1e-3)
+    keras_model: str | None = None
+    data_dir: str | None = None
+    data_source: str = "auto"
+    half_moons_n: int = 2000
+
+    @classmethod
+    def paper(cls, **overrides) -> "RobustnessAccuracyConfig":
+        """About a thousand models (8 widths x 2 depths x 7 lengths x 3 seeds
+        x 3 methods) on MNIST: days on a CPU, hours on accelerators."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def quick(cls, **overrides) -> "RobustnessAccuracyConfig":
+        """A dozen small models on a Fashion-MNIST subset."""
+        base = cls(
+            dataset="fashion_mnist", widths=(32, 128), depths=(1,),
+            training_lengths=(1, 3), hmc_lengths=(100,), seeds=(0,),
+            num_train=5000, num_test=300,
+            hmc=InferenceSettings(method="hmc", num_chains=2, num_results=40,
+                                  step_size=0.002, num_leapfrog_steps=10),
+            vi=InferenceSettings(method="vi", learning_rate=1e-2,
+                                 vi_samples=50))
+        return dataclasses.replace(base, **overrides)
+
+    def eps_for(self, method: str) -> tuple:
+        return dict(self.eps).get(method, self.eps_default)
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in ("sgd", "hmc", "vi", "ensemble")]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of sgd, hmc, "
+                             f"vi, ensemble; got {self.methods!r}.")
+        if self.attack not in _ATTACKS:
+            raise ValueError(f"attack must be one of {_ATTACKS}, got "
+                             f"{self.attack!r}.")
+        if self.gradient not in ("expected", "predictive"):
+            raise ValueError(f"gradient must be 'expected' or 'predictive', "
+                             f"got {self.gradient!r}.")
+        for name in ("widths", "depths", "training_lengths", "hmc_lengths"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, (int, np.integer)) or v < 1
+                                 for v in values):
+                raise ValueError(f"{name} must be a non-empty tuple of ints >= "
+                                 f"1, got {values!r}.")
+        if self.dataset not in data_lib.DATASET_NAMES:
+            raise ValueError(f"dataset must be one of {data_lib.DATASET_NAMES}, "
+                             f"got {self.dataset!r}.")
+        if self.keras_model is not None and not os.path.exists(self.keras_model):
+            raise ValueError(f"keras_model file {self.keras_model!r} not found.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    method: str
+    depth: int
+    width: int
+    length: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return (f"{self.method}-d{self.depth}-w{self.width}-L{self.length}-"
+                f"s{self.seed}")
+
+
+def _runs(config: RobustnessAccuracyConfig) -> list[_Run]:
+    runs = []
+    for method in config.methods:
+        lengths = config.hmc_lengths if method == "hmc" else config.training_lengths
+        depths = (0,) if config.keras_model else config.depths
+        widths = (0,) if config.keras_model else config.widths
+        for depth, width, length, seed in itertools.product(
+                depths, widths, lengths, config.seeds):
+            runs.append(_Run(method, depth, width, length, seed))
+    return runs
+
+
+def run_ids(config: RobustnessAccuracyConfig) -> list[str]:
+    """The run ids of the sweep, in the order they run."""
+    return [r.run_id for r in _runs(config)]
+
+
+def _settings(config, run: _Run) -> InferenceSettings:
+    base = {"hmc": config.hmc, "vi": config.vi}.get(run.method, config.sgd)
+    base = base.replace(method=run.method, seed=run.seed)
+    if run.method == "hmc":
+        return base.replace(num_burnin_steps=run.length)
+    return base.replace(epochs=run.length)
+
+
+def _model(config, ds, run: _Run):
+    if config.keras_model:
+        import keras  # pylint: disable=g-import-not-at-top
+        return keras.saving.load_model(config.keras_model, compile=False)
+    return models.mlp(ds.input_shape, ds.num_classes, (run.width,) * run.depth)
+
+
+def _attack(config, ens, x, y, eps, seed):
+    if config.attack == "fgsm":
+        return attacks.fgsm(ens, x, y, eps, gradient=config.gradient, seed=seed)
+    return attacks.pgd(ens, x, y, eps, gradient=config.gradient, seed=seed)
+
+
+def _one_run(config, ds, run: _Run, x, y) -> dict[str, Any]:
+    model = _model(config, ds, run)
+    ens, info = fit_posterior(model, ds.train_x, ds.train_y, _settings(config, run))
+    p_clean = ens.predict_proba(x)
+    result = {"run_id": run.run_id, **dataclasses.asdict(run),
+              "num_params": ens.network.num_params,
+              "neurons": run.width * run.depth,
+              "num_samples": ens.num_samples,
+              "test_accuracy": metrics.clean_accuracy(p_clean, y),
+              "fit_seconds": info["wall_seconds"], "robustness": {}}
+    for eps in config.eps_for(run.method):
+        x_adv = _attack(config, ens, x, y, eps, run.seed)
+        p_adv = ens.predict_proba(x_adv)
+        result["robustness"][f"{eps:g}"] = {
+            "softmax_robustness": metrics.softmax_robustness(p_clean, p_adv),
+            "adv_robustness": metrics.adversarial_robustness(p_clean, p_adv),
+            "adv_accuracy": metrics.adversarial_accuracy(p_adv, y)}
+    return result
+
+
+def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
+                            ) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes per-run JSON, a CSV and figures.
+
+    Args:
+      config: a :class:`RobustnessAccuracyConfig`.
+      output_dir: receives ``runs/<id>.json`` (one per model, the resume
+        state), ``results.json``, ``sweep.csv`` / ``.md`` and ``figures/``.
+
+    Returns:
+      Results: per run ``<run id>/test/accuracy`` and
+      ``<run id>/test/softmax_robustness/<attack>/<gradient>/eps=<eps>``,
+      counts of models run and skipped, and figure paths.
+
+    Raises:
+      ValueError: for a bad configuration.
+    """
+    config.validate()
+    out = common.StudyOutput(output_dir, "robustness_accuracy")
+    runs_dir = out.path("runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    runs = _runs(config)
+    todo = [r for r in runs
+            if not os.path.exists(os.path.join(runs_dir, f"{r.run_id}.json"))]
+    logging.info("Robustness-accuracy sweep: %d models, %d already done.",
+                 len(runs), len(runs) - len(todo))
+    if todo:
+        if config.dataset == "half_moons":
+            ds = data_lib.half_moons(config.half_moons_n)
+        else:
+            ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                       source=config.data_source)
+        if config.num_train is not None and config.num_train < len(ds.train_x):
+            ds = ds.subset(num_train=config.num_train, seed=0)
+        n_test = min(config.num_test, len(ds.test_x))
+        x, y = ds.test_x[:n_test], ds.test_y[:n_test]
+        progress = common.Progress("robustness_accuracy", len(todo))
+        for run in todo:
+            result = _one_run(config, ds, run, x, y)
+            files.write_json(os.path.join(runs_dir, f"{run.run_id}.json"), result)
+            progress.step(f"{run.run_id}: accuracy {result['test_accuracy']:.3f}"
+                          f", robustness " + ", ".join(
+                              f"{e}: {v['softmax_robustness']:.3f}"
+                              for e, v in result["robustness"].items()))
+    return _summarise(config, out, runs, len(runs) - len(todo))
+
+
+def _summarise(config, out, runs, num_skipped):
+    done = [files.read_json(out.path("runs", f"{r.run_id}.json")) for r in runs]
+    tag = f"{config.attack}/{config.gradient}"
+    results: dict[str, Any] = {"num_models": len(done),
+                               "num_skipped": num_skipped}
+    rows = []
+    for d in done:
+        results[f"{d['run_id']}/test/accuracy"] = d["test_accuracy"]
+        for eps, v in d["robustness"].items():
+            results[f"{d['run_id']}/test/softmax_robustness/{tag}/eps={eps}"] = (
+                v["softmax_robustness"])
+            rows.append([d["run_id"], d["method"], d["depth"], d["width"],
+                         d["length"], d["seed"], d["num_params"],
+                         d["test_accuracy"], eps, v["softmax_robustness"],
+                         v["adv_robustness"], v["adv_accuracy"]])
+    out.table("sweep", ["run_id", "method", "depth", "width", "length", "seed",
+                        "num_params", "test_accuracy", "eps",
+                        "softmax_robustness", "adv_robustness",
+                        "adv_accuracy"], rows)
+    results["figures"] = _plots(out, done, config)
+    out.update(results)
+    return results
+
+
+def _plots(out, done, config):
+    plt = common.pyplot()
+    groups: dict[str, list] = {}
+    for d in done:
+        for eps, v in d["robustness"].items():
+            groups.setdefault(f"{d['method']} eps={eps}", []).append(
+                (d["test_accuracy"], v["softmax_robustness"], d["width"],
+                 d["neurons"]))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, pts in sorted(groups.items()):
+        pts = np.array(pts, dtype=float)
+        ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.7, label=label)
+    ax.set_xlabel("test accuracy")
+    ax.set_ylabel("softmax robustness (1 - mean max |p - p_adv|)")
+    ax.set_title(f"Robustness vs. accuracy ({config.attack}, "
+                 f"{config.gradient} gradient)")
+    ax.legend(fontsize=7)
+    figures = [out.save_figure(fig, "robustness_vs_accuracy")]
+    for axis, col, stem in (("hidden width", 2, "robustness_vs_width"),
+                            ("neurons (width x depth)", 3,
+                             "robustness_vs_neurons")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, pts in sorted(groups.items()):
+            pts = np.array(pts, dtype=float)
+            xs = np.unique(pts[:, col])
+            means = [pts[pts[:, col] == v, 1].mean() for v in xs]
+            ax.plot(xs, means, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("mean softmax robustness")
+        ax.legend(fontsize=7)
+        figures.append(out.save_figure(fig, stem))
+    return figures
