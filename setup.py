@@ -28,7 +28,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy>=1.11"],
-        "bench": ["jax[cpu]>=0.4.30", "numpyro>=0.15"],
+        "bench": ["jax[cpu]==0.10.2", "numpyro==0.22.0"],
     },
     entry_points={
         "console_scripts": [],

@@ -52,6 +52,8 @@ def split(seed, n: int) -> tf.Tensor:
 
 
 def fold_in(seed, data) -> tf.Tensor:
-    """A new stateless seed from ``seed`` and an integer ``data`` (e.g. a step)."""
-    return tf.random.experimental.stateless_fold_in(
+    """A new int32 ``[2]`` seed from ``seed`` and an integer ``data`` (a step)."""
+    folded = tf.random.experimental.stateless_fold_in(
         stateless(seed), tf.cast(data, tf.int64))
+    # TFP's samplers want int32 seeds; the cast keeps it a pure function.
+    return tf.cast(folded, tf.int32)
