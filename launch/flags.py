@@ -99,6 +99,18 @@ flags.DEFINE_enum("strategy", "default",
                   "tf.distribute strategy.")
 flags.DEFINE_string("tpu", None, "TPU name/address for --strategy=tpu "
                     "('local' on a TPU VM).")
+flags.DEFINE_integer("logical_cpus", None,
+                     "Split the CPU into this many logical devices before "
+                     "TensorFlow starts (to run --strategy=mirrored on a "
+                     "CPU-only host, e.g. to test multi-device runs).",
+                     lower_bound=1)
+flags.DEFINE_enum("hmc_parallelism", "data", ["data", "chains"],
+                  "With several replicas, HMC splits the training data "
+                  "(all-reduce of log-likelihood and gradient) or the chains.")
+flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"],
+                  "HMC's float32 matmul precision: full float32, or the "
+                  "hardware default (TF32 on Ampere GPUs, bfloat16 passes on "
+                  "TPUs: faster, but HMC may diverge).")
 flags.DEFINE_enum("jit", "auto", ["auto", "xla", "default"],
                   "Compile hot functions with XLA, TF's default kernels, or "
                   "whichever measures faster (auto; on CPU).")
@@ -113,6 +125,9 @@ def start(script: str, require_output_dir: bool = True) -> str:
     if require_output_dir and not FLAGS.output_dir:
         raise flags.IllegalFlagValueError(
             f"{script}: --output_dir is required.")
+    if FLAGS.logical_cpus:
+        from tfp_bnn_adv import distribute  # pylint: disable=g-import-not-at-top
+        distribute.configure_logical_cpus(FLAGS.logical_cpus)
     out = FLAGS.output_dir
     os.makedirs(out, exist_ok=True)
     os.environ["TFP_BNN_ADV_JIT"] = FLAGS.jit
@@ -183,7 +198,9 @@ def inference_settings() -> InferenceSettings:
         hmc_init=FLAGS.hmc_init, prior_scale=FLAGS.prior_scale,
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate, vi_samples=FLAGS.vi_samples,
-        num_members=FLAGS.num_members, seed=FLAGS.seed)
+        num_members=FLAGS.num_members, seed=FLAGS.seed,
+        hmc_parallelism=FLAGS.hmc_parallelism,
+        matmul_precision=FLAGS.matmul_precision)
 
 
 def posteriors() -> tuple:

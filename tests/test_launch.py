@@ -135,3 +135,27 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     assert (tmp_path / "summary.md").exists()
     for method in ("hmc", "vi", "sgd"):
         assert (tmp_path / f"posterior_{method}.npz").exists()
+
+
+def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
+    """--strategy=mirrored over the two logical CPUs, train then attack."""
+    from tfp_bnn_adv import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
+    hmc_dir, table_dir = tmp_path / "hmc", tmp_path / "table"
+    common = dict(dataset="half_moons", half_moons_n=300, strategy="mirrored",
+                  logical_cpus=2)
+    with flagsaver.flagsaver(output_dir=str(hmc_dir), method="hmc",
+                             hidden=["8"], num_burnin_steps=10, num_results=4,
+                             num_leapfrog_steps=3, hmc_parallelism="chains",
+                             **common):
+        train.main(["train"])
+    ens = PosteriorEnsemble.load(str(hmc_dir / "posterior.npz"))
+    assert ens.metadata["settings"]["num_replicas"] == 2
+    assert ens.metadata["settings"]["parallelism"] == "chains"
+    assert "--strategy=mirrored" in (hmc_dir / "flags.txt").read_text()
+    with flagsaver.flagsaver(output_dir=str(table_dir),
+                             posteriors=[f"HMC={hmc_dir / 'posterior.npz'}"],
+                             num_test=31, pgd_steps=2, square_queries=5,
+                             eps=0.1, **common):
+        attack.main(["attack"])
+    results = _results(table_dir)
+    assert 0.0 <= results["HMC/eps=0.1/test/adv_accuracy/pgd/predictive"] <= 1.0

@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import chunking
+from tfp_bnn_adv import distribute
 from tfp_bnn_adv import seeds
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
@@ -122,8 +123,14 @@ def _check_clip(clip):
     return float(lo), float(hi)
 
 
-def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile):
-    """Validated ``(x, y, idx, batch, chunk)``; labels default to predictions."""
+def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile,
+             strategy):
+    """Validated ``(x, y, idx, batch, chunk, strategy)``.
+
+    Labels default to the ensemble's predictions; the batch is rounded up to
+    a multiple of the strategy's replicas, which each take an equal shard.
+    """
+    strategy = distribute.current_strategy(strategy)
     x, y = ensemble.network.check_inputs(x, y)
     if clip is not None:
         lo, hi = float(tf.reduce_min(x)), float(tf.reduce_max(x))
@@ -136,22 +143,32 @@ def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile):
         y = tf.constant(ensemble.predict(x, batch_size=batch, chunk_size=chunk,
                                          jit_compile=jit_compile), tf.int32)
     idx = tf.range(x.shape[0], dtype=tf.int32)
-    return x, y, idx, batch, chunk
+    return (x, y, idx, distribute.round_up_to_replicas(batch, strategy), chunk,
+            strategy)
 
 
-def _stream(name, fn, ensemble, arrays, batch, scalars):
-    """Runs the compiled ``fn`` over fixed-size batches, logging progress."""
+def _stream(name, fn, ensemble, arrays, batch, scalars, strategy):
+    """Runs the compiled ``fn`` over fixed-size batches, logging progress.
+
+    Each batch is split across the strategy's replicas and gathered in
+    order.  Example ``i``'s random streams fold in its global index, so
+    sharding does not change them.
+    """
     total = -(-int(arrays[0].shape[0]) // batch)
     start, done = time.perf_counter(), [0]
 
     def run(*batch_arrays):
-        out = fn(ensemble.params, *batch_arrays, *scalars)
+        k = len(batch_arrays)
+        out = distribute.sharded_call(
+            strategy, fn, [ensemble.params, *batch_arrays, *scalars],
+            range(1, 1 + k))
         done[0] += 1
         logging.info("%s: batch %d/%d done, %.1f s", name, done[0], total,
                      time.perf_counter() - start)
         return out
 
-    return chunking.map_batches(run, arrays, batch)
+    return chunking.map_batches(run, arrays, batch,
+                                multiple_of=distribute.num_replicas(strategy))
 
 
 def _clip_args(clip):
@@ -457,9 +474,9 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
 # --------------------------------------------------------------------------
 def _run_gradient_attack(name, ensemble, x, y, eps, *, norm, steps, step_size,
                          random_start, restarts, gradient, clip, seed,
-                         batch_size, chunk_size, jit_compile):
-    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
-                                       chunk_size, jit_compile)
+                         batch_size, chunk_size, jit_compile, strategy):
+    x, y, idx, batch, chunk, strategy = _prepare(
+        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
     net = ensemble.network
     has_clip = clip is not None
     key = ("attack", "pgd", norm, gradient, random_start, restarts, chunk,
@@ -472,12 +489,12 @@ def _run_gradient_attack(name, ensemble, x, y, eps, *, norm, steps, step_size,
     scalars = (seed, tf.constant(eps, tf.float32),
                tf.constant(step_size, tf.float32), tf.constant(steps, tf.int32),
                *_clip_args(clip))
-    return _stream(name, fn, ensemble, [x, y, idx], batch, scalars)
+    return _stream(name, fn, ensemble, [x, y, idx], batch, scalars, strategy)
 
 
 def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
          clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
-         jit_compile=None) -> np.ndarray:
+         jit_compile=None, strategy=None) -> np.ndarray:
     """Fast gradient method: one step of size ``eps`` along the loss gradient.
 
     L-inf: ``x + eps * sign(g)``; L2: ``x + eps * g / ||g||_2``; then clipped
@@ -499,6 +516,11 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
       chunk_size: posterior samples per chunk inside the call (memory).
       jit_compile: ``True``/``False``/``"auto"``/``None``, see
         :func:`tfp_bnn_adv.xla.compile_fn`.
+      strategy: a ``tf.distribute.Strategy``: every batch is split evenly
+        across its replicas and the results gathered in order (the same
+        ``x_adv`` as unsharded, except for ``gradient="sample"``, whose
+        sample choice follows each shard's first example); ``None`` uses
+        the strategy whose scope is open, if any.
 
     Returns:
       float32 numpy array ``[B, *input_shape]`` with ``||x_adv - x|| <= eps``.
@@ -522,13 +544,13 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
         "fgsm", ensemble, x, y, eps, norm=norm, steps=1, step_size=eps,
         random_start=False, restarts=1, gradient=gradient, clip=clip,
         seed=seed, batch_size=batch_size, chunk_size=chunk_size,
-        jit_compile=jit_compile)
+        jit_compile=jit_compile, strategy=strategy)
 
 
 def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
         step_size=None, random_start=True, restarts=1, gradient="expected",
         clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
-        jit_compile=None) -> np.ndarray:
+        jit_compile=None, strategy=None) -> np.ndarray:
     """Projected gradient descent (Madry et al., 2018) on the ensemble's loss.
 
     Each of ``steps`` steps moves ``step_size`` along ``sign(g)`` (L-inf) or
@@ -555,7 +577,7 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
       gradient: ``"expected"``, ``"predictive"`` or ``"sample"``.
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
-      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+      batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
 
     Returns:
       float32 numpy array ``[B, *input_shape]`` with ``||x_adv - x|| <= eps``.
@@ -584,12 +606,12 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
         "pgd", ensemble, x, y, eps, norm=norm, steps=steps,
         step_size=step_size, random_start=random_start, restarts=restarts,
         gradient=gradient, clip=clip, seed=seed, batch_size=batch_size,
-        chunk_size=chunk_size, jit_compile=jit_compile)
+        chunk_size=chunk_size, jit_compile=jit_compile, strategy=strategy)
 
 
 def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
                   clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
-                  jit_compile=None) -> np.ndarray:
+                  jit_compile=None, strategy=None) -> np.ndarray:
     """Random perturbations in the L-inf ball: the paper's baseline attack.
 
     ``kind="ternary"`` is the paper's ``x + eps * u`` with every pixel's ``u``
@@ -608,7 +630,7 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
       trials: number of random draws per example, >= 1.
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
-      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+      batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
 
     Returns:
       float32 numpy array ``[B, *input_shape]`` with
@@ -627,8 +649,8 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     trials = check_positive_int(trials, "trials")
     clip = _check_clip(clip)
     seed = seeds.stateless(seed)
-    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
-                                       chunk_size, jit_compile)
+    x, y, idx, batch, chunk, strategy = _prepare(
+        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
     net = ensemble.network
     has_clip = clip is not None
     key = ("attack", "random", kind, trials, chunk, has_clip, jit_compile)
@@ -637,12 +659,14 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
             net, p, xb, yb, ib, *scalars, kind=kind, trials=trials,
             chunk=chunk, has_clip=has_clip), jit_compile, "random_attack"))
     scalars = (seed, tf.constant(eps, tf.float32), *_clip_args(clip))
-    return _stream("random_attack", fn, ensemble, [x, y, idx], batch, scalars)
+    return _stream("random_attack", fn, ensemble, [x, y, idx], batch, scalars,
+                   strategy)
 
 
 def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
                   p_init=0.3, clip=(0.0, 1.0), seed=0, batch_size=None,
-                  chunk_size=None, jit_compile=None, return_queries=False):
+                  chunk_size=None, jit_compile=None, strategy=None,
+                  return_queries=False):
     """Square Attack (Andriushchenko et al., 2020), L-inf, score-based.
 
     Uses only forward passes of the posterior predictive ``p(c | x)``, never
@@ -670,7 +694,7 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
         with 0.3, 0.55 with 0.05).
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
-      batch_size, chunk_size, jit_compile: as in :func:`fgsm`.
+      batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
       return_queries: also return the queries each example used.
 
     Returns:
@@ -700,8 +724,8 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
     if len(net.input_shape) > 3:
         raise ValueError(f"square_attack needs inputs of rank 1 to 3; the "
                          f"network's input shape is {net.input_shape}.")
-    x, y, idx, batch, chunk = _prepare(ensemble, x, y, clip, batch_size,
-                                       chunk_size, jit_compile)
+    x, y, idx, batch, chunk, strategy = _prepare(
+        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
     if eps == 0.0:  # every proposal would equal x: skip the query loop
         x_adv, queries = x.numpy(), np.zeros(x.shape[0], np.int32)
     else:
@@ -716,5 +740,5 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
                    tf.constant(max_queries, tf.int32),
                    tf.constant(p_init, tf.float32), *_clip_args(clip))
         x_adv, queries = _stream("square_attack", fn, ensemble, [x, y, idx],
-                                 batch, scalars)
+                                 batch, scalars, strategy)
     return (x_adv, queries) if return_queries else x_adv

@@ -122,7 +122,8 @@ def map_sample_chunks(params: Sequence[tf.Tensor], chunk_size: int,
 
 
 def map_batches(fn: Callable, arrays: Sequence, batch_size: int,
-                batch_axis: Sequence[int] | None = None) -> Any:
+                batch_axis: Sequence[int] | None = None,
+                multiple_of: int = 1) -> Any:
     """Runs ``fn`` over fixed-size batches of ``arrays`` and concatenates.
 
     The last batch is padded (by repeating its final row) to ``batch_size`` so
@@ -135,13 +136,15 @@ def map_batches(fn: Callable, arrays: Sequence, batch_size: int,
       arrays: arrays sharing their leading dimension ``N``.
       batch_size: rows per call (>= 1).
       batch_axis: per flattened output, the axis that holds the batch.
+      multiple_of: keep every call's batch a multiple of this (e.g. the
+        number of replicas), padding even a dataset smaller than one batch.
 
     Returns:
       The nest of outputs, each with ``N`` rows along its batch axis, as
       numpy arrays.
     """
     n = int(np.shape(arrays[0])[0])
-    batch_size = int(min(batch_size, n))
+    batch_size = int(min(batch_size, -(-n // multiple_of) * multiple_of))
     outs = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)

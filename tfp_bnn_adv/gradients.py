@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import chunking
+from tfp_bnn_adv import distribute
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 
@@ -133,7 +134,7 @@ def per_sample_gradient_graph(network, params, x, y, chunk_size: int):
     return chunking.map_sample_chunks(params, chunk_size, fn)
 
 
-def _prepare(ensemble, x, y, chunk_size, batch_size):
+def _prepare(ensemble, x, y, chunk_size, batch_size, strategy):
     if not isinstance(ensemble, PosteriorEnsemble):
         raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
                         f"{type(ensemble).__name__}.")
@@ -142,22 +143,36 @@ def _prepare(ensemble, x, y, chunk_size, batch_size):
     if y is None:
         y = tf.constant(ensemble.predict(x, batch_size=batch_size), tf.int32)
     batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
-    return x, y, batch, chunk
+    strategy = distribute.current_strategy(strategy)
+    # Every replica gets an equal shard of each batch.
+    batch = distribute.round_up_to_replicas(batch, strategy)
+    return x, y, batch, chunk, strategy
 
 
-def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile):
-    x, y, batch, chunk = _prepare(ensemble, x, y, chunk_size, batch_size)
+def _map(strategy, fn, ensemble, x, y, batch, batch_axis=None):
+    """``fn(params, xb, yb)`` over fixed-size batches, each sharded."""
+    return chunking.map_batches(
+        lambda xb, yb: distribute.sharded_call(
+            strategy, fn, [ensemble.params, xb, yb], [1, 2], batch_axis),
+        [x, y], batch, batch_axis=batch_axis,
+        multiple_of=distribute.num_replicas(strategy))
+
+
+def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile,
+                       strategy):
+    x, y, batch, chunk, strategy = _prepare(ensemble, x, y, chunk_size,
+                                            batch_size, strategy)
     net = ensemble.network
     fn = ensemble.network.cached_function(
         ("grad", kind, chunk, jit_compile), lambda: xla.compile_fn(
             lambda p, xb, yb: loss_gradient_graph(net, p, xb, yb, kind, chunk)[0],
             jit_compile, f"{kind}_loss_gradient"))
-    return chunking.map_batches(lambda xb, yb: fn(ensemble.params, xb, yb),
-                                [x, y], batch)
+    return _map(strategy, fn, ensemble, x, y, batch)
 
 
 def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
-                           batch_size=None, jit_compile=None) -> np.ndarray:
+                           batch_size=None, jit_compile=None,
+                           strategy=None) -> np.ndarray:
     """The paper's expected loss gradient ``(1/S) sum_s grad_x CE(f(x,w_s), y)``.
 
     Args:
@@ -170,6 +185,10 @@ def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
       batch_size: inputs per compiled call (the last batch is padded).
       jit_compile: ``True``/``False``/``"auto"``/``None``, see
         :func:`tfp_bnn_adv.xla.compile_fn`.
+      strategy: a ``tf.distribute.Strategy`` whose replicas each take an
+        equal shard of every batch (results gathered in order); ``None``
+        uses the strategy whose scope is open, if any (see
+        :mod:`tfp_bnn_adv.distribute`).
 
     Returns:
       float32 numpy array ``[B, *input_shape]``.
@@ -183,11 +202,12 @@ def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
       >>> np.abs(g).mean()      # the paper's mean |<grad L>|
     """
     return _ensemble_gradient("expected", ensemble, x, y, chunk_size,
-                              batch_size, jit_compile)
+                              batch_size, jit_compile, strategy)
 
 
 def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
-                             batch_size=None, jit_compile=None) -> np.ndarray:
+                             batch_size=None, jit_compile=None,
+                           strategy=None) -> np.ndarray:
     """``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]``, via log-sum-exp.
 
     Args and Raises as :func:`expected_loss_gradient`.
@@ -196,11 +216,12 @@ def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
       float32 numpy array ``[B, *input_shape]``.
     """
     return _ensemble_gradient("predictive", ensemble, x, y, chunk_size,
-                              batch_size, jit_compile)
+                              batch_size, jit_compile, strategy)
 
 
 def per_sample_loss_gradients(ensemble, x, y=None, *, chunk_size=None,
-                              batch_size=None, jit_compile=None) -> np.ndarray:
+                              batch_size=None, jit_compile=None,
+                           strategy=None) -> np.ndarray:
     """Each posterior sample's ``grad_x CE(f(x, w_s), y)``.
 
     Args and Raises as :func:`expected_loss_gradient`.
@@ -208,11 +229,11 @@ def per_sample_loss_gradients(ensemble, x, y=None, *, chunk_size=None,
     Returns:
       float32 numpy array ``[S, B, *input_shape]``.
     """
-    x, y, batch, chunk = _prepare(ensemble, x, y, chunk_size, batch_size)
+    x, y, batch, chunk, strategy = _prepare(ensemble, x, y, chunk_size,
+                                            batch_size, strategy)
     net = ensemble.network
     fn = ensemble.network.cached_function(
         ("grad", "per_sample", chunk, jit_compile), lambda: xla.compile_fn(
             lambda p, xb, yb: per_sample_gradient_graph(net, p, xb, yb, chunk)[0],
             jit_compile, "per_sample_loss_gradients"))
-    return chunking.map_batches(lambda xb, yb: fn(ensemble.params, xb, yb),
-                                [x, y], batch, batch_axis=[1])
+    return _map(strategy, fn, ensemble, x, y, batch, batch_axis=[1])

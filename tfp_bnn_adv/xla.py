@@ -185,6 +185,20 @@ class CompiledFunction:
             return self._autotune(key, args, kwargs)
         return self._get(key, self.choices[key][0])(*args, **kwargs)
 
+    def select(self, *args, **kwargs):
+        """The ``tf.function`` this object runs for these arguments.
+
+        In ``"auto"`` mode, makes (or recalls) the choice for their signature
+        first, timing both paths eagerly.  Use it to run the chosen path
+        where timing is impossible, e.g. on every replica of a strategy.
+        """
+        key = _signature(args, kwargs)
+        if self.mode != "auto":
+            return self._get(key, self.mode)
+        if key not in self.choices:
+            self._autotune(key, args, kwargs)
+        return self._get(key, self.choices[key][0])
+
     def _time(self, fn, args, kwargs):
         result = fn(*args, **kwargs)  # compiles
         _block(result)
@@ -201,7 +215,18 @@ class CompiledFunction:
         if remembered is not None:
             self.choices[key] = (bool(remembered), float("nan"), float("nan"))
             return self._get(key, bool(remembered))(*args, **kwargs)
-        result, t_default = self._time(self._get(key, False), args, kwargs)
+        try:
+            result, t_default = self._time(self._get(key, False), args, kwargs)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                tf.errors.InternalError) as e:
+            # E.g. gradients of grouped convolutions w.r.t. their input have
+            # no TF CPU kernel; XLA has one.
+            logging.warning("%s: TF default kernels failed (%s); using XLA.",
+                            self.name, str(e).splitlines()[0])
+            self._traced.pop((key, False), None)
+            self.choices[key] = (True, float("inf"), float("nan"))
+            _store_choice(disk_key, True)
+            return self._get(key, True)(*args, **kwargs)
         try:
             result_xla, t_xla = self._time(self._get(key, True), args, kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,

@@ -34,6 +34,29 @@ seed gives different (equally valid) samples on the two paths.  A run is
 reproducible on its own path, and a resumed ``"auto"`` run keeps the path it
 started on.
 
+Scale-out (``strategy=``, see :mod:`tfp_bnn_adv.distribute`): with a
+``tf.distribute`` strategy of ``R > 1`` replicas, each target evaluation
+inside the compiled segment is one ``strategy.run``:
+
+* ``parallelism="data"``: the training set is split into ``R`` equal,
+  static-shape parts (padded with masked points, so XLA/TPU compile once);
+  each replica computes its part's log-likelihood and gradient for every
+  chain, and one all-reduce (``ReplicaContext.all_reduce``, SUM) adds them.
+* ``parallelism="chains"``: for small data; every replica holds the whole
+  training set and evaluates ``C / R`` of the chains; an all-reduce of
+  zero-padded rows assembles them in chain order.
+
+The chain state (parameters, momenta, step sizes, the Metropolis test) is
+one float32 copy held by the segment's loop; every evaluation hands that
+same copy to all replicas, and the all-reduced sum is the same on every
+replica (we read replica 0's).  So replicas cannot drift apart, and the
+chain is the single-device chain up to the float round-off of summing the
+shards in another order: the same seed gives the same samples on 1 or R
+devices, within float tolerance (tested on logical CPU devices).  Prior,
+momenta and kinetic energy stay float32; ``matmul_precision`` (default
+``"highest"``) decides whether the likelihood's matmuls may use TF32 or
+TPU bfloat16 passes, which can make HMC diverge.
+
 Two entry points: :func:`sample` (a network and a dataset in, a
 :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` out) and the network-free
 :func:`run_chains`, which samples any batched ``target_log_prob_fn``.
@@ -56,6 +79,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
 from tfp_bnn_adv import xla
@@ -64,9 +88,11 @@ from tfp_bnn_adv.network import Network
 
 __all__ = ["sample", "run_chains", "log_likelihood", "shard_log_likelihood",
            "log_prior", "shard_data", "Diagnostics", "ChainResult",
-           "KERNELS", "CHECKPOINT_FILE"]
+           "KERNELS", "PARALLELISMS", "CHECKPOINT_FILE",
+           "replicated_log_likelihood"]
 
 KERNELS = ("hmc", "nuts")
+PARALLELISMS = ("data", "chains")
 CHECKPOINT_FILE = "hmc_checkpoint.npz"
 _SEGMENT_FILE = "hmc_samples_{:05d}.npz"
 _FORMAT = "tfp_bnn_adv.hmc_checkpoint"
@@ -111,11 +137,16 @@ def shard_data(x, y, shard_size: int):
     _check_int(shard_size, "shard_size", 1)
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.int32)
+    return _shard(x, y, tf.ones([int(x.shape[0])]), shard_size)
+
+
+def _shard(x, y, mask, shard_size: int):
+    """:func:`shard_data` for rows that already carry a mask."""
     n = int(x.shape[0])
     num_shards = -(-n // shard_size)
     size = -(-n // num_shards)
     pad = num_shards * size - n
-    mask = tf.concat([tf.ones([n]), tf.zeros([pad])], axis=0)
+    mask = tf.concat([mask, tf.zeros([pad])], axis=0)
     x = tf.concat([x, tf.zeros([pad] + x.shape[1:].as_list())], axis=0)
     y = tf.concat([y, tf.zeros([pad], tf.int32)], axis=0)
     return (tf.reshape(x, [num_shards, size] + x.shape[1:].as_list()),
@@ -206,6 +237,123 @@ def log_likelihood(network: Network, params: Sequence[tf.Tensor], x_shards,
         return total, grad_fn
 
     return summed(*params)
+
+
+def _value_and_grad(network, params, x_shards, y_shards, mask_shards):
+    """Per-chain log-likelihood ``[C]`` and its gradient, one device."""
+    params = list(params)
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        value = log_likelihood(network, params, x_shards, y_shards, mask_shards)
+        # Chains are independent: the gradient of the sum over chains is
+        # every chain's own gradient.
+        total = tf.reduce_sum(value)
+    return value, tape.gradient(total, params)
+
+
+def replicated_log_likelihood(network: Network, strategy, x, y, *,
+                              shard_size: int, parallelism: str = "data",
+                              num_chains: int | None = None,
+                              jit_compile: bool = False) -> Callable:
+    """The full-batch log-likelihood, evaluated across a strategy's replicas.
+
+    Call the result inside a ``tf.function`` (HMC's compiled segment): each
+    call is one ``strategy.run``.  With ``parallelism="data"`` replica ``r``
+    holds the ``r``-th of ``R`` equal, padded and masked parts of the data,
+    computes that part's log-likelihood and gradient for every chain, and a
+    single all-reduce (SUM) of ``[value, *gradients]`` gives every replica
+    the totals.  With ``parallelism="chains"`` every replica holds all the
+    data and evaluates its ``C / R`` chains; results are gathered in chain
+    order.  Either way the value carries a custom gradient: the reduced
+    gradient, so autodiff never differentiates through the collective.
+
+    Args:
+      network: the :class:`~tfp_bnn_adv.network.Network`.
+      strategy: a ``tf.distribute.Strategy``.
+      x: float32 ``[N, *input_shape]``.
+      y: int32 ``[N]``.
+      shard_size: rows per shard within a replica (bounded memory).
+      parallelism: ``"data"`` or ``"chains"``.
+      num_chains: ``C``; required for ``"chains"`` (divisible by ``R``).
+      jit_compile: compile each replica's local computation with XLA (on a
+        TPU, the replica function is compiled anyway).
+
+    Returns:
+      ``fn(*params) -> [C]`` with params float32 ``[C, *shape]``.
+
+    Raises:
+      ValueError: for an unknown ``parallelism`` or chains that do not split
+        evenly across the replicas.
+
+    Example:
+      >>> ll = replicated_log_likelihood(net, strategy, x, y, shard_size=1000)
+      >>> tf.function(ll)(*params)       # == log_likelihood on one device
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
+                         f"{parallelism!r}.")
+    r = distribute.num_replicas(strategy)
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = tf.convert_to_tensor(y, tf.int32)
+    n = int(x.shape[0])
+    if parallelism == "data":
+        if n < r:
+            raise ValueError(f"{n} training points cannot be split across {r} "
+                             "replicas.")
+        per = -(-n // r)
+        pad = r * per - n
+        mask = tf.concat([tf.ones([n]), tf.zeros([pad])], axis=0)
+        xp = tf.concat([x, tf.zeros([pad] + x.shape[1:].as_list())], axis=0)
+        yp = tf.concat([y, tf.zeros([pad], tf.int32)], axis=0)
+        parts = [_shard(xp[i * per:(i + 1) * per], yp[i * per:(i + 1) * per],
+                        mask[i * per:(i + 1) * per], shard_size)
+                 for i in range(r)]
+        chains_per_replica = None
+    else:
+        if num_chains is None or num_chains % r:
+            raise ValueError(f"parallelism='chains' needs num_chains divisible "
+                             f"by the {r} replicas, got {num_chains!r}.")
+        parts = [shard_data(x, y, shard_size)] * r
+        chains_per_replica = num_chains // r
+    # One copy of each replica's data on its own device, made once.
+    data = strategy.experimental_distribute_values_from_function(
+        lambda ctx: parts[ctx.replica_id_in_sync_group])
+    local = tf.function(
+        lambda ps, xs, ys, ms: _value_and_grad(network, ps, xs, ys, ms),
+        jit_compile=bool(jit_compile), autograph=False)
+
+    def replica_fn(params, shards):
+        ctx = tf.distribute.get_replica_context()
+        if chains_per_replica is not None:
+            first = ctx.replica_id_in_sync_group * chains_per_replica
+            params = [tf.gather(p, first + tf.range(chains_per_replica))
+                      for p in params]
+        value, grads = local(list(params), *shards)
+        if chains_per_replica is not None:
+            # Each replica fills its own chains' rows of zero [C, ...]
+            # tensors, so the sum below assembles all chains in order.
+            rows = first + tf.range(chains_per_replica)
+            value, grads = tf.nest.map_structure(
+                lambda t: tf.scatter_nd(rows[:, None], t, tf.concat(
+                    [[num_chains], tf.shape(t)[1:]], axis=0)), (value, grads))
+        # The all-reduce: every replica gets the same sums.
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, (value, grads))
+
+    def combine(t):  # identical on every replica
+        return strategy.experimental_local_results(t)[0]
+
+    @tf.custom_gradient
+    def summed(*params):
+        out = strategy.run(replica_fn, args=(list(params), data))
+        value, grads = tf.nest.map_structure(combine, out)
+
+        def grad_fn(upstream):
+            return [g * tf.reshape(upstream, [-1] + [1] * (g.shape.rank - 1))
+                    for g in grads]
+
+        return value, grad_fn
+
+    return summed
 
 
 def log_prior(params: Sequence[tf.Tensor], prior_scale: float) -> tf.Tensor:
@@ -1117,7 +1265,9 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
            init="prior", init_steps: int = 300, init_batch_size: int = 256,
            init_learning_rate: float = 1e-3, init_jitter: float = 0.01,
            shard_size: int | None = None, jit_compile=None,
-           segment_callback: Callable[[dict], Any] | None = None
+           segment_callback: Callable[[dict], Any] | None = None,
+           strategy=None, parallelism: str = "data",
+           matmul_precision: str = "highest"
            ) -> tuple[PosteriorEnsemble, Diagnostics]:
     """Samples a BNN posterior with full-batch HMC (or NUTS).
 
@@ -1162,6 +1312,16 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
       jit_compile: ``True``, ``False``, ``"auto"`` or ``None`` (see
         :func:`tfp_bnn_adv.xla.compile_fn`).
       segment_callback: called with progress figures after every segment.
+      strategy: a ``tf.distribute.Strategy`` to spread the likelihood over
+        (see the module docstring); ``None`` uses the strategy whose scope
+        is open, if any.  With one replica nothing changes.
+      parallelism: with several replicas, ``"data"`` (split the training
+        set; the all-reduce adds the parts) or ``"chains"`` (split the
+        chains; ``num_chains`` must divide evenly).
+      matmul_precision: ``"highest"`` (full float32 matmuls, the default) or
+        ``"default"`` (the hardware's: TF32 on Ampere GPUs, bfloat16 passes
+        on TPUs; faster, but may make HMC diverge).  See
+        :func:`tfp_bnn_adv.distribute.matmul_precision`.
 
     Returns:
       ``(ensemble, diagnostics)``: a
@@ -1204,6 +1364,18 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
         num_adaptation_steps=num_adaptation_steps,
         checkpoint_every=checkpoint_every, jit_compile=jit_compile)
     base_seed = _check_seed(seed)
+    strategy = distribute.current_strategy(strategy)
+    replicas = distribute.num_replicas(strategy)
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
+                         f"{parallelism!r}.")
+    if replicas > 1 and parallelism == "chains" and num_chains % replicas:
+        raise ValueError(f"parallelism='chains' needs num_chains divisible by "
+                         f"the {replicas} replicas, got num_chains={num_chains}.")
+    if matmul_precision not in distribute.MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of "
+                         f"{distribute.MATMUL_PRECISIONS}, got "
+                         f"{matmul_precision!r}.")
     init_cfg, explicit = _check_init(network, num_chains, init, init_steps,
                                      init_batch_size, init_learning_rate,
                                      init_jitter)
@@ -1213,11 +1385,33 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
                    "prior_scale": prior_scale, "shard_size": shard_size,
                    "init": init_cfg}
 
-    shards = shard_data(x, y, shard_size)
+    run_jit = settings["jit_compile"]
+    if replicas == 1:
+        shards = shard_data(x, y, shard_size)
+
+        def likelihood(*params):
+            return log_likelihood(network, params, *shards)
+    else:
+        # The segment loop holds one copy of the state and runs on the host
+        # device; each replica's likelihood gradient is compiled on its own.
+        local_jit = xla.resolve_jit(run_jit)
+        if local_jit == "auto":  # time one replica's share on one device
+            per = -(-n // replicas) if parallelism == "data" else n
+            probe_shards = shard_data(x[:per], y[:per], shard_size)
+            local_jit = _choose_jit(
+                lambda *ps: log_likelihood(network, ps, *probe_shards),
+                _prior_init(network, num_chains, prior_scale, base_seed),
+                "auto", f"replica_{per}_{shard_size}_{fingerprint['architecture'][:8]}")
+        likelihood = replicated_log_likelihood(
+            network, strategy, x, y, shard_size=shard_size,
+            parallelism=parallelism, num_chains=num_chains,
+            jit_compile=local_jit)
+        run_jit = False
+        logging.info("HMC over %d replicas (%s-parallel, per-replica XLA: %s).",
+                     replicas, parallelism, local_jit)
 
     def target(*params):
-        return (log_likelihood(network, params, *shards) +
-                log_prior(params, prior_scale))
+        return likelihood(*params) + log_prior(params, prior_scale)
 
     def monitor(params, tlp):
         return tlp - log_prior(params, prior_scale)
@@ -1236,7 +1430,30 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
                           steps=init_steps, batch_size=init_batch_size,
                           learning_rate=init_learning_rate, jitter=init_jitter,
                           use_xla=settings["jit_compile"] is not False)
-    result = run_chains(
+    with distribute.matmul_precision(matmul_precision):
+        result = _run_chains_for_sample(
+            target, state, chain_seed, checkpoint_dir, monitor, fingerprint,
+            segment_callback, settings, run_jit)
+    # [R, C, ...] -> chain-major [C * R, ...].
+    params = [np.reshape(np.swapaxes(p, 0, 1), (-1,) + p.shape[2:])
+              for p in result.states]
+    diagnostics = result.diagnostics
+    settings_out = dict(fingerprint)
+    settings_out.update(settings)
+    settings_out["seed"] = base_seed
+    settings_out["num_replicas"] = replicas
+    settings_out["parallelism"] = parallelism
+    settings_out["matmul_precision"] = matmul_precision
+    metadata = {"method": "hmc", "settings": settings_out,
+                "diagnostics": diagnostics.to_dict()}
+    return PosteriorEnsemble(network, params, metadata=metadata), diagnostics
+
+
+def _run_chains_for_sample(target, state, chain_seed, checkpoint_dir, monitor,
+                           fingerprint, segment_callback, settings, run_jit):
+    """:func:`run_chains` with :func:`sample`'s target and settings."""
+    settings = dict(settings, jit_compile=run_jit)
+    return run_chains(
         target, state, seed=[int(v) for v in chain_seed.numpy()],
         checkpoint_dir=checkpoint_dir, monitor_fn=monitor,
         monitor_name="log-likelihood", fingerprint=fingerprint,
@@ -1248,16 +1465,6 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
             "num_leapfrog_steps", "kernel", "max_tree_depth",
             "target_accept_prob", "num_adaptation_steps", "checkpoint_every",
             "jit_compile")})
-    # [R, C, ...] -> chain-major [C * R, ...].
-    params = [np.reshape(np.swapaxes(p, 0, 1), (-1,) + p.shape[2:])
-              for p in result.states]
-    diagnostics = result.diagnostics
-    settings_out = dict(fingerprint)
-    settings_out.update(settings)
-    settings_out["seed"] = base_seed
-    metadata = {"method": "hmc", "settings": settings_out,
-                "diagnostics": diagnostics.to_dict()}
-    return PosteriorEnsemble(network, params, metadata=metadata), diagnostics
 
 
 def _has_checkpoint(checkpoint_dir) -> bool:

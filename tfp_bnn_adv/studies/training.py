@@ -38,6 +38,10 @@ class InferenceSettings:
       vi_samples: posterior samples drawn from a VI fit.
       num_members: deep-ensemble size.
       seed: the run's seed.
+      hmc_parallelism: with a multi-replica strategy, HMC splits the data
+        (``"data"``) or the chains (``"chains"``) across replicas.
+      matmul_precision: HMC's float32 matmul precision, ``"highest"`` or
+        ``"default"`` (see :func:`tfp_bnn_adv.distribute.matmul_precision`).
     """
     method: str = "hmc"
     num_chains: int = 2
@@ -55,6 +59,8 @@ class InferenceSettings:
     vi_samples: int = 100
     num_members: int = 5
     seed: int = 0
+    hmc_parallelism: str = "data"
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,7 +118,8 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
             thinning=s.thinning, step_size=s.step_size,
             num_leapfrog_steps=s.num_leapfrog_steps, kernel=s.kernel,
             prior_scale=s.prior_scale, seed=s.seed, init=s.hmc_init,
-            checkpoint_dir=checkpoint_dir)
+            checkpoint_dir=checkpoint_dir, parallelism=s.hmc_parallelism,
+            matmul_precision=s.matmul_precision)
         info["diagnostics"] = diag.to_dict()
     elif s.method == "vi":
         from tfp_bnn_adv.inference import vi  # pylint: disable=g-import-not-at-top
