@@ -160,6 +160,9 @@ class CompiledFunction:
         # a study that calls with many ensemble sizes never retraces.
         self._traced: dict[tuple, Any] = {}
         self.choices: dict[tuple, tuple[bool, float, float]] = {}
+        # Signatures TF's default kernels cannot run (forced to XLA).
+        self._xla_only: set[tuple] = set()
+        self._default_ok: set[tuple] = set()
 
     def _get(self, key, use_xla: bool):
         if (key, use_xla) not in self._traced:
@@ -179,6 +182,25 @@ class CompiledFunction:
 
     def __call__(self, *args, **kwargs):
         key = _signature(args, kwargs)
+        if self.mode is False and key not in self._xla_only:
+            if key in self._default_ok:
+                return self._get(key, False)(*args, **kwargs)
+            try:
+                result = self._get(key, False)(*args, **kwargs)
+                self._default_ok.add(key)
+                return result
+            except (tf.errors.InvalidArgumentError,
+                    tf.errors.UnimplementedError) as e:
+                if "not supported on CPU" not in str(e):
+                    raise
+                # E.g. input gradients of grouped convolutions: TF has no
+                # CPU kernel for them on some CPUs; XLA compiles them.
+                logging.warning("%s: TF default kernels cannot run this (%s); "
+                                "using XLA for it.", self.name,
+                                str(e).splitlines()[0])
+                self._xla_only.add(key)
+        if self.mode is False:
+            return self._get(key, True)(*args, **kwargs)
         if self.mode != "auto":
             return self._get(key, self.mode)(*args, **kwargs)
         if key not in self.choices:
@@ -193,6 +215,11 @@ class CompiledFunction:
         where timing is impossible, e.g. on every replica of a strategy.
         """
         key = _signature(args, kwargs)
+        if self.mode is False and key not in (self._xla_only | self._default_ok):
+            # Runs once to find out whether the default kernels can.
+            self(*args, **kwargs)
+        if self.mode is False:
+            return self._get(key, key in self._xla_only)
         if self.mode != "auto":
             return self._get(key, self.mode)
         if key not in self.choices:
