@@ -93,6 +93,13 @@ def main(argv):
     if not FLAGS.output_dir:
         FLAGS.output_dir = DEFAULT_OUTPUT_DIR
     out_dir = lf.start("quickstart")
+    # --strategy: HMC, gradients and attacks spread over its replicas.
+    with lf.strategy().scope():
+        _run(out_dir)
+
+
+def _run(out_dir: str) -> None:
+    """The four stages; see the module docstring."""
     start = time.perf_counter()
     seed = FLAGS.seed
     num_train = FLAGS.num_train or NUM_TRAIN
