@@ -33,7 +33,8 @@ import tensorflow as tf
 
 __all__ = ["STRATEGIES", "MATMUL_PRECISIONS", "get_strategy",
            "current_strategy", "num_replicas", "configure_logical_cpus",
-           "sharded_call", "round_up_to_replicas", "matmul_precision"]
+           "sharded_call", "round_up_to_replicas", "matmul_precision",
+           "check_matmul_precision"]
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 MATMUL_PRECISIONS = ("highest", "default")
@@ -165,21 +166,21 @@ def round_up_to_replicas(batch_size: int, strategy) -> int:
     return -(-int(batch_size) // r) * r
 
 
-def _runner(strategy, fn, batch_args, batch_axis):
-    """A cached ``tf.function`` running ``fn`` per replica and gathering."""
-    cache = fn.__dict__.setdefault("_sharded_runners", {}) if hasattr(
-        fn, "__dict__") else {}
-    key = (strategy, tuple(batch_args), tuple(batch_axis or ()))
+def _runner(strategy, target, batch_args, batch_axis, cache):
+    """A ``tf.function`` running ``target`` per replica and gathering.
+
+    Cached in ``cache`` (on the caller's function), so repeated batches of
+    one shape reuse one trace.
+    """
+    key = (strategy, target, batch_args, batch_axis)
     if key in cache:
         return cache[key]
-    batch_args = tuple(batch_args)
 
     def replica_fn(shared, shards):
         shared, shards = list(shared), list(shards)
         n = len(shared) + len(shards)
-        args = [shards.pop(0) if i in batch_args else shared.pop(0)
-                for i in range(n)]
-        return runner.target(*args)
+        return target(*[shards.pop(0) if i in batch_args else shared.pop(0)
+                        for i in range(n)])
 
     @tf.function(autograph=False)
     def run(shared, shards):
@@ -190,11 +191,8 @@ def _runner(strategy, fn, batch_args, batch_axis):
         return tf.nest.pack_sequence_as(
             result, [strategy.gather(t, axis=ax) for t, ax in zip(flat, axes)])
 
-    class _Runner:
-        target = None
-    runner = _Runner()
-    cache[key] = (runner, run)
-    return cache[key]
+    cache[key] = run
+    return run
 
 
 def sharded_call(strategy: tf.distribute.Strategy | None, fn: Callable,
@@ -252,8 +250,10 @@ def sharded_call(strategy: tf.distribute.Strategy | None, fn: Callable,
     if select is not None:
         target = select(*[a[:shard] if i in batch_args else a
                           for i, a in enumerate(args)])
-    runner, run = _runner(strategy, fn, batch_args, batch_axis)
-    runner.target = target
+    cache = (fn.__dict__.setdefault("_sharded_runners", {})
+             if hasattr(fn, "__dict__") else {})
+    run = _runner(strategy, target, tuple(batch_args),
+                  None if batch_axis is None else tuple(batch_axis), cache)
     shared = tuple(a for i, a in enumerate(args) if i not in batch_args)
     batch = [args[i] for i in batch_args]
 
@@ -263,6 +263,18 @@ def sharded_call(strategy: tf.distribute.Strategy | None, fn: Callable,
 
     shards = strategy.experimental_distribute_values_from_function(value_fn)
     return run(shared, shards)
+
+
+def check_matmul_precision(precision: str) -> str:
+    """Validates a ``matmul_precision`` value (see :func:`matmul_precision`).
+
+    Raises:
+      ValueError: naming the value, if it is not one of the choices.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                         f"got {precision!r}.")
+    return precision
 
 
 @contextlib.contextmanager
@@ -278,9 +290,7 @@ def matmul_precision(precision: str) -> Iterator[None]:
     Raises:
       ValueError: for another value.
     """
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
-                         f"got {precision!r}.")
+    check_matmul_precision(precision)
     before = tf.config.experimental.tensor_float_32_execution_enabled()
     tf.config.experimental.enable_tensor_float_32_execution(
         precision == "default")

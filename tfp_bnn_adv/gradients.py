@@ -207,7 +207,7 @@ def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
 
 def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
                              batch_size=None, jit_compile=None,
-                           strategy=None) -> np.ndarray:
+                             strategy=None) -> np.ndarray:
     """``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]``, via log-sum-exp.
 
     Args and Raises as :func:`expected_loss_gradient`.
@@ -221,7 +221,7 @@ def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
 
 def per_sample_loss_gradients(ensemble, x, y=None, *, chunk_size=None,
                               batch_size=None, jit_compile=None,
-                           strategy=None) -> np.ndarray:
+                              strategy=None) -> np.ndarray:
     """Each posterior sample's ``grad_x CE(f(x, w_s), y)``.
 
     Args and Raises as :func:`expected_loss_gradient`.

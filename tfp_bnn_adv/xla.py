@@ -43,6 +43,8 @@ _TRACE_IDS = itertools.count()
 # gradients are missing on some CPUs ("not supported on CPU", or a filter
 # gradient that asks for the ungrouped filter size).
 _NO_CPU_KERNEL = ("not supported on CPU", "Conv2DBackprop")
+# "This call's output was not computed while choosing its path."
+_NOT_RUN = object()
 _MODES = {"auto": "auto", "xla": True, "true": True, "1": True,
           "default": False, "false": False, "0": False}
 
@@ -164,9 +166,9 @@ class CompiledFunction:
         # a study that calls with many ensemble sizes never retraces.
         self._traced: dict[tuple, Any] = {}
         self.choices: dict[tuple, tuple[bool, float, float]] = {}
-        # Signatures TF's default kernels cannot run (forced to XLA).
-        self._xla_only: set[tuple] = set()
-        self._default_ok: set[tuple] = set()
+        # jit_compile=False: per signature, whether TF's default kernels
+        # lacked an op (True: this signature runs under XLA after all).
+        self._default_lacks_kernel: dict[tuple, bool] = {}
 
     def _get(self, key, use_xla: bool):
         if (key, use_xla) not in self._traced:
@@ -186,30 +188,10 @@ class CompiledFunction:
 
     def __call__(self, *args, **kwargs):
         key = _signature(args, kwargs)
-        if self.mode is False and key not in self._xla_only:
-            if key in self._default_ok:
-                return self._get(key, False)(*args, **kwargs)
-            try:
-                result = self._get(key, False)(*args, **kwargs)
-                self._default_ok.add(key)
-                return result
-            except (tf.errors.InvalidArgumentError,
-                    tf.errors.UnimplementedError) as e:
-                if not any(m in str(e) for m in _NO_CPU_KERNEL):
-                    raise
-                # E.g. input gradients of grouped convolutions: TF has no
-                # CPU kernel for them on some CPUs; XLA compiles them.
-                logging.warning("%s: TF default kernels cannot run this (%s); "
-                                "using XLA for it.", self.name,
-                                str(e).splitlines()[0])
-                self._xla_only.add(key)
-        if self.mode is False:
-            return self._get(key, True)(*args, **kwargs)
-        if self.mode != "auto":
-            return self._get(key, self.mode)(*args, **kwargs)
-        if key not in self.choices:
-            return self._autotune(key, args, kwargs)
-        return self._get(key, self.choices[key][0])(*args, **kwargs)
+        use_xla, result = self._resolve(key, args, kwargs)
+        if result is _NOT_RUN:
+            result = self._get(key, use_xla)(*args, **kwargs)
+        return result
 
     def select(self, *args, **kwargs):
         """The ``tf.function`` this object runs for these arguments.
@@ -219,16 +201,38 @@ class CompiledFunction:
         where timing is impossible, e.g. on every replica of a strategy.
         """
         key = _signature(args, kwargs)
-        if self.mode is False and key not in (self._xla_only | self._default_ok):
-            # Runs once to find out whether the default kernels can.
-            self(*args, **kwargs)
+        return self._get(key, self._resolve(key, args, kwargs)[0])
+
+    def _resolve(self, key, args, kwargs):
+        """``(use_xla, result)`` for a signature; ``result`` is the call's
+        output if finding the path ran it, else ``_NOT_RUN``."""
+        if self.mode is True:
+            return True, _NOT_RUN
         if self.mode is False:
-            return self._get(key, key in self._xla_only)
-        if self.mode != "auto":
-            return self._get(key, self.mode)
-        if key not in self.choices:
-            self._autotune(key, args, kwargs)
-        return self._get(key, self.choices[key][0])
+            if key in self._default_lacks_kernel:
+                return self._default_lacks_kernel[key], _NOT_RUN
+            return self._probe_default(key, args, kwargs)
+        if key in self.choices:
+            return self.choices[key][0], _NOT_RUN
+        return self._autotune(key, args, kwargs)
+
+    def _probe_default(self, key, args, kwargs):
+        """Runs TF's default kernels once; XLA if they lack an op."""
+        try:
+            result, use_xla = self._get(key, False)(*args, **kwargs), False
+        except (tf.errors.InvalidArgumentError,
+                tf.errors.UnimplementedError) as e:
+            if not any(m in str(e) for m in _NO_CPU_KERNEL):
+                raise
+            # E.g. input gradients of grouped convolutions: TF has no CPU
+            # kernel for them on some CPUs; XLA compiles them.
+            logging.warning("%s: TF default kernels cannot run this (%s); "
+                            "using XLA for it.", self.name,
+                            str(e).splitlines()[0])
+            self._traced.pop((key, False), None)
+            result, use_xla = self._get(key, True)(*args, **kwargs), True
+        self._default_lacks_kernel[key] = use_xla
+        return use_xla, result
 
     def _time(self, fn, args, kwargs):
         result = fn(*args, **kwargs)  # compiles
@@ -245,7 +249,7 @@ class CompiledFunction:
         remembered = _load_choices().get(disk_key)
         if remembered is not None:
             self.choices[key] = (bool(remembered), float("nan"), float("nan"))
-            return self._get(key, bool(remembered))(*args, **kwargs)
+            return bool(remembered), _NOT_RUN
         try:
             result, t_default = self._time(self._get(key, False), args, kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
@@ -257,7 +261,7 @@ class CompiledFunction:
             self._traced.pop((key, False), None)
             self.choices[key] = (True, float("inf"), float("nan"))
             _store_choice(disk_key, True)
-            return self._get(key, True)(*args, **kwargs)
+            return True, _NOT_RUN
         try:
             result_xla, t_xla = self._time(self._get(key, True), args, kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
@@ -274,7 +278,7 @@ class CompiledFunction:
                      "XLA" if use_xla else "default kernels")
         # Return what the chosen path computes, so the first call agrees
         # with every later one.
-        return result_xla if use_xla else result
+        return use_xla, (result_xla if use_xla else result)
 
 
 def compile_fn(fn: Callable, jit_compile=None, name: str | None = None

@@ -251,6 +251,18 @@ def _value_and_grad(network, params, x_shards, y_shards, mask_shards):
     return value, tape.gradient(total, params)
 
 
+def _check_parallelism(parallelism: str, num_chains, replicas: int) -> None:
+    """``parallelism`` is known; with "chains", the chains split evenly."""
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
+                         f"{parallelism!r}.")
+    if replicas > 1 and parallelism == "chains" and (
+            num_chains is None or num_chains % replicas):
+        raise ValueError(f"parallelism='chains' needs num_chains divisible by "
+                         f"the {replicas} replicas, got num_chains="
+                         f"{num_chains!r}.")
+
+
 def replicated_log_likelihood(network: Network, strategy, x, y, *,
                               shard_size: int, parallelism: str = "data",
                               num_chains: int | None = None,
@@ -263,8 +275,8 @@ def replicated_log_likelihood(network: Network, strategy, x, y, *,
     computes that part's log-likelihood and gradient for every chain, and a
     single all-reduce (SUM) of ``[value, *gradients]`` gives every replica
     the totals.  With ``parallelism="chains"`` every replica holds all the
-    data and evaluates its ``C / R`` chains; results are gathered in chain
-    order.  Either way the value carries a custom gradient: the reduced
+    data and evaluates its ``C / R`` chains; the all-reduce of zero-padded
+    rows assembles them in chain order.  Either way the value carries a custom gradient: the reduced
     gradient, so autodiff never differentiates through the collective.
 
     Args:
@@ -289,10 +301,8 @@ def replicated_log_likelihood(network: Network, strategy, x, y, *,
       >>> ll = replicated_log_likelihood(net, strategy, x, y, shard_size=1000)
       >>> tf.function(ll)(*params)       # == log_likelihood on one device
     """
-    if parallelism not in PARALLELISMS:
-        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
-                         f"{parallelism!r}.")
     r = distribute.num_replicas(strategy)
+    _check_parallelism(parallelism, num_chains, r)
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.int32)
     n = int(x.shape[0])
@@ -310,9 +320,6 @@ def replicated_log_likelihood(network: Network, strategy, x, y, *,
                  for i in range(r)]
         chains_per_replica = None
     else:
-        if num_chains is None or num_chains % r:
-            raise ValueError(f"parallelism='chains' needs num_chains divisible "
-                             f"by the {r} replicas, got {num_chains!r}.")
         parts = [shard_data(x, y, shard_size)] * r
         chains_per_replica = num_chains // r
     # One copy of each replica's data on its own device, made once.
@@ -1366,16 +1373,8 @@ def sample(network, train_x, train_y, *, num_chains: int = 4,
     base_seed = _check_seed(seed)
     strategy = distribute.current_strategy(strategy)
     replicas = distribute.num_replicas(strategy)
-    if parallelism not in PARALLELISMS:
-        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
-                         f"{parallelism!r}.")
-    if replicas > 1 and parallelism == "chains" and num_chains % replicas:
-        raise ValueError(f"parallelism='chains' needs num_chains divisible by "
-                         f"the {replicas} replicas, got num_chains={num_chains}.")
-    if matmul_precision not in distribute.MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of "
-                         f"{distribute.MATMUL_PRECISIONS}, got "
-                         f"{matmul_precision!r}.")
+    _check_parallelism(parallelism, num_chains, replicas)
+    distribute.check_matmul_precision(matmul_precision)
     init_cfg, explicit = _check_init(network, num_chains, init, init_steps,
                                      init_batch_size, init_learning_rate,
                                      init_jitter)
