@@ -67,10 +67,22 @@ def matmul_peak_gflops(sizes=(1024, 2048), repeats: int = 5) -> dict:
     return {"gflops": max(results.values()), "by_config": results}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_info() -> dict:
     return {"python": platform.python_version(), "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "processor": platform.processor()}
+            "processor": platform.processor(), "cpu_model": cpu_model()}
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -90,6 +102,17 @@ def report(results: dict, as_json: bool) -> None:
         print(f"{k:<{width}}  {v}")
     if as_json:
         print(json.dumps(results, sort_keys=True, default=float))
+    sys.stdout.flush()
+
+
+def table(rows: list, header: list) -> None:
+    """Prints ``rows`` (lists of values, one per ``header`` column) aligned."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+             for row in [header] + rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
     sys.stdout.flush()
 
 

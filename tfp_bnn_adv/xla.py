@@ -139,7 +139,11 @@ def _signature(args, kwargs) -> tuple:
         if hasattr(v, "shape") and hasattr(v, "dtype"):
             return ("A", tuple(v.shape), str(v.dtype))
         return ("P", repr(v))
-    flat = tf.nest.flatten((args, sorted(kwargs.items())))
+    # Composite tensors (distributions, running statistics in kernel
+    # results) count by their component tensors' shapes, not their reprs,
+    # which print values.
+    flat = tf.nest.flatten((args, sorted(kwargs.items())),
+                           expand_composites=True)
     return tuple(leaf(v) for v in flat)
 
 

@@ -1,0 +1,260 @@
+"""One frozen, validated description of an HMC run: :class:`HMCConfig`.
+
+Every setting of :func:`~tfp_bnn_adv.inference.hmc.sample` and
+:func:`~tfp_bnn_adv.inference.hmc.run_chains` lives here, is checked once in
+``__post_init__`` (a clear ``TypeError``/``ValueError`` naming the field and
+its value, before any work) and is then passed down unchanged to the kernel,
+driver, init and diagnostics modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from tfp_bnn_adv import distribute
+from tfp_bnn_adv import seeds
+from tfp_bnn_adv import xla
+
+__all__ = ["HMCConfig", "KERNELS", "MASS_MATRICES", "INITS", "check_int",
+           "check_positive_real", "check_seed"]
+
+KERNELS = ("hmc", "nuts")
+MASS_MATRICES = ("diagonal", "identity")
+INITS = ("prior", "sgd")
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``, else a TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return float(value)
+
+
+def check_positive_real(value, name: str) -> float:
+    """``value`` as a finite float ``> 0``, else a TypeError/ValueError."""
+    v = _check_real(value, name)
+    if v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return v
+
+
+def check_seed(seed) -> list[int]:
+    """A stateless seed ``[2]`` as a JSON-able list (for fingerprints)."""
+    return [int(v) for v in seeds.stateless(seed).numpy()]
+
+
+@dataclasses.dataclass(frozen=True)
+class HMCConfig:
+    """Every setting of an HMC/NUTS run, validated once.
+
+    Sampler:
+      kernel: ``"hmc"`` (``PreconditionedHamiltonianMonteCarlo``) or
+        ``"nuts"`` (``PreconditionedNoUTurnSampler``).
+      num_chains: independent chains ``C``.
+      num_burnin_steps: warm-up iterations per chain, discarded.
+      num_results: kept samples per chain ``R``.
+      thinning: iterations per kept sample after warm-up.
+      num_adaptation_steps: warm-up iterations that adapt step size and mass
+        matrix (Stan-style windows); default all of ``num_burnin_steps``.
+      step_size: initial leapfrog step size; dual averaging adapts one per
+        chain.
+      trajectory_length: HMC's integration time ``L`` in the preconditioned
+        coordinates; each iteration takes
+        ``ceil(u * L / step_size)`` leapfrog steps with ``u`` uniform in
+        ``[1 - trajectory_jitter, 1 + trajectory_jitter]`` (jitter avoids
+        periodic orbits), at most ``max_leapfrog_steps``.  Measured on
+        half-moons and Fashion-MNIST BNNs (``README``, "HMC defaults"):
+        longer trajectories mix the function far better per gradient, up
+        to the step cap.
+      num_leapfrog_steps: a fixed leapfrog count instead (no jitter); give
+        either this or ``trajectory_length``, not both.
+      max_leapfrog_steps: the upper bound on leapfrog steps per iteration.
+      trajectory_jitter: relative jitter of the trajectory length in
+        ``[0, 1)``.
+      mass_matrix: ``"diagonal"`` (adapted in the slow windows from the
+        chain's own draws) or ``"identity"`` (plain HMC).
+      target_accept_prob: acceptance probability dual averaging aims for.
+      max_tree_depth: NUTS' maximum tree depth.
+      checkpoint_every: iterations per compiled segment (and checkpoint);
+        default about a tenth of the run.
+      jit_compile: ``True``, ``False``, ``"auto"`` or ``None`` (see
+        :func:`tfp_bnn_adv.xla.resolve_jit`).
+      seed: an int or a stateless seed ``[2]``.
+
+    BNN target and start (used by :func:`sample` only):
+      prior_scale: prior standard deviation of every weight.
+      init: ``"prior"`` (a prior draw per chain: over-dispersed starts) or
+        ``"sgd"`` (a short MAP fit per chain from its own Keras
+        initialisation, plus jitter).
+      init_steps, init_batch_size, init_learning_rate, init_jitter: the
+        ``"sgd"`` fit.
+      shard_size: training points per likelihood shard (``None``: by a
+        memory budget).
+      parallelism: ``"data"`` or ``"chains"`` across replicas.
+      matmul_precision: ``"highest"`` or ``"default"``.
+      num_probe_points: training inputs used as the function-space probe set
+        when no held-out probe set is given.
+      max_rhat: a posterior is *converged* when the median function-space
+        R-hat is at most this (>= 1).
+
+    Example:
+      >>> cfg = HMCConfig(num_chains=4, num_burnin_steps=500,
+      ...                 trajectory_length=3.0)
+      >>> cfg.replace(num_results=50).num_results
+      50
+    """
+
+    kernel: str = "hmc"
+    num_chains: int = 4
+    num_burnin_steps: int = 500
+    num_results: int = 200
+    thinning: int = 1
+    num_adaptation_steps: Any = None
+    step_size: float = 0.01
+    trajectory_length: Any = None
+    num_leapfrog_steps: Any = None
+    max_leapfrog_steps: int = 100
+    trajectory_jitter: float = 0.2
+    mass_matrix: str = "diagonal"
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 10
+    checkpoint_every: Any = None
+    jit_compile: Any = None
+    seed: Any = 0
+    prior_scale: float = 1.0
+    init: str = "prior"
+    init_steps: int = 300
+    init_batch_size: int = 256
+    init_learning_rate: float = 1e-3
+    init_jitter: float = 0.01
+    shard_size: Any = None
+    parallelism: str = "data"
+    matmul_precision: str = "highest"
+    num_probe_points: int = 256
+    max_rhat: float = 1.1
+
+    # The default integration time, used when neither trajectory_length nor
+    # num_leapfrog_steps is given.
+    DEFAULT_TRAJECTORY_LENGTH = 4.0
+
+    def __post_init__(self):
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got "
+                             f"{self.kernel!r}.")
+        if self.mass_matrix not in MASS_MATRICES:
+            raise ValueError(f"mass_matrix must be one of {MASS_MATRICES}, got "
+                             f"{self.mass_matrix!r}.")
+        put("num_chains", check_int(self.num_chains, "num_chains", 1))
+        b = check_int(self.num_burnin_steps, "num_burnin_steps", 0)
+        put("num_burnin_steps", b)
+        put("num_results", check_int(self.num_results, "num_results", 1))
+        put("thinning", check_int(self.thinning, "thinning", 1))
+        a = b if self.num_adaptation_steps is None else check_int(
+            self.num_adaptation_steps, "num_adaptation_steps", 0)
+        if a > b:
+            raise ValueError(
+                f"num_adaptation_steps ({a}) must not exceed num_burnin_steps "
+                f"({b}): samples drawn while the sampler adapts are not from "
+                "the posterior.")
+        put("num_adaptation_steps", a)
+        put("step_size", check_positive_real(self.step_size, "step_size"))
+        put("max_leapfrog_steps", check_int(self.max_leapfrog_steps,
+                                            "max_leapfrog_steps", 1))
+        if self.num_leapfrog_steps is not None:
+            if self.trajectory_length is not None:
+                raise ValueError(
+                    "Give trajectory_length or num_leapfrog_steps, not both; "
+                    f"got trajectory_length={self.trajectory_length!r} and "
+                    f"num_leapfrog_steps={self.num_leapfrog_steps!r}.")
+            put("num_leapfrog_steps", check_int(self.num_leapfrog_steps,
+                                                "num_leapfrog_steps", 1))
+        else:
+            length = (self.DEFAULT_TRAJECTORY_LENGTH
+                      if self.trajectory_length is None else
+                      check_positive_real(self.trajectory_length,
+                                          "trajectory_length"))
+            put("trajectory_length", float(length))
+        jitter = _check_real(self.trajectory_jitter, "trajectory_jitter")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"trajectory_jitter must be in [0, 1), got "
+                             f"{self.trajectory_jitter!r}.")
+        put("trajectory_jitter", jitter)
+        tap = self.target_accept_prob
+        if isinstance(tap, bool) or not isinstance(tap, (int, float)) or (
+                not 0 < tap < 1):
+            raise ValueError(f"target_accept_prob must be in (0, 1), got "
+                             f"{tap!r}.")
+        put("target_accept_prob", float(tap))
+        put("max_tree_depth", check_int(self.max_tree_depth, "max_tree_depth",
+                                        1))
+        total = b + self.num_results * self.thinning
+        every = (max(1, -(-total // 10)) if self.checkpoint_every is None else
+                 check_int(self.checkpoint_every, "checkpoint_every", 1))
+        put("checkpoint_every", every)
+        mode = xla.resolve_jit(self.jit_compile)
+        put("jit_compile", mode if isinstance(mode, str) else bool(mode))
+        put("seed", check_seed(self.seed))
+        put("prior_scale", check_positive_real(self.prior_scale, "prior_scale"))
+        if not isinstance(self.init, str) or self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS} (or, in sample(), "
+                             f"a list of arrays [C, *shape]), got "
+                             f"{self.init!r}.")
+        put("init_steps", check_int(self.init_steps, "init_steps", 1))
+        put("init_batch_size", check_int(self.init_batch_size,
+                                         "init_batch_size", 1))
+        put("init_learning_rate", check_positive_real(self.init_learning_rate,
+                                                      "init_learning_rate"))
+        ij = _check_real(self.init_jitter, "init_jitter")
+        if ij < 0:
+            raise ValueError(f"init_jitter must be a finite number >= 0, got "
+                             f"{self.init_jitter!r}.")
+        put("init_jitter", ij)
+        if self.shard_size is not None:
+            put("shard_size", check_int(self.shard_size, "shard_size", 1))
+        if self.parallelism not in ("data", "chains"):
+            raise ValueError(f"parallelism must be one of ('data', 'chains'), "
+                             f"got {self.parallelism!r}.")
+        distribute.check_matmul_precision(self.matmul_precision)
+        put("num_probe_points", check_int(self.num_probe_points,
+                                          "num_probe_points", 1))
+        mr = _check_real(self.max_rhat, "max_rhat")
+        if mr < 1:
+            raise ValueError(f"max_rhat must be >= 1 (R-hat is never below 1 "
+                             f"in expectation), got {self.max_rhat!r}.")
+        put("max_rhat", mr)
+
+    def replace(self, **changes) -> "HMCConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def sampler_settings(self) -> dict:
+        """The JSON-able settings that decide the Markov chain."""
+        keys = ("kernel", "num_burnin_steps", "num_results", "thinning",
+                "num_adaptation_steps", "step_size", "trajectory_length",
+                "num_leapfrog_steps", "max_leapfrog_steps",
+                "trajectory_jitter", "mass_matrix", "target_accept_prob",
+                "max_tree_depth", "checkpoint_every", "jit_compile")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.field_names()}

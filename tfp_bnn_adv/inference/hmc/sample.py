@@ -1,0 +1,273 @@
+"""The entry point: a network and a dataset in, a diagnosed posterior out."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tfp_bnn_adv import distribute
+from tfp_bnn_adv import seeds
+from tfp_bnn_adv import xla
+from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.inference.hmc import diagnostics as diag_lib
+from tfp_bnn_adv.inference.hmc import init as init_lib
+from tfp_bnn_adv.inference.hmc import target as target_lib
+from tfp_bnn_adv.inference.hmc.config import HMCConfig
+from tfp_bnn_adv.inference.hmc.driver import CHECKPOINT_FILE
+from tfp_bnn_adv.inference.hmc.driver import choose_jit
+from tfp_bnn_adv.inference.hmc.driver import run_chains
+from tfp_bnn_adv.network import Network
+
+__all__ = ["sample"]
+
+
+def _architecture_hash(network: Network) -> str:
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "name"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    # Keras numbers layer names per process ("dense_3"), so names are left
+    # out: the same architecture resumes in a new process.
+    cfg = strip(network.get_config())
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def _has_checkpoint(checkpoint_dir) -> bool:
+    return checkpoint_dir is not None and os.path.exists(
+        os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE))
+
+
+def _probe_set(network, x, y, probe_x, probe_y, num_points):
+    """The probe inputs (held-out when given, else a fixed training subset)."""
+    if probe_x is None:
+        if probe_y is not None:
+            raise ValueError("probe_y was given without probe_x.")
+        n = int(x.shape[0])
+        idx = np.unique(np.linspace(0, n - 1, min(n, num_points)).astype(int))
+        return tf.gather(x, idx), tf.gather(y, idx).numpy(), "train"
+    px, py = network.check_inputs(probe_x, probe_y, x_name="probe_x",
+                                  y_name="probe_y")
+    return px, (None if py is None else py.numpy()), "held_out"
+
+
+def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
+           init=None, probe_x=None, probe_y=None,
+           checkpoint_dir: str | None = None,
+           segment_callback: Callable[[dict], Any] | None = None,
+           strategy=None, **settings
+           ) -> tuple[PosteriorEnsemble, diag_lib.Diagnostics]:
+    """Samples a BNN posterior with full-batch preconditioned HMC (or NUTS).
+
+    The target is ``log p(w) + sum_n log softmax(f(x_n, w))[y_n]`` with the
+    prior ``N(0, prior_scale^2)`` on every weight and bias and the
+    likelihood summed over *all* training points.  ``num_chains`` chains
+    start from over-dispersed points (prior draws by default), adapt a step
+    size and a diagonal mass matrix each in Stan's windows, and advance
+    together in one compiled, vectorised step; see
+    :mod:`~tfp_bnn_adv.inference.hmc.kernel` and
+    :func:`~tfp_bnn_adv.inference.hmc.run_chains`.
+
+    Afterwards the function-space diagnostics are computed on a probe set
+    (``probe_x``, else a fixed subset of the training inputs): per probe
+    point, the rank-normalised split R-hat and bulk ESS of the predictive
+    probability across chains.  A posterior whose median R-hat exceeds
+    ``max_rhat`` is logged as UNCONVERGED and marked so in its
+    diagnostics (``diagnostics.converged``).
+
+    Args:
+      network: a :class:`~tfp_bnn_adv.network.Network` or a built Keras 3
+        model (imported with ``Network.from_keras``).
+      train_x: inputs ``[N, *input_shape]``.
+      train_y: integer labels ``[N]`` in ``[0, num_classes)``.
+      config: an :class:`~tfp_bnn_adv.inference.hmc.HMCConfig`; keyword
+        ``settings`` override its fields.
+      init: ``"prior"``, ``"sgd"`` (see ``HMCConfig.init``) or an explicit
+        list of float32 arrays ``[C, *shape]``; default the config's.
+      probe_x: optional held-out inputs ``[P, *input_shape]`` for the
+        function-space diagnostics.
+      probe_y: optional labels ``[P]`` (per-chain probe accuracy).
+      checkpoint_dir: where to checkpoint and resume (``None``: nowhere).
+      segment_callback: called with progress figures after every segment.
+      strategy: a ``tf.distribute.Strategy`` to spread the likelihood over;
+        ``None`` uses the strategy whose scope is open, if any.
+      **settings: any field of :class:`HMCConfig`: ``num_chains`` (4),
+        ``num_burnin_steps`` (500), ``num_results`` (200), ``thinning``,
+        ``step_size`` (initial, 0.01), ``trajectory_length`` (default
+        ``HMCConfig.DEFAULT_TRAJECTORY_LENGTH``) or ``num_leapfrog_steps``,
+        ``max_leapfrog_steps`` (100), ``trajectory_jitter`` (0.2),
+        ``mass_matrix`` (``"diagonal"``), ``kernel`` (``"hmc"``),
+        ``target_accept_prob`` (0.8), ``num_adaptation_steps`` (all of
+        warm-up), ``prior_scale`` (1), ``seed``, ``init_steps``,
+        ``init_batch_size``, ``init_learning_rate``, ``init_jitter``,
+        ``shard_size``, ``jit_compile``, ``parallelism``,
+        ``matmul_precision``, ``num_probe_points`` (256), ``max_rhat``
+        (1.1), ``checkpoint_every``, ``max_tree_depth``.
+
+    Returns:
+      ``(ensemble, diagnostics)``: a
+      :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` of ``S = C * R`` weight
+      sets (chain-major: sample ``c * R + r`` is chain ``c``'s ``r``-th kept
+      state), float32 parameters ``[S, *shape]``, with ``metadata``
+      ``{"method": "hmc", "settings", "diagnostics", "traces",
+      "num_chains", "converged"}``; and the
+      :class:`~tfp_bnn_adv.inference.hmc.Diagnostics`.
+
+    Raises:
+      ValueError / TypeError: for a bad setting (naming it), inputs whose
+        shape does not fit the network, ``train_x``/``train_y`` length
+        mismatch, bad labels, a probe set of the wrong shape, or a
+        checkpoint written by another configuration or an older version.
+
+    Example:
+      >>> data = tfp_bnn_adv.data.half_moons(n=500)
+      >>> model = tfp_bnn_adv.models.mlp((2,), 2, hidden=(16,))
+      >>> ens, diag = sample(model, data.train_x, data.train_y, num_chains=4,
+      ...                    num_burnin_steps=500, num_results=200, seed=0)
+      >>> ens.num_samples, diag.converged
+      (800, True)
+    """
+    unknown = set(settings) - set(HMCConfig.field_names())
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword arguments "
+                        f"{sorted(unknown)}; the settings are the fields of "
+                        "HMCConfig.")
+    explicit_state = None
+    if init is not None and not isinstance(init, str):
+        explicit_state = init
+    elif init is not None:
+        settings["init"] = init
+    if config is None:
+        config = HMCConfig(**settings)
+    else:
+        if not isinstance(config, HMCConfig):
+            raise TypeError(f"config must be an HMCConfig, got "
+                            f"{type(config).__name__}.")
+        config = config.replace(**settings) if settings else config
+    if not isinstance(network, Network):
+        network = Network.from_keras(network)
+    x, y = network.check_inputs(train_x, train_y, x_name="train_x",
+                                y_name="train_y")
+    n = int(x.shape[0])
+    probe = _probe_set(network, x, y, probe_x, probe_y,
+                       config.num_probe_points)
+    shard_size = config.shard_size or target_lib.auto_shard_size(
+        network, config.num_chains, n)
+    strategy = distribute.current_strategy(strategy)
+    replicas = distribute.num_replicas(strategy)
+    target_lib.check_parallelism(config.parallelism, config.num_chains,
+                                 replicas)
+    if explicit_state is not None:
+        init_cfg, explicit_state = init_lib.check_explicit_init(
+            network, config.num_chains, explicit_state)
+    elif config.init == "prior":
+        init_cfg = "prior"
+    else:
+        init_cfg = {"kind": "sgd", "steps": config.init_steps,
+                    "batch_size": config.init_batch_size,
+                    "learning_rate": config.init_learning_rate,
+                    "jitter": config.init_jitter}
+    fingerprint = {"architecture": _architecture_hash(network),
+                   "data": init_lib.array_hash(x.numpy(), y.numpy()),
+                   "num_train": n, "num_chains": config.num_chains,
+                   "prior_scale": config.prior_scale, "shard_size": shard_size,
+                   "init": init_cfg}
+
+    run_jit = config.jit_compile
+    if replicas == 1:
+        shards = target_lib.shard_data(x, y, shard_size)
+
+        def likelihood(*params):
+            return target_lib.log_likelihood(network, params, *shards)
+    else:
+        # The segment loop holds one copy of the state and runs on the host
+        # device; each replica's likelihood gradient is compiled on its own.
+        local_jit = xla.resolve_jit(run_jit)
+        if local_jit == "auto":  # time one replica's share on one device
+            per = -(-n // replicas) if config.parallelism == "data" else n
+            probe_shards = target_lib.shard_data(x[:per], y[:per], shard_size)
+            local_jit = choose_jit(
+                lambda *ps: target_lib.log_likelihood(network, ps,
+                                                      *probe_shards),
+                init_lib.prior_init(network, config.num_chains,
+                                    config.prior_scale, config.seed),
+                "auto", f"replica_{per}_{shard_size}_"
+                f"{fingerprint['architecture'][:8]}")
+        likelihood = target_lib.replicated_log_likelihood(
+            network, strategy, x, y, shard_size=shard_size,
+            parallelism=config.parallelism, num_chains=config.num_chains,
+            jit_compile=local_jit)
+        run_jit = False
+        logging.info("HMC over %d replicas (%s-parallel, per-replica XLA: %s).",
+                     replicas, config.parallelism, local_jit)
+
+    prior_scale = config.prior_scale
+
+    def target(*params):
+        return likelihood(*params) + target_lib.log_prior(params, prior_scale)
+
+    def monitor(params, tlp):
+        return tlp - target_lib.log_prior(params, prior_scale)
+
+    init_seed, chain_seed = tf.unstack(seeds.split(config.seed, 2))
+    if explicit_state is not None:
+        state = explicit_state
+    elif config.init == "prior" or _has_checkpoint(checkpoint_dir):
+        # A resumed run only needs the state's shapes; the SGD fit is skipped.
+        state = init_lib.prior_init(network, config.num_chains, prior_scale,
+                                    init_seed)
+    else:
+        # A short one-off loop: XLA unless pinned off (auto-tuning would run
+        # the whole fit several times).
+        state = init_lib.sgd_init(
+            network, x, y, num_chains=config.num_chains,
+            prior_scale=prior_scale, seed=init_seed, steps=config.init_steps,
+            batch_size=config.init_batch_size,
+            learning_rate=config.init_learning_rate,
+            jitter=config.init_jitter,
+            use_xla=config.jit_compile is not False)
+    chain_config = config.replace(
+        seed=[int(v) for v in chain_seed.numpy()], jit_compile=run_jit)
+    with distribute.matmul_precision(config.matmul_precision):
+        result = run_chains(
+            target, state, config=chain_config, checkpoint_dir=checkpoint_dir,
+            monitor_fn=monitor, monitor_name="log-likelihood",
+            fingerprint=fingerprint,
+            compiler_key=hashlib.sha256(json.dumps(
+                {k: fingerprint[k] for k in ("architecture", "num_train",
+                                             "shard_size")},
+                sort_keys=True).encode()).hexdigest()[:12],
+            segment_callback=segment_callback)
+
+    probs = diag_lib.probe_probabilities(network, result.states, probe[0])
+    fs = diag_lib.function_space(probs, probe[1])
+    fields = {f.name for f in dataclasses.fields(diag_lib.Diagnostics)}
+    diagnostics = dataclasses.replace(
+        result.diagnostics, probe_source=probe[2],
+        **{k: v for k, v in fs.items() if k in fields})
+    log = logging.info if diagnostics.converged else logging.warning
+    log("HMC posterior (%d chains x %d draws): %s", config.num_chains,
+        config.num_results, diagnostics.summary())
+    # [R, C, ...] -> chain-major [C * R, ...].
+    params = [np.reshape(np.swapaxes(p, 0, 1), (-1,) + p.shape[2:])
+              for p in result.states]
+    settings_out = dict(fingerprint)
+    settings_out.update(config.to_dict())
+    settings_out.update(seed=config.seed, num_replicas=replicas,
+                        shard_size=shard_size, init=init_cfg)
+    metadata = {"method": "hmc", "settings": settings_out,
+                "num_chains": config.num_chains,
+                "diagnostics": diagnostics.to_dict(),
+                "converged": diagnostics.converged,
+                "traces": diag_lib.traces_metadata(
+                    result.trace, diag_lib.weight_projection(result.states),
+                    fs["trace"])}
+    return PosteriorEnsemble(network, params, metadata=metadata), diagnostics
