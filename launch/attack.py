@@ -3,7 +3,11 @@ r"""The attack table: random / FGSM / PGD (both gradients) / Square.
 Attacks saved posteriors (``--posteriors=label=path,...``, written by
 ``launch.train``) and writes ``table.md`` (accuracy on attacked inputs next to
 the paper's figures, and unchanged predictions), ``table.csv``,
-``results.json`` and ``figures/``.
+``results.json`` (with each HMC posterior's diagnostics) and ``figures/``
+(with a trace plot per HMC posterior).  An unconverged HMC posterior (its
+function-space R-hat median above --max_rhat) stops the script before any
+attack unless --allow_unconverged is given; then its rows are marked
+(UNCONVERGED).
 
 Example:
   python -m launch.attack --output_dir=runs/table --dataset=fashion_mnist \
@@ -27,7 +31,7 @@ def config_from_flags() -> AttackTableConfig:
         eps_sweep=lf.floats(FLAGS.eps_sweep, "eps_sweep"),
         attacks=tuple(FLAGS.attacks), gradients=tuple(FLAGS.gradients),
         data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
-        half_moons_n=FLAGS.half_moons_n, seed=FLAGS.seed)
+        half_moons_n=FLAGS.half_moons_n, seed=FLAGS.seed, **lf.convergence())
     for flag, field in (("num_test", "num_test"), ("pgd_steps", "pgd_steps"),
                         ("square_queries", "square_queries")):
         if FLAGS[flag].value is not None:

@@ -16,6 +16,7 @@ from absl import logging
 
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import files
+from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import METHODS
 from tfp_bnn_adv.studies.training import InferenceSettings
 
@@ -53,12 +54,23 @@ flags.DEFINE_string("keras_model", None, "A .keras file with your own model "
 
 # Inference.
 flags.DEFINE_enum("method", "hmc", list(METHODS), "Inference method.")
-flags.DEFINE_integer("num_chains", 2, "HMC chains.")
-flags.DEFINE_integer("num_burnin_steps", 200, "HMC burn-in iterations.")
-flags.DEFINE_integer("num_results", 100, "HMC samples kept per chain.")
+flags.DEFINE_integer("num_chains", 4, "HMC chains.")
+flags.DEFINE_integer("num_burnin_steps", 500, "HMC warm-up iterations "
+                     "(step size and mass matrix adapt).")
+flags.DEFINE_integer("num_results", 200, "HMC samples kept per chain.")
 flags.DEFINE_integer("thinning", 1, "HMC iterations per kept sample.")
-flags.DEFINE_float("step_size", 0.005, "Initial HMC step size (adapted).")
-flags.DEFINE_integer("num_leapfrog_steps", 10, "HMC leapfrog steps.")
+flags.DEFINE_float("step_size", 0.01, "Initial HMC step size (adapted).")
+flags.DEFINE_float("trajectory_length", None, "HMC integration time; the "
+                   "leapfrog count per iteration follows from it and the "
+                   "adapted step size (default: HMCConfig's, 4.0, unless "
+                   "--num_leapfrog_steps is given).")
+flags.DEFINE_integer("num_leapfrog_steps", None, "A fixed HMC leapfrog count "
+                     "instead of --trajectory_length (default: unset, use "
+                     "--trajectory_length).")
+flags.DEFINE_integer("max_leapfrog_steps", 100, "Cap on HMC leapfrog steps "
+                     "per iteration.")
+flags.DEFINE_enum("mass_matrix", "diagonal", ["diagonal", "identity"],
+                  "HMC mass matrix: adapted diagonal, or identity (plain HMC).")
 flags.DEFINE_enum("kernel", "hmc", ["hmc", "nuts"], "MCMC kernel.")
 flags.DEFINE_enum("hmc_init", "prior", ["prior", "sgd"],
                   "HMC initial state: a prior draw or a short SGD fit.")
@@ -68,6 +80,15 @@ flags.DEFINE_integer("batch_size", 128, "VI / SGD minibatch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "VI / SGD learning rate.")
 flags.DEFINE_integer("vi_samples", 100, "Posterior samples drawn from VI.")
 flags.DEFINE_integer("num_members", 5, "Deep-ensemble size.")
+
+# Convergence.
+flags.DEFINE_float("max_rhat", 1.1, "An HMC posterior is converged when the "
+                   "median over probe points of its function-space R-hat is "
+                   "at most this (>= 1).")
+flags.DEFINE_bool("allow_unconverged", False, "Write a study's headline "
+                  "(attack table, gradient study, robustness-accuracy "
+                  "summary) even from unconverged HMC posteriors, marked "
+                  "(UNCONVERGED); without it the study stops with an error.")
 
 # Attacks.
 flags.DEFINE_list("posteriors", [], "Saved posteriors to attack: "
@@ -121,7 +142,12 @@ def start(script: str, require_output_dir: bool = True) -> str:
 
     Returns:
       The output directory.
+
+    Raises:
+      IllegalFlagValueError: without ``--output_dir`` (if required).
+      ValueError: for ``--max_rhat`` below 1, before anything is written.
     """
+    common.check_max_rhat(FLAGS.max_rhat, "--max_rhat")
     if require_output_dir and not FLAGS.output_dir:
         raise flags.IllegalFlagValueError(
             f"{script}: --output_dir is required.")
@@ -194,13 +220,48 @@ def inference_settings() -> InferenceSettings:
         method=FLAGS.method, num_chains=FLAGS.num_chains,
         num_burnin_steps=FLAGS.num_burnin_steps, num_results=FLAGS.num_results,
         thinning=FLAGS.thinning, step_size=FLAGS.step_size,
-        num_leapfrog_steps=FLAGS.num_leapfrog_steps, kernel=FLAGS.kernel,
+        trajectory_length=FLAGS.trajectory_length,
+        num_leapfrog_steps=FLAGS.num_leapfrog_steps,
+        max_leapfrog_steps=FLAGS.max_leapfrog_steps,
+        mass_matrix=FLAGS.mass_matrix, kernel=FLAGS.kernel,
         hmc_init=FLAGS.hmc_init, prior_scale=FLAGS.prior_scale,
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate, vi_samples=FLAGS.vi_samples,
         num_members=FLAGS.num_members, seed=FLAGS.seed,
         hmc_parallelism=FLAGS.hmc_parallelism,
         matmul_precision=FLAGS.matmul_precision)
+
+
+# The flags that set HMC (each the InferenceSettings field of that name).
+HMC_FLAGS = ("num_chains", "num_burnin_steps", "num_results", "thinning",
+             "step_size", "trajectory_length", "num_leapfrog_steps",
+             "max_leapfrog_steps", "mass_matrix", "kernel", "hmc_init",
+             "prior_scale", "hmc_parallelism", "matmul_precision")
+
+
+def hmc_overrides() -> dict:
+    """The HMC flags given explicitly, as InferenceSettings fields.
+
+    For scripts whose presets bring their own HMC settings: an explicit
+    flag overrides the preset's field.  An explicit ``--trajectory_length``
+    clears the preset's ``num_leapfrog_steps`` and vice versa (the two are
+    alternatives).
+
+    Example:
+      >>> preset.replace(**hmc_overrides())
+    """
+    out = {name: FLAGS[name].value for name in HMC_FLAGS if explicit(name)}
+    if "trajectory_length" in out and "num_leapfrog_steps" not in out:
+        out["num_leapfrog_steps"] = None
+    if "num_leapfrog_steps" in out and "trajectory_length" not in out:
+        out["trajectory_length"] = None
+    return out
+
+
+def convergence() -> dict:
+    """--max_rhat and --allow_unconverged as study config fields."""
+    return {"max_rhat": FLAGS.max_rhat,
+            "allow_unconverged": FLAGS.allow_unconverged}
 
 
 def posteriors() -> tuple:

@@ -4,12 +4,17 @@ Half-moons with HMC over widths and training-set sizes, and an image dataset
 (--dataset) with HMC and VI, measuring the mean |component| of the expected
 and the predictive loss gradient on test points as the number of posterior
 samples grows; the deterministic network as comparison.  Writes
-``results.json``, ``gradients.csv`` / ``.md`` and ``figures/``.
+``results.json``, ``gradients.csv`` / ``.md`` and ``figures/``.  HMC flags
+given explicitly (--num_results, --trajectory_length, ...) override the
+preset's HMC settings of both parts; an unconverged HMC posterior stops the
+study unless --allow_unconverged is given.
 
 Example (paper scale, hours on a CPU):
   python -m launch.gradient_study --output_dir=runs/grad --preset=paper \
       --dataset=mnist --data_dir=/path/to/mnist_idx
 """
+
+import dataclasses
 
 from absl import app
 
@@ -26,7 +31,7 @@ def config_from_flags() -> GradientStudyConfig:
     overrides = dict(
         image_dataset=None if FLAGS.dataset == "half_moons" else FLAGS.dataset,
         keras_model=FLAGS.keras_model, data_dir=FLAGS.data_dir,
-        data_source=FLAGS.data_source, seed=FLAGS.seed)
+        data_source=FLAGS.data_source, seed=FLAGS.seed, **lf.convergence())
     if FLAGS.widths:
         overrides["moons_widths"] = lf.ints(FLAGS.widths, "widths")
     if FLAGS.train_sizes:
@@ -41,7 +46,11 @@ def config_from_flags() -> GradientStudyConfig:
         overrides["num_test"] = FLAGS.num_test
     if FLAGS.num_train is not None:
         overrides["image_num_train"] = FLAGS.num_train
-    return make(**overrides)
+    config = make(**overrides)
+    hmc = lf.hmc_overrides()
+    return dataclasses.replace(config,
+                               moons_hmc=config.moons_hmc.replace(**hmc),
+                               image_hmc=config.image_hmc.replace(**hmc))
 
 
 def main(argv):

@@ -2,12 +2,17 @@ r"""Experiment 3: robustness against accuracy over a sweep of models.
 
 Trains every (method, depth, width, training length, seed) model, attacks it
 and records test accuracy and softmax robustness.  Resumable: finished models
-are kept in ``runs/`` and skipped when the command runs again.
+are kept in ``runs/`` and skipped when the command runs again.  HMC flags
+given explicitly override the preset's HMC settings (--num_burnin_steps is
+set by --hmc_lengths).  The summary is refused while an HMC run is
+unconverged unless --allow_unconverged is given (the runs stay saved).
 
 Example (paper scale: ~1000 models):
   python -m launch.robustness_accuracy --output_dir=runs/sweep --preset=paper \
       --dataset=mnist --data_dir=/path/to/mnist_idx
 """
+
+import dataclasses
 
 from absl import app
 
@@ -23,7 +28,7 @@ def config_from_flags() -> RobustnessAccuracyConfig:
             else RobustnessAccuracyConfig.quick)
     overrides = dict(dataset=FLAGS.dataset, keras_model=FLAGS.keras_model,
                      data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
-                     half_moons_n=FLAGS.half_moons_n)
+                     half_moons_n=FLAGS.half_moons_n, **lf.convergence())
     for flag, field in (("widths", "widths"), ("depths", "depths"),
                         ("training_lengths", "training_lengths"),
                         ("hmc_lengths", "hmc_lengths")):
@@ -37,7 +42,9 @@ def config_from_flags() -> RobustnessAccuracyConfig:
         overrides["num_test"] = FLAGS.num_test
     if lf.explicit("seed"):
         overrides["seeds"] = (FLAGS.seed,)
-    return make(**overrides)
+    config = make(**overrides)
+    return dataclasses.replace(
+        config, hmc=config.hmc.replace(**lf.hmc_overrides()))
 
 
 def main(argv):

@@ -2,8 +2,13 @@ r"""Train a posterior (HMC, VI, SGD or deep ensemble) and save it.
 
 Writes ``posterior.npz`` (a PosteriorEnsemble: weights as arrays, the
 architecture as Keras config, no pickle), ``results.json`` (test accuracy,
-diagnostics), ``flags.txt`` and, for HMC, resumable checkpoints in ``ckpt/``:
-run the same command again after an interruption and it continues.
+diagnostics: for HMC the function-space R-hat/ESS on the held-out test
+points, ``train/convergence/...``; for VI the loss trace and its plateau),
+``flags.txt``, for HMC a trace plot ``figures/traces_train.png`` and
+resumable checkpoints in ``ckpt/``: run the same command again after an
+interruption and it continues.  An unconverged HMC posterior is saved but
+reported as UNCONVERGED (studies that use it refuse it unless
+--allow_unconverged).
 
 Example:
   python -m launch.train --output_dir=runs/fmnist_hmc --method=hmc \
@@ -28,22 +33,28 @@ def main(argv):
     with lf.strategy().scope():
         ds = lf.dataset()
         settings = lf.inference_settings()
+        n_test = FLAGS.num_test or len(ds.test_x)
+        test_x, test_y = ds.test_x[:n_test], ds.test_y[:n_test]
         ens, info = fit_posterior(lf.model(ds), ds.train_x, ds.train_y, settings,
                                   checkpoint_dir=os.path.join(out_dir, "ckpt"),
-                                  verbose=1)
+                                  verbose=1, probe_x=test_x, probe_y=test_y,
+                                  max_rhat=FLAGS.max_rhat)
         ens.metadata.update({"dataset": FLAGS.dataset})
         path = os.path.join(out_dir, "posterior.npz")
         ens.save(path)
-        n_test = FLAGS.num_test or len(ds.test_x)
-        accuracy = ens.accuracy(ds.test_x[:n_test], ds.test_y[:n_test])
+        accuracy = ens.accuracy(test_x, test_y)
     out = common.StudyOutput(out_dir, "train")
+    report = common.record_posterior(out, "train", ens, FLAGS.max_rhat)
     out.update({"test/accuracy": accuracy, "train/num_samples": ens.num_samples,
                 "train/num_points": len(ds.train_x),
                 "train/fit_seconds": info["wall_seconds"],
                 "train/diagnostics": info.get("diagnostics"),
                 "settings": info["settings"], "posterior": path})
-    print(f"{settings.method} posterior with {ens.num_samples} samples: test "
-          f"accuracy {accuracy:.4f}; saved to {path}")
+    print(f"{common.mark(settings.method, report)} posterior with "
+          f"{ens.num_samples} samples: test accuracy {accuracy:.4f}; saved to "
+          f"{path}")
+    if report["method"] in ("hmc", "vi"):
+        print(common.describe("train", report))
 
 
 if __name__ == "__main__":

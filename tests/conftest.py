@@ -1,4 +1,5 @@
-"""Shared pytest set-up: quiet TensorFlow, CPU only, fixed seeds."""
+"""Shared pytest set-up: quiet TensorFlow, CPU only, fixed seeds, and a
+factory of HMC metadata with known diagnostics."""
 
 import os
 
@@ -14,3 +15,40 @@ os.environ.setdefault("TFP_BNN_ADV_JIT_CACHE", "none")
 from tfp_bnn_adv import distribute  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 distribute.configure_logical_cpus(2)
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _hmc_metadata(rhat, *, traces=False):
+    """Ensemble metadata of an HMC posterior with a known function R-hat."""
+    from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
+    diag = hmc.Diagnostics(
+        kernel="hmc", num_chains=4, num_results=20,
+        acceptance_rate=(0.6, 0.7, 0.8, 0.9),
+        burnin_acceptance_rate=(0.5,) * 4, step_size=(0.01,) * 4,
+        num_divergent=3, num_divergent_burnin=1, rhat_log_likelihood=1.2,
+        ess_log_likelihood=30.0, rhat_projection=3.0, ess_projection=4.0,
+        wall_seconds=1.0, compile_seconds=0.5, leapfrog_steps_per_second=9.0,
+        num_leapfrog_steps=100, jit="default", num_segments=2,
+        function_rhat_median=rhat, function_rhat_p90=2.0,
+        function_rhat_frac_below=0.25, function_ess_min=12.4,
+        function_ess_median=40.0, num_probe_points=8, probe_source="held_out")
+    meta = {"method": "hmc", "diagnostics": diag.to_dict()}
+    if traces:
+        rng = np.random.default_rng(0)
+        meta["traces"] = {"log_likelihood": rng.normal(size=(20, 4)).tolist(),
+                          "weight_projection": rng.normal(size=(20, 4)).tolist()}
+    return meta
+
+
+@pytest.fixture
+def hmc_metadata():
+    """``f(rhat, traces=False)``: HMC ensemble metadata of a known R-hat.
+
+    The diagnostics are a real ``hmc.Diagnostics(...).to_dict()`` with the
+    given function-space R-hat median (other fields fixed: acceptance
+    0.6/0.7/0.8/0.9, 3 divergences, 25% of probe points below 1.1, ESS min
+    12.4); with ``traces``, random ``[20, 4]`` traces for the trace plot.
+    """
+    return _hmc_metadata

@@ -1,5 +1,7 @@
 """The attack table: every cell is its attack's measured result."""
 
+import csv
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -14,6 +16,7 @@ from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-impo
 from tfp_bnn_adv.inference import sgd  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import attack_table as at  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +63,86 @@ def test_paper_figures_sit_next_to_matching_rows(tmp_path):
     ens.save(path)
     config = at.AttackTableConfig.quick(
         posteriors=((None, str(path)),), dataset="fashion_mnist", num_test=20,
-        attacks=("random",))
+        attacks=("random",), allow_unconverged=True)
     results = at.run_attack_table(config, str(tmp_path / "out"))
     row = [line for line in results["table_markdown"].splitlines()
            if line.startswith("| fashion_mnist / HMC")][0]
     assert row.rstrip(" |").endswith("0.812 | 0.848 | 0.826")
+    # No diagnostics at all: that HMC posterior counts as unconverged.
+    assert row.startswith("| fashion_mnist / HMC (UNCONVERGED) |")
+    assert results["unconverged"] == ["HMC"]
+
+
+def _moons_config(**kw):
+    return at.AttackTableConfig.quick(
+        dataset="half_moons", half_moons_n=600, num_test=20,
+        attacks=("random",), eps=0.1, **kw)
+
+
+def test_unconverged_hmc_is_refused_before_any_attack(moons_ensembles, tmp_path,
+                                                      monkeypatch, hmc_metadata):
+    _, ensembles = moons_ensembles
+    meta = hmc_metadata(1.4, traces=True)
+    hmc_ens = PosteriorEnsemble(ensembles["Deep ensemble"].network,
+                                ensembles["Deep ensemble"].params, metadata=meta)
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("attacked an unconverged posterior")
+
+    monkeypatch.setattr(at, "_attack", no_attack)
+    with pytest.raises(common.UnconvergedPosteriorError) as e:
+        at.run_attack_table(_moons_config(), str(tmp_path),
+                            ensembles={"HMC": hmc_ens, "NN": ensembles["NN"]})
+    msg = str(e.value)
+    assert "'HMC'" in msg and "1.400" in msg and "--allow_unconverged" in msg
+    assert "the attack table" in msg
+    # What was computed is kept: the diagnostics and the trace plot.
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["HMC/diagnostics"] == meta["diagnostics"]
+    assert saved["HMC/convergence/converged"] is False
+    assert saved["HMC/convergence/function_rhat_median"] == 1.4
+    assert (tmp_path / "figures" / "traces_HMC.png").exists()
+    assert not (tmp_path / "table.md").exists()
+    assert not (tmp_path / "table.csv").exists()
+
+
+def test_allow_unconverged_writes_the_table_marked(moons_ensembles, tmp_path,
+                                                   hmc_metadata):
+    _, ensembles = moons_ensembles
+    net, params = ensembles["Deep ensemble"].network, ensembles["Deep ensemble"].params
+    targets = {"HMC short": PosteriorEnsemble(net, params,
+                                              metadata=hmc_metadata(1.4)),
+               "HMC long": PosteriorEnsemble(net, params,
+                                             metadata=hmc_metadata(1.05)),
+               "NN": ensembles["NN"]}
+    results = at.run_attack_table(_moons_config(allow_unconverged=True),
+                                  str(tmp_path), ensembles=targets)
+    assert results["unconverged"] == ["HMC short"]
+    assert results["HMC long/convergence/converged"] is True
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    cols = ["Rand"]
+    conv = list(common.CONVERGENCE_HEADER)
+    assert header == (["dataset / method", "clean"] + cols + conv +
+                      ["paper Rand", "paper FGSM", "paper PGD"])
+    assert set(body) == {"half_moons / HMC short (UNCONVERGED)",
+                         "half_moons / HMC long", "half_moons / NN"}
+    short = body["half_moons / HMC short (UNCONVERGED)"]
+    assert float(short["R-hat median"]) == 1.4
+    assert float(short["R-hat < 1.1"]) == 0.25 and short["divergent"] == "3"
+    assert float(short["acceptance"]) == pytest.approx(0.75)
+    assert float(body["half_moons / HMC long"]["R-hat median"]) == 1.05
+    assert all(body["half_moons / NN"][c] == "" for c in conv)
+    md = (tmp_path / "table.md").read_text()
+    assert md.startswith("**Warning:**") and "HMC short" in md.splitlines()[0]
+    assert "| half_moons / HMC short (UNCONVERGED) |" in md
+    assert "| half_moons / HMC long |" in md
+    unchanged = (tmp_path / "table_unchanged.md").read_text()
+    assert "HMC short (UNCONVERGED)" in unchanged
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["HMC long/diagnostics"] == targets["HMC long"].metadata["diagnostics"]
+    assert "NN/diagnostics" not in saved
 
 
 def test_bad_configs():
@@ -72,6 +150,8 @@ def test_bad_configs():
         at.AttackTableConfig(attacks=("cw",)).validate()
     with pytest.raises(ValueError, match="eps"):
         at.AttackTableConfig(eps=-0.1).validate()
+    with pytest.raises(ValueError, match="max_rhat"):
+        at.AttackTableConfig(max_rhat=0.9).validate()
     with pytest.raises(ValueError, match="not found"):
         at.AttackTableConfig(posteriors=(("x", "/nonexistent.npz"),)).validate()
     with pytest.raises(ValueError, match="no posterior"):

@@ -1,5 +1,6 @@
 """The gradient study: its estimator, its files, and the measured fall."""
 
+import csv
 import json
 import os
 
@@ -8,11 +9,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
+from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import gradients  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import gradient_study as gs  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.studies import training  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies.training import InferenceSettings  # pylint: disable=wrong-import-position
 
 
@@ -53,9 +57,12 @@ def test_config_validation():
         gs.GradientStudyConfig.quick(image_dataset="cifar").validate()
     with pytest.raises(ValueError, match="image_methods"):
         gs.GradientStudyConfig.quick(image_methods=("sgd",)).validate()
+    with pytest.raises(ValueError, match="max_rhat"):
+        gs.GradientStudyConfig.quick(max_rhat=0.95).validate()
 
 
-def test_half_moons_gradient_falls_with_the_number_of_samples(tmp_path):
+def test_half_moons_gradient_falls_with_the_number_of_samples(tmp_path,
+                                                              monkeypatch):
     # HMC on 400 half-moons points, 4 chains; the gradient of the 50-sample
     # average must be measurably smaller than that of one sample (Theorem 1's
     # cancellation).  Measured with this seed: a fall of about 10%.
@@ -66,6 +73,14 @@ def test_half_moons_gradient_falls_with_the_number_of_samples(tmp_path):
                                     num_burnin_steps=200, num_results=50,
                                     thinning=2, step_size=0.005,
                                     num_leapfrog_steps=20))
+    fitted = []
+    real_fit = training.fit_posterior
+
+    def spy(*args, **kwargs):
+        fitted.append((real_fit(*args, **kwargs), kwargs))
+        return fitted[-1][0]
+
+    monkeypatch.setattr(gs, "fit_posterior", spy)
     results = gs.run_gradient_study(config, str(tmp_path))
     prefix = "half_moons/hmc/width=64/n_train=400"
     one = results[f"{prefix}/samples=1/grad_mean_abs/expected"]
@@ -76,7 +91,83 @@ def test_half_moons_gradient_falls_with_the_number_of_samples(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved[f"{prefix}/samples=50/grad_mean_abs/expected"] == pytest.approx(fifty)
     header = (tmp_path / "gradients.csv").read_text().splitlines()[0]
-    assert header == "dataset,method,width,n_train,samples,gradient,mean_abs,l2"
+    assert header == ("dataset,method,width,n_train,samples,gradient,mean_abs,"
+                      "l2," + ",".join(common.CONVERGENCE_HEADER))
     for stem in ("components_half_moons", "grad_vs_samples", "grad_vs_width",
-                 "grad_vs_train_size"):
+                 "grad_vs_train_size",
+                 "traces_half_moons_hmc_width=64_n_train=400"):
         assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000
+    # The posterior's diagnostics, on the held-out test points.
+    ((ens, _), kwargs), = fitted
+    x_test = data.half_moons(500, noise=0.1, seed=0).test_x[:200]
+    np.testing.assert_array_equal(kwargs["probe_x"], x_test)
+    diag = saved[f"{prefix}/diagnostics"]
+    assert diag == ens.metadata["diagnostics"]
+    assert diag["probe_source"] == "held_out"
+    assert diag["num_probe_points"] == len(x_test)
+    assert saved[f"{prefix}/convergence/converged"] == (
+        diag["function_rhat_median"] <= 1.1)
+
+
+def _fake_fit(rhat, hmc_metadata, calls):
+    """A stand-in for fit_posterior: random weights, HMC metadata of a known R-hat."""
+    def fit(model, x, y, settings, **kwargs):
+        calls.append(kwargs)
+        net = Network.from_keras(model)
+        return PosteriorEnsemble(net, net.init_params(seed=1, num_samples=4),
+                                 metadata=hmc_metadata(rhat, traces=True)), {
+                                     "wall_seconds": 0.0}
+    return fit
+
+
+def _tiny_config(**kw):
+    return gs.GradientStudyConfig.quick(
+        moons_widths=(4,), moons_train_sizes=(40,), image_dataset=None,
+        include_deterministic=False, sample_counts=(1, 2), num_test=10, **kw)
+
+
+def test_unconverged_hmc_stops_the_study_after_saving_it(tmp_path, monkeypatch,
+                                                         hmc_metadata):
+    calls = []
+    monkeypatch.setattr(gs, "fit_posterior", _fake_fit(1.5, hmc_metadata, calls))
+    prefix = "half_moons/hmc/width=4/n_train=40"
+    with pytest.raises(common.UnconvergedPosteriorError) as e:
+        gs.run_gradient_study(_tiny_config(), str(tmp_path))
+    msg = str(e.value)
+    assert prefix in msg and "1.500" in msg and "--allow_unconverged" in msg
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved[f"{prefix}/diagnostics"] == hmc_metadata(1.5)["diagnostics"]
+    assert saved[f"{prefix}/convergence/converged"] is False
+    assert (tmp_path / "figures" /
+            "traces_half_moons_hmc_width=4_n_train=40.png").exists()
+    assert not (tmp_path / "gradients.csv").exists()
+    assert not (tmp_path / "figures" / "grad_vs_samples.png").exists()
+    # The held-out test points were the probe set (n_total = 40 / 0.8).
+    np.testing.assert_array_equal(
+        calls[0]["probe_x"], data.half_moons(50, noise=0.1, seed=0).test_x[:10])
+    assert calls[0]["max_rhat"] == 1.1
+
+
+def test_allow_unconverged_marks_rows_and_curves(tmp_path, monkeypatch,
+                                                 hmc_metadata):
+    monkeypatch.setattr(gs, "fit_posterior", _fake_fit(1.5, hmc_metadata, []))
+    results = gs.run_gradient_study(_tiny_config(allow_unconverged=True),
+                                    str(tmp_path))
+    prefix = "half_moons/hmc/width=4/n_train=40"
+    assert results["unconverged"] == [prefix]
+    assert results[f"{prefix}/convergence/function_rhat_median"] == 1.5
+    with open(tmp_path / "gradients.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2  # two sample counts, two gradients
+    for row in rows:
+        assert row["method"] == "hmc (UNCONVERGED)"
+        assert float(row["R-hat median"]) == 1.5 and row["divergent"] == "3"
+    assert "**Warning:**" in (tmp_path / "gradients.md").read_text()
+    assert (tmp_path / "figures" / "grad_vs_samples.png").exists()
+    # The same posterior judged against a looser threshold is not marked.
+    results = gs.run_gradient_study(_tiny_config(max_rhat=2.0),
+                                    str(tmp_path / "loose"))
+    assert results["unconverged"] == []
+    with open(tmp_path / "loose" / "gradients.csv", newline="") as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"hmc"}
+    assert "**Warning:**" not in (tmp_path / "loose" / "gradients.md").read_text()

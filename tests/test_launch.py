@@ -14,6 +14,7 @@ from launch import gradient_study  # pylint: disable=wrong-import-position
 from launch import quickstart  # pylint: disable=wrong-import-position
 from launch import robustness_accuracy  # pylint: disable=wrong-import-position
 from launch import train  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -55,16 +56,38 @@ def test_train_writes_a_loadable_posterior(trained):
         assert (d / "posterior.npz").exists() and (d / "flags.txt").exists()
         assert f"--method={method}" in (d / "flags.txt").read_text()
     assert (trained["hmc"] / "ckpt").is_dir()
+    # The HMC posterior's diagnostics, on held-out test points (half-moons
+    # 300 points: 60 test points), and its trace plot.
+    from tfp_bnn_adv import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
+    results = _results(trained["hmc"])
+    ens = PosteriorEnsemble.load(str(trained["hmc"] / "posterior.npz"))
+    assert results["train/diagnostics"] == ens.metadata["diagnostics"]
+    assert results["train/diagnostics"]["probe_source"] == "held_out"
+    assert results["train/diagnostics"]["num_probe_points"] == 60
+    assert results["train/convergence/converged"] == ens.metadata["converged"]
+    assert (trained["hmc"] / "figures" / "traces_train.png").exists()
+    assert "--max_rhat=1.1" in (trained["hmc"] / "flags.txt").read_text()
 
 
 def test_attack_table_script(trained, tmp_path):
     posts = [f"HMC={trained['hmc'] / 'posterior.npz'}",
              str(trained["ensemble"] / "posterior.npz")]
-    with flagsaver.flagsaver(output_dir=str(tmp_path), dataset="half_moons",
-                             half_moons_n=300, posteriors=posts, num_test=30,
-                             pgd_steps=2, square_queries=5, eps=0.1):
+    kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
+                  half_moons_n=300, posteriors=posts, num_test=30, pgd_steps=2,
+                  square_queries=5, eps=0.1)
+    # A tiny HMC run does not converge: refused without --allow_unconverged.
+    assert _results(trained["hmc"])["train/convergence/converged"] is False
+    with flagsaver.flagsaver(**kwargs):
+        with pytest.raises(common.UnconvergedPosteriorError,
+                           match="'HMC'.*--allow_unconverged"):
+            attack.main(["attack"])
+    assert not (tmp_path / "table.md").exists()
+    assert "HMC/diagnostics" in _results(tmp_path)
+    with flagsaver.flagsaver(allow_unconverged=True, **kwargs):
         attack.main(["attack"])
     results = _results(tmp_path)
+    assert results["unconverged"] == ["HMC"]
+    assert "| half_moons / HMC (UNCONVERGED) |" in (tmp_path / "table.md").read_text()
     for label in ("HMC", "Deep ensemble"):
         for key in ("adv_accuracy/random", "adv_accuracy/fgsm/expected",
                     "adv_robustness/pgd/predictive", "softmax_robustness/square"):
@@ -85,14 +108,42 @@ def test_output_dir_is_required():
             train.main(["train"])
 
 
+@pytest.mark.parametrize("script", [train, attack, gradient_study,
+                                    robustness_accuracy, quickstart])
+def test_max_rhat_below_one_is_refused_before_any_work(script, tmp_path):
+    out = tmp_path / "never"
+    with flagsaver.flagsaver(output_dir=str(out), max_rhat=0.9,
+                             posteriors=["x.npz"]):
+        with pytest.raises(ValueError, match="--max_rhat must be"):
+            script.main(["script"])
+    assert not out.exists()
+
+
 def test_gradient_study_script(tmp_path):
+    # Tiny HMC (the flags override the preset's) does not converge, hence
+    # --allow_unconverged.
     with flagsaver.flagsaver(output_dir=str(tmp_path), dataset="half_moons",
                              widths=["4", "8"], train_sizes=["80"],
-                             sample_counts=["1", "2"], num_test=20):
+                             sample_counts=["1", "2"], num_test=20,
+                             num_burnin_steps=10, num_results=4,
+                             num_leapfrog_steps=3, allow_unconverged=True):
         gradient_study.main(["gradient_study"])
     results = _results(tmp_path)
     assert "half_moons/hmc/width=8/n_train=80/samples=2/grad_mean_abs/predictive" in results
     assert (tmp_path / "figures" / "grad_vs_width.png").exists()
+    md = (tmp_path / "gradients.md").read_text()
+    for width in (4, 8):
+        prefix = f"half_moons/hmc/width={width}/n_train=80"
+        diag = results[f"{prefix}/diagnostics"]
+        assert diag["num_results"] == 4 and diag["probe_source"] == "held_out"
+        rhat = diag["function_rhat_median"]
+        converged = rhat is not None and rhat <= 1.1
+        assert results[f"{prefix}/convergence/converged"] is converged
+        assert (prefix in results["unconverged"]) is not converged
+        row = f"| half_moons | hmc (UNCONVERGED) | {width} | 80 |"
+        assert (row in md) is not converged
+    # Four draws per chain: at least one of the two is flagged.
+    assert results["unconverged"] and "**Warning:**" in md
 
 
 def test_robustness_accuracy_script_resumes(tmp_path):
@@ -126,27 +177,48 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
             num_burnin_steps=10, num_results=4, epochs=1, vi_samples=4,
             widths=["4"], train_sizes=["60"], sample_counts=["1", "2"],
             training_lengths=["1"], hmc_lengths=["5"], pgd_steps=2,
-            square_queries=5):
+            square_queries=5, allow_unconverged=True):
         quickstart.main(["quickstart"])
     printed = capsys.readouterr().out
     assert "fashion_mnist / HMC" in printed and "paper FGSM" in printed
+    # An unconverged HMC posterior is never presented as plain "HMC".
+    top = _results(tmp_path)
+    converged = top["HMC/convergence/converged"]
+    assert converged == (
+        (top["HMC/convergence/function_rhat_median"] or 9) <= 1.1)
+    assert ("| fashion_mnist / HMC (UNCONVERGED) |" in printed) is not converged
+    assert ("| fashion_mnist / HMC |" in printed) is converged
+    # Tiny runs (4 draws per chain) do not all converge; they are flagged.
+    assert top["unconverged"] and "**Warning:**" in printed
+    assert "(UNCONVERGED)" in printed
     for sub in ("attack_table", "gradient_study", "robustness_accuracy"):
         assert (tmp_path / sub / "results.json").exists()
     assert (tmp_path / "summary.md").exists()
     for method in ("hmc", "vi", "sgd"):
         assert (tmp_path / f"posterior_{method}.npz").exists()
+    assert top["HMC/diagnostics"]["probe_source"] == "held_out"
+    assert top["HMC/diagnostics"]["num_results"] == 4  # the flags reached HMC
+    assert len(top["VI/diagnostics"]["loss_trace"]) == 1
+    assert (tmp_path / "figures" / "traces_HMC.png").exists()
+    table = _results(tmp_path / "attack_table")
+    assert table["HMC/diagnostics"] == top["HMC/diagnostics"]
+    assert table["unconverged"] == ([] if converged else ["HMC"])
+    grads = _results(tmp_path / "gradient_study")
+    assert "half_moons/hmc/width=4/n_train=60/diagnostics" in grads
+    sweep = _results(tmp_path / "robustness_accuracy")
+    assert "hmc-d1-w4-L5-s0/diagnostics" in sweep
 
 
 def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
     """--strategy=mirrored over the two logical CPUs, train then attack."""
     from tfp_bnn_adv import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
     hmc_dir, table_dir = tmp_path / "hmc", tmp_path / "table"
-    common = dict(dataset="half_moons", half_moons_n=300, strategy="mirrored",
+    shared = dict(dataset="half_moons", half_moons_n=300, strategy="mirrored",
                   logical_cpus=2)
     with flagsaver.flagsaver(output_dir=str(hmc_dir), method="hmc",
                              hidden=["8"], num_burnin_steps=10, num_results=4,
                              num_leapfrog_steps=3, hmc_parallelism="chains",
-                             **common):
+                             **shared):
         train.main(["train"])
     ens = PosteriorEnsemble.load(str(hmc_dir / "posterior.npz"))
     assert ens.metadata["settings"]["num_replicas"] == 2
@@ -155,7 +227,7 @@ def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
     with flagsaver.flagsaver(output_dir=str(table_dir),
                              posteriors=[f"HMC={hmc_dir / 'posterior.npz'}"],
                              num_test=31, pgd_steps=2, square_queries=5,
-                             eps=0.1, **common):
+                             eps=0.1, allow_unconverged=True, **shared):
         attack.main(["attack"])
     results = _results(table_dir)
     assert 0.0 <= results["HMC/eps=0.1/test/adv_accuracy/pgd/predictive"] <= 1.0

@@ -1,5 +1,6 @@
 """The robustness-accuracy sweep: its measurements and its resume."""
 
+import csv
 import json
 import os
 
@@ -10,6 +11,9 @@ import pytest  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import attacks  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import robustness_accuracy as ra  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import training  # pylint: disable=wrong-import-position
 
@@ -76,3 +80,65 @@ def test_run_ids_and_validation():
         ra.RobustnessAccuracyConfig(attack="cw").validate()
     with pytest.raises(ValueError, match="methods"):
         ra.RobustnessAccuracyConfig(methods=("mcdropout",)).validate()
+    with pytest.raises(ValueError, match="max_rhat"):
+        ra.RobustnessAccuracyConfig(max_rhat=0.5).validate()
+
+
+def test_unconverged_hmc_run_blocks_the_summary_until_allowed(
+        tmp_path, monkeypatch, hmc_metadata):
+    calls = []
+    real_fit = training.fit_posterior
+
+    def fit(model, x, y, settings, **kwargs):
+        calls.append((settings.method, kwargs))
+        if settings.method != "hmc":
+            return real_fit(model, x, y, settings, **kwargs)
+        net = Network.from_keras(model)
+        return PosteriorEnsemble(net, net.init_params(seed=2, num_samples=4),
+                                 metadata=hmc_metadata(1.5, traces=True)), {
+                                     "wall_seconds": 0.0}
+
+    monkeypatch.setattr(ra, "fit_posterior", fit)
+    config = ra.RobustnessAccuracyConfig
+    kw = dict(dataset="half_moons", half_moons_n=500, methods=("sgd", "hmc"),
+              widths=(4,), depths=(1,), training_lengths=(2,), hmc_lengths=(3,),
+              num_test=20)
+    run = "hmc-d1-w4-L3-s0"
+    with pytest.raises(common.UnconvergedPosteriorError) as e:
+        ra.run_robustness_accuracy(config.quick(**kw), str(tmp_path))
+    msg = str(e.value)
+    assert f"'{run}'" in msg and "1.500" in msg and "--allow_unconverged" in msg
+    assert "sgd-d1-w4-L2-s0" not in msg
+    # Every run and its diagnostics are saved; the summary is not written.
+    saved_run = json.loads((tmp_path / "runs" / f"{run}.json").read_text())
+    assert saved_run["diagnostics"] == hmc_metadata(1.5)["diagnostics"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved[f"{run}/diagnostics"] == saved_run["diagnostics"]
+    assert saved[f"{run}/convergence/converged"] is False
+    assert (tmp_path / "figures" / f"traces_{run}.png").exists()
+    assert not (tmp_path / "sweep.csv").exists()
+    assert not (tmp_path / "figures" / "robustness_vs_accuracy.png").exists()
+    # HMC was diagnosed on the held-out test points.
+    hmc_kwargs = [k for m, k in calls if m == "hmc"][0]
+    np.testing.assert_array_equal(hmc_kwargs["probe_x"],
+                                  data.half_moons(500).test_x[:20])
+
+    # Allowed: nothing is refitted, the summary marks the run.
+    calls.clear()
+    results = ra.run_robustness_accuracy(
+        config.quick(allow_unconverged=True, **kw), str(tmp_path))
+    assert calls == [] and results["num_skipped"] == 2
+    assert results["unconverged"] == [run]
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        rows = {r["run_id"]: r for r in csv.DictReader(f)}
+    assert rows[run]["method"] == "hmc (UNCONVERGED)"
+    assert float(rows[run]["R-hat median"]) == 1.5
+    assert rows["sgd-d1-w4-L2-s0"]["method"] == "sgd"
+    assert rows["sgd-d1-w4-L2-s0"]["R-hat median"] == ""
+    assert (tmp_path / "figures" / "robustness_vs_accuracy.png").exists()
+
+    # Re-judged from the saved diagnostics under a looser threshold.
+    results = ra.run_robustness_accuracy(config.quick(max_rhat=2.0, **kw),
+                                         str(tmp_path))
+    assert results["unconverged"] == []
+    assert results[f"{run}/convergence/converged"] is True

@@ -34,3 +34,100 @@ def test_results_merge_and_survive_reopening(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="output_dir"):
         common.StudyOutput("", "t")
+
+
+class _Posterior:  # the part of a PosteriorEnsemble the helpers read
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+
+@pytest.mark.parametrize("rhat, max_rhat, converged", [
+    (1.02, 1.1, True), (1.1, 1.1, True), (1.3, 1.1, False), (1.3, 1.5, True),
+    (float("nan"), 1.1, False)])
+def test_hmc_report_judges_the_function_space_rhat(rhat, max_rhat, converged,
+                                                   hmc_metadata):
+    meta = hmc_metadata(rhat)
+    report = common.convergence_report(meta, max_rhat)
+    assert report["converged"] is converged
+    assert common.is_unconverged(report) is (not converged)
+    assert common.mark("HMC", report) == (
+        "HMC" if converged else "HMC (UNCONVERGED)")
+    shown = None if rhat != rhat else rhat  # NaN is reported as missing
+    assert common.convergence_columns(report) == [
+        shown, 0.25, 12, pytest.approx((0.6 + 0.7 + 0.8 + 0.9) / 4), 3, None]
+    res = common.convergence_results("moons/hmc", report)
+    assert res["moons/hmc/diagnostics"] == meta["diagnostics"]
+    assert res["moons/hmc/convergence/function_rhat_median"] == shown
+    assert res["moons/hmc/convergence/converged"] is converged
+    assert res["moons/hmc/convergence/max_rhat"] == max_rhat
+    assert json.loads(json.dumps(res)) == res  # JSON-able
+
+
+def test_missing_diagnostics_count_as_unconverged():
+    report = common.convergence_report({"method": "hmc"})
+    assert report["converged"] is False and report["diagnostics"] is None
+    assert "R-hat median missing" in common.describe("HMC", report)
+
+
+def test_vi_and_sgd_reports_are_not_gated():
+    vi = common.convergence_report({"method": "vi", "diagnostics": {
+        "loss_trace": [2.0, 1.0], "plateaued": False,
+        "relative_change": 0.5}})
+    assert not common.is_unconverged(vi) and vi["converged"] is None
+    assert common.convergence_columns(vi) == [None] * 5 + ["no"]
+    assert common.convergence_results("VI", vi) == {
+        "VI/diagnostics": {"loss_trace": [2.0, 1.0], "plateaued": False,
+                           "relative_change": 0.5},
+        "VI/convergence/elbo_plateaued": False,
+        "VI/convergence/elbo_relative_change": 0.5}
+    sgd = common.convergence_report({"method": "sgd"})
+    assert common.convergence_results("NN", sgd) == {}
+    assert common.convergence_columns(sgd) == [None] * 6
+    assert common.mark("NN", sgd) == "NN"
+
+
+def test_gate_refuses_naming_the_posterior_its_rhat_and_the_flag(hmc_metadata):
+    reports = {"HMC": common.convergence_report(hmc_metadata(1.3)),
+               "HMC long": common.convergence_report(hmc_metadata(1.01)),
+               "VI": common.convergence_report({"method": "vi"})}
+    with pytest.raises(common.UnconvergedPosteriorError) as e:
+        common.require_converged(reports, allow_unconverged=False,
+                                 what="the table", saved_to="/x/results.json")
+    msg = str(e.value)
+    assert "'HMC'" in msg and "1.300" in msg and "--allow_unconverged" in msg
+    assert "the table" in msg and "/x/results.json" in msg
+    assert "HMC long" not in msg and "'VI'" not in msg
+    assert common.require_converged(reports, allow_unconverged=True,
+                                    what="the table") == ["HMC"]
+    del reports["HMC"]
+    assert common.require_converged(reports, allow_unconverged=False,
+                                    what="the table") == []
+
+
+@pytest.mark.parametrize("bad", [0.99, 0, float("nan"), float("inf"), True,
+                                 "1.1", None])
+def test_max_rhat_below_one_is_refused(bad):
+    with pytest.raises(ValueError, match="--max_rhat must be a finite number"):
+        common.check_max_rhat(bad, "--max_rhat")
+    with pytest.raises(ValueError, match="max_rhat"):
+        common.convergence_report({"method": "hmc"}, bad)
+
+
+def test_record_posterior_saves_results_trace_plot_and_label(tmp_path,
+                                                           hmc_metadata):
+    out = common.StudyOutput(str(tmp_path), "t")
+    meta = hmc_metadata(1.5, traces=True)
+    report = common.record_posterior(out, "half_moons/hmc/width=8", _Posterior(meta))
+    assert common.is_unconverged(report)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["half_moons/hmc/width=8/diagnostics"] == meta["diagnostics"]
+    assert saved["half_moons/hmc/width=8/convergence/converged"] is False
+    assert saved["half_moons/hmc/width=8/convergence/function_rhat_median"] == 1.5
+    png = tmp_path / "figures" / "traces_half_moons_hmc_width=8.png"
+    assert saved["half_moons/hmc/width=8/figures/traces"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without traces (e.g. a hand-made ensemble) there is no plot.
+    common.record_posterior(out, "bare", _Posterior(hmc_metadata(1.0)))
+    assert not (tmp_path / "figures" / "traces_bare.png").exists()
+    assert common.StudyOutput(str(tmp_path), "t").results[
+        "bare/convergence/converged"] is True

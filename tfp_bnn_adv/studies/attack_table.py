@@ -13,6 +13,11 @@ Two numbers per cell, side by side:
   the column to compare with the paper;
 * **unchanged predictions** (adversarial robustness): the fraction of points
   whose predicted class the attack did not change.
+
+Each row also shows its posterior's convergence evidence
+(:data:`~tfp_bnn_adv.studies.common.CONVERGENCE_HEADER`).  The table is not
+written from an unconverged HMC posterior unless ``allow_unconverged`` is
+set, and then its rows are marked ``(UNCONVERGED)``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class AttackTableConfig:
       max_samples: thin larger ensembles to at most this many samples.
       data_dir, data_source, half_moons_n: where the test data comes from.
       seed: attacks' seed.
+      max_rhat: an HMC posterior is converged when its median function-space
+        R-hat is at most this (``>= 1``).
+      allow_unconverged: write the table even from unconverged HMC
+        posteriors (their rows marked ``(UNCONVERGED)``); otherwise
+        :func:`run_attack_table` refuses before attacking.
     """
     posteriors: tuple = ()
     dataset: str = "fashion_mnist"
@@ -86,6 +96,8 @@ class AttackTableConfig:
     data_source: str = "auto"
     half_moons_n: int = 1000
     seed: int = 0
+    max_rhat: float = 1.1
+    allow_unconverged: bool = False
 
     @classmethod
     def paper(cls, **overrides) -> "AttackTableConfig":
@@ -98,6 +110,7 @@ class AttackTableConfig:
         return dataclasses.replace(base, **overrides)
 
     def validate(self) -> None:
+        common.check_max_rhat(self.max_rhat, "max_rhat")
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks:
             raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, "
@@ -177,10 +190,17 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
 
     Returns:
       Results with keys ``<label>/eps=<eps>/test/adv_accuracy/pgd/expected``
-      and so on, plus ``"table_markdown"``.
+      and so on, each posterior's ``<label>/diagnostics`` and
+      ``<label>/convergence/...`` (see
+      :func:`~tfp_bnn_adv.studies.common.convergence_results`),
+      ``"unconverged"`` (labels of unconverged HMC posteriors) and
+      ``"table_markdown"``.
 
     Raises:
       ValueError: for a bad configuration or no posterior at all.
+      UnconvergedPosteriorError: for an unconverged HMC posterior without
+        ``config.allow_unconverged``, before any attack (its diagnostics are
+        already in ``results.json``).
     """
     config.validate()
     targets: dict[str, PosteriorEnsemble] = dict(ensembles or {})
@@ -191,13 +211,20 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     if not targets:
         raise ValueError("no posterior to attack: give config.posteriors or "
                          "ensembles.")
-    x, y = _test_data(config)
     out = common.StudyOutput(output_dir, "attack_table")
+    reports = {label: common.record_posterior(out, label, ens, config.max_rhat)
+               for label, ens in targets.items()}
+    results: dict[str, Any] = {}
+    for label, report in reports.items():
+        results.update(common.convergence_results(label, report))
+    unconverged = common.require_converged(
+        reports, allow_unconverged=config.allow_unconverged,
+        what="the attack table", saved_to=out.path("results.json"))
+    x, y = _test_data(config)
     cols = _columns(config)
     eps_values = [config.eps] + [e for e in config.eps_sweep if e != config.eps]
     progress = common.Progress("attack_table",
                                len(targets) * len(eps_values) * len(cols))
-    results: dict[str, Any] = {}
     long_rows = []
     acc_rows, unchanged_rows = [], []
     for label, ens in targets.items():
@@ -205,6 +232,7 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
             ens = ens[np.round(np.linspace(0, ens.num_samples - 1,
                                            config.max_samples)).astype(int)]
         method = ens.metadata.get("method", "?")
+        report = reports[label]
         for eps in eps_values:
             prefix = f"{label}/eps={eps:g}"
             clean = metrics.clean_accuracy(ens.predict_proba(x), y)
@@ -223,7 +251,9 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
                 long_rows.append([config.dataset, label, method, eps, attack,
                                   gradient or "", clean, acc, unch,
                                   m[f"{prefix}/test/softmax_robustness/{key}"],
-                                  m[f"{prefix}/test/success_rate/{key}"]])
+                                  m[f"{prefix}/test/success_rate/{key}"],
+                                  report["converged"],
+                                  report.get("function_rhat_median")])
                 results.update(m)
                 out.update(m)
                 progress.step(f"{label} eps={eps:g} {_col_name(attack, gradient)}"
@@ -233,11 +263,14 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
             name = f"{config.dataset} / {label}"
             if len(eps_values) > 1:
                 name += f" (eps={eps:g})"
-            acc_rows.append([name, clean] + row_acc + paper_cols)
+            name = common.mark(name, report)
+            acc_rows.append([name, clean] + row_acc +
+                            common.convergence_columns(report) + paper_cols)
             unchanged_rows.append([name] + row_unch)
 
     col_names = [_col_name(a, g) for a, g in cols]
     acc_header = (["dataset / method", "clean"] + col_names +
+                  list(common.CONVERGENCE_HEADER) +
                   ["paper Rand", "paper FGSM", "paper PGD"])
     unch_header = ["dataset / method"] + col_names
     out.table("table", acc_header, acc_rows)
@@ -245,8 +278,13 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     out.table("attacks_long", ["dataset", "label", "method", "eps", "attack",
                                "gradient", "clean_accuracy", "adv_accuracy",
                                "unchanged", "softmax_robustness",
-                               "success_rate"], long_rows)
-    md = (
+                               "success_rate", "converged",
+                               "function_rhat_median"], long_rows)
+    warning = ("**Warning:** written with unconverged HMC posteriors "
+               f"({', '.join(unconverged)}; allow_unconverged): their rows "
+               "are marked (UNCONVERGED) and are not samples of the "
+               "posterior.\n\n" if unconverged else "")
+    md = warning + (
         f"## Accuracy on attacked inputs (L-inf, eps={config.eps:g}, "
         f"{len(x)} test points) — compare with the paper\n\n"
         "The authors' code scores robustness as accuracy on *all* attacked "
@@ -254,6 +292,7 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         "columns. (expected) is the paper's expected-gradient attack, "
         "(predictive) the posterior-predictive gradient of Feng et al. (2024).\n\n"
         + common.markdown_table(acc_header, acc_rows) +
+        f"\n{common.CONVERGENCE_NOTE}\n"
         "\n## Unchanged predictions (adversarial robustness)\n\n"
         "Fraction of test points whose predicted class the attack did not "
         "change.\n\n" + common.markdown_table(unch_header, unchanged_rows))
@@ -261,7 +300,8 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     files.write_text(out.path("table.md"), md)
     results["figures"] = [_plot(out, acc_header, acc_rows, col_names)]
     results["table_markdown"] = md
-    out.update({"figures": results["figures"]})
+    results["unconverged"] = unconverged
+    out.update({"figures": results["figures"], "unconverged": unconverged})
     logging.info("Attack table written to %s", output_dir)
     return results
 

@@ -1,4 +1,4 @@
-"""What every study shares: its output directory, progress, and figures.
+"""What every study shares: its output directory, progress, figures, gates.
 
 One results writer (:class:`StudyOutput`) owns a study's ``output_dir``:
 ``results.json`` (flat keys like ``test/adv_robustness/pgd/expected``),
@@ -6,13 +6,28 @@ tables as CSV and Markdown, ``figures/*.png``, TensorBoard scalars under
 ``tensorboard/``.  Every file is written atomically, and ``results.json`` is
 rewritten after each finished stage, so an interrupted study keeps what it
 computed.
+
+Every study reports convergence with the same code:
+:func:`convergence_report` reads a posterior's evidence from its ensemble
+metadata (HMC: function-space R-hat/ESS, acceptance, divergences; VI: the
+loss trace and whether it plateaued); :func:`record_posterior` writes it to
+``results.json`` (``<label>/diagnostics``, ``<label>/convergence/...``),
+draws the HMC trace and rank plot (``figures/traces_<label>.png``) and logs
+it; :func:`mark` labels an unconverged HMC posterior ``(UNCONVERGED)`` in
+tables and legends; :data:`CONVERGENCE_HEADER` and
+:func:`convergence_columns` are the table columns; and
+:func:`require_converged` refuses a study's headline that rests on an
+unconverged HMC posterior unless ``allow_unconverged`` is set.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import numbers
 import os
+import re
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -20,7 +35,30 @@ from absl import logging
 
 from tfp_bnn_adv import files
 
-__all__ = ["StudyOutput", "Progress", "format_table", "markdown_table"]
+__all__ = ["StudyOutput", "Progress", "format_table", "markdown_table",
+           "UNCONVERGED", "CONVERGENCE_HEADER", "CONVERGENCE_NOTE",
+           "UnconvergedPosteriorError", "check_max_rhat", "convergence_report",
+           "is_unconverged", "mark", "describe", "convergence_columns",
+           "convergence_results", "trace_figure", "record_posterior",
+           "require_converged"]
+
+UNCONVERGED = "UNCONVERGED"
+CONVERGENCE_HEADER = ("R-hat median", "R-hat < 1.1", "ESS min", "acceptance",
+                      "divergent", "ELBO plateaued")
+CONVERGENCE_NOTE = (
+    "R-hat median: for HMC, the median over the probe points (held-out test "
+    "points where the study has them) of the rank-normalised split R-hat of "
+    "the predictive probability across chains; R-hat < 1.1: the fraction of "
+    "probe points below 1.1; ESS min: their smallest bulk effective sample "
+    "size; acceptance: mean Metropolis acceptance; divergent: divergent "
+    "transitions after warm-up. An HMC posterior whose R-hat median exceeds "
+    "max_rhat, or is unknown, is marked (UNCONVERGED). ELBO plateaued: VI's "
+    "loss (negative ELBO per training point) changed by less than 1% between "
+    "the mean of the last 20% of epochs and that of the 20% before.")
+_HMC_RESULT_KEYS = ("function_rhat_median", "function_rhat_frac_below",
+                    "function_ess_min", "acceptance", "num_divergent",
+                    "converged", "max_rhat")
+_VI_RESULT_KEYS = ("elbo_plateaued", "elbo_relative_change")
 
 
 def _fmt(v) -> str:
@@ -164,3 +202,262 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     return plt
+
+
+class UnconvergedPosteriorError(RuntimeError):
+    """A study's headline would rest on an unconverged HMC posterior."""
+
+
+def check_max_rhat(value, name: str = "max_rhat") -> float:
+    """``value`` as a float ``>= 1``, else a ValueError naming ``name``.
+
+    Args:
+      value: the R-hat threshold.
+      name: what to call it in the error (a config field or ``--max_rhat``).
+
+    Returns:
+      ``float(value)``.
+
+    Raises:
+      ValueError: for a non-number, a non-finite number or one below 1
+        (R-hat is never below 1 in expectation, so nothing would pass).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            not math.isfinite(value)) or value < 1:
+        raise ValueError(f"{name} must be a finite number >= 1 (R-hat is never "
+                         f"below 1 in expectation), got {value!r}.")
+    return float(value)
+
+
+def convergence_report(metadata: Mapping[str, Any] | None,
+                       max_rhat: float = 1.1) -> dict[str, Any]:
+    """One posterior's convergence evidence, from its ensemble metadata.
+
+    Args:
+      metadata: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`'s
+        ``metadata`` as :func:`~tfp_bnn_adv.studies.training.fit_posterior`
+        leaves it (or any mapping with ``"method"`` and ``"diagnostics"``).
+      max_rhat: an HMC posterior is converged when its median
+        function-space R-hat is at most this (``>= 1``).
+
+    Returns:
+      A JSON-able dict with ``"method"``, ``"diagnostics"`` (the metadata's,
+      or ``None``) and ``"converged"``: for HMC a bool, False when the R-hat
+      is missing or NaN; ``None`` (not gated) for other methods.  HMC adds
+      the columns of :func:`tfp_bnn_adv.inference.hmc.convergence_summary`
+      and ``"max_rhat"``; VI adds ``"elbo_plateaued"`` and
+      ``"elbo_relative_change"``.
+
+    Raises:
+      ValueError: for a ``max_rhat`` below 1.
+
+    Example:
+      >>> report = convergence_report(ens.metadata, max_rhat=1.1)
+      >>> report["converged"], report["function_rhat_median"]
+      (False, 1.42)
+    """
+    max_rhat = check_max_rhat(max_rhat)
+    metadata = metadata or {}
+    method = metadata.get("method")
+    diag = metadata.get("diagnostics")
+    diag = dict(diag) if isinstance(diag, Mapping) else None
+    report: dict[str, Any] = {"method": method, "converged": None,
+                              "diagnostics": diag}
+    if method == "hmc":
+        from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
+        report.update(hmc.convergence_summary(diag, max_rhat),
+                      max_rhat=max_rhat)
+    elif method == "vi":
+        report.update(elbo_plateaued=(diag or {}).get("plateaued"),
+                      elbo_relative_change=(diag or {}).get("relative_change"))
+    return report
+
+
+def is_unconverged(report: Mapping[str, Any]) -> bool:
+    """Whether ``report`` is of an HMC posterior that did not converge."""
+    return report.get("method") == "hmc" and not report.get("converged")
+
+
+def mark(label: str, unconverged) -> str:
+    """``label``, with `` (UNCONVERGED)`` appended if ``unconverged``.
+
+    Args:
+      label: a table row's label, legend entry or title.
+      unconverged: a :func:`convergence_report` or a bool (e.g. for a
+        legend entry covering several posteriors).
+    """
+    if isinstance(unconverged, Mapping):
+        unconverged = is_unconverged(unconverged)
+    return f"{label} ({UNCONVERGED})" if unconverged else label
+
+
+def _num(v, fmt: str) -> str:
+    return "missing" if v is None else format(v, fmt)
+
+
+def _rhat_text(label: str, report: Mapping[str, Any]) -> str:
+    med = report.get("function_rhat_median")
+    return (f"{label!r} (function-space R-hat median {_num(med, '.3f')}, "
+            f"max_rhat {report.get('max_rhat', 1.1):g})")
+
+
+def describe(label: str, report: Mapping[str, Any]) -> str:
+    """One line on a posterior's convergence, for logs and figure titles."""
+    method = report.get("method")
+    if method == "hmc":
+        state = "converged" if report["converged"] else UNCONVERGED
+        frac = report.get("function_rhat_frac_below")
+        return (f"{label}: HMC {state}: function-space R-hat median "
+                f"{_num(report.get('function_rhat_median'), '.3f')} (max_rhat "
+                f"{report['max_rhat']:g}), "
+                f"{_num(None if frac is None else 100 * frac, '.0f')}% of "
+                f"probe points < 1.1, ESS min "
+                f"{_num(report.get('function_ess_min'), '.0f')}, acceptance "
+                f"{_num(report.get('acceptance'), '.2f')}, divergent "
+                f"{_num(report.get('num_divergent'), 'd')}")
+    if method == "vi":
+        plateau = {True: "plateaued", False: "did NOT plateau"}.get(
+            report.get("elbo_plateaued"), "unknown")
+        return (f"{label}: VI loss {plateau} (relative change "
+                f"{_num(report.get('elbo_relative_change'), '.4f')})")
+    return f"{label}: {method} (no convergence diagnostics)"
+
+
+def convergence_columns(report: Mapping[str, Any]) -> list:
+    """A table row's cells under :data:`CONVERGENCE_HEADER`."""
+    cells = [None] * len(CONVERGENCE_HEADER)
+    if report.get("method") == "hmc":
+        ess = report.get("function_ess_min")
+        cells[:5] = [report.get("function_rhat_median"),
+                     report.get("function_rhat_frac_below"),
+                     None if ess is None else int(round(ess)),
+                     report.get("acceptance"), report.get("num_divergent")]
+    elif report.get("method") == "vi":
+        cells[5] = {True: "yes", False: "no"}.get(report.get("elbo_plateaued"))
+    return cells
+
+
+def convergence_results(label: str, report: Mapping[str, Any]
+                        ) -> dict[str, Any]:
+    """The ``results.json`` entries of one posterior's report.
+
+    Returns:
+      For HMC ``<label>/diagnostics`` (the full diagnostics dict) and
+      ``<label>/convergence/<key>`` for ``function_rhat_median``,
+      ``function_rhat_frac_below``, ``function_ess_min``, ``acceptance``,
+      ``num_divergent``, ``converged`` and ``max_rhat``; for VI
+      ``<label>/diagnostics`` (with the loss trace) and
+      ``<label>/convergence/elbo_plateaued`` and ``.../elbo_relative_change``;
+      nothing for other methods.
+    """
+    method = report.get("method")
+    if method not in ("hmc", "vi"):
+        return {}
+    keys = _HMC_RESULT_KEYS if method == "hmc" else _VI_RESULT_KEYS
+    out = {f"{label}/diagnostics": report.get("diagnostics")}
+    out.update({f"{label}/convergence/{k}": report.get(k) for k in keys})
+    return out
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=._-]+", "_", label).strip("_") or "posterior"
+
+
+def trace_figure(out: "StudyOutput", label: str, ensemble,
+                 report: Mapping[str, Any]) -> str | None:
+    """An HMC posterior's trace and rank plot, ``figures/traces_<label>.png``.
+
+    Args:
+      out: the study's output.
+      label: the posterior's label (made file-name safe).
+      ensemble: the :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`, or its
+        metadata.
+      report: its :func:`convergence_report` (for the title).
+
+    Returns:
+      The PNG's path, or ``None`` for a non-HMC posterior or one without
+      ``metadata["traces"]``.
+    """
+    metadata = getattr(ensemble, "metadata", ensemble) or {}
+    traces = metadata.get("traces")
+    if report.get("method") != "hmc" or not traces:
+        return None
+    from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
+    return hmc.plot_traces(traces, out.figure_path(f"traces_{_slug(label)}"),
+                           title=describe(label, report))
+
+
+def record_posterior(out: "StudyOutput", label: str, ensemble,
+                     max_rhat: float = 1.1) -> dict[str, Any]:
+    """Reports one posterior: ``results.json``, its trace plot, a log line.
+
+    Args:
+      out: the study's output.
+      label: the posterior's name in the study (the key prefix).
+      ensemble: the :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      max_rhat: the convergence threshold (``>= 1``).
+
+    Returns:
+      Its :func:`convergence_report`; the entries of
+      :func:`convergence_results` (and ``<label>/figures/traces``, the trace
+      plot of an HMC posterior) are already in ``results.json``.
+
+    Example:
+      >>> report = record_posterior(out, "HMC", ens, max_rhat=1.1)
+      >>> row = [mark("HMC", report)] + convergence_columns(report)
+    """
+    report = convergence_report(ensemble.metadata, max_rhat)
+    values = convergence_results(label, report)
+    figure = trace_figure(out, label, ensemble, report)
+    if figure:
+        values[f"{label}/figures/traces"] = figure
+    if values:
+        out.update(values)
+    if report["method"] in ("hmc", "vi"):
+        quiet = (report["converged"] is not False and
+                 report.get("elbo_plateaued") is not False)
+        log = logging.info if quiet else logging.warning
+        log("[%s] %s", out.name, describe(label, report))
+    return report
+
+
+def require_converged(reports: Mapping[str, Mapping[str, Any]], *,
+                      allow_unconverged: bool, what: str,
+                      saved_to: str | None = None) -> list[str]:
+    """Refuses a headline that rests on an unconverged HMC posterior.
+
+    Call it after the posteriors' diagnostics are saved (so nothing computed
+    is lost) and before the headline is written.
+
+    Args:
+      reports: ``label -> convergence_report``.
+      allow_unconverged: write anyway (the caller marks the posteriors
+        UNCONVERGED); a warning is logged.
+      what: the headline, for the messages (e.g. ``"the attack table"``).
+      saved_to: where the diagnostics were saved, named in the error.
+
+    Returns:
+      The labels of the unconverged HMC posteriors (empty when all
+      converged; only returned when ``allow_unconverged``).
+
+    Raises:
+      UnconvergedPosteriorError: naming each unconverged posterior, its
+        R-hat and ``--allow_unconverged``, unless ``allow_unconverged``.
+    """
+    bad = [label for label, report in reports.items()
+           if is_unconverged(report)]
+    if not bad:
+        return []
+    details = "; ".join(_rhat_text(label, reports[label]) for label in bad)
+    if allow_unconverged:
+        logging.warning("Writing %s with UNCONVERGED HMC posteriors, marked "
+                        "so (allow_unconverged): %s.", what, details)
+        return bad
+    raise UnconvergedPosteriorError(
+        f"Refusing to write {what} from unconverged HMC posteriors: "
+        f"{details}. "
+        + (f"Their diagnostics are saved in {saved_to}. " if saved_to else "")
+        + "Sample longer or retune HMC (num_burnin_steps, num_results, "
+        "num_chains, trajectory_length), or pass --allow_unconverged "
+        "(allow_unconverged=True) to write it with these posteriors marked "
+        f"{UNCONVERGED}.")

@@ -13,6 +13,11 @@ deterministic network (SGD) and the *predictive* gradient (Feng et al., 2024)
 as comparison curves.  Reported size: the mean absolute gradient component
 over test points, ``mean |<grad L>|`` (the paper's figure: MNIST HMC
 0.574 -> 0.045 -> 0.011 for 1 -> 10 -> 100 samples).
+
+Every HMC posterior's function-space diagnostics (on the held-out test
+points) are saved as soon as it is fitted; the study stops there, before
+measuring it, if it did not converge, unless ``allow_unconverged`` is set,
+and then its rows, curves and panels are marked ``(UNCONVERGED)``.
 """
 
 from __future__ import annotations
@@ -64,14 +69,17 @@ class GradientStudyConfig:
       sgd: its training settings on images.
       data_dir, data_source: where image data comes from.
       seed: the study's seed.
+      max_rhat: an HMC posterior is converged when its median function-space
+        R-hat is at most this (``>= 1``).
+      allow_unconverged: go on past an unconverged HMC posterior (marking it
+        ``(UNCONVERGED)``) instead of stopping with an error.
     """
     moons_widths: tuple = (32, 128, 256, 512)
     moons_train_sizes: tuple = (5000, 10000, 15000)
     moons_depth: int = 1
     moons_noise: float = 0.1
     moons_hmc: InferenceSettings = InferenceSettings(
-        method="hmc", num_chains=2, num_burnin_steps=500, num_results=250,
-        step_size=0.001, num_leapfrog_steps=10)
+        method="hmc", num_chains=4, num_burnin_steps=500, num_results=250)
     moons_sgd: InferenceSettings = InferenceSettings(
         method="sgd", epochs=100, batch_size=32, learning_rate=1e-2)
     image_dataset: str | None = "mnist"
@@ -79,8 +87,7 @@ class GradientStudyConfig:
     image_hidden: tuple = (512,)
     image_num_train: int | None = None
     image_hmc: InferenceSettings = InferenceSettings(
-        method="hmc", num_chains=2, num_burnin_steps=500, num_results=250,
-        step_size=0.005, num_leapfrog_steps=10)
+        method="hmc", num_chains=4, num_burnin_steps=1000, num_results=250)
     image_vi: InferenceSettings = InferenceSettings(
         method="vi", epochs=10, learning_rate=1e-3, vi_samples=500)
     keras_model: str | None = None
@@ -92,6 +99,8 @@ class GradientStudyConfig:
     data_dir: str | None = None
     data_source: str = "auto"
     seed: int = 0
+    max_rhat: float = 1.1
+    allow_unconverged: bool = False
 
     @classmethod
     def paper(cls, **overrides) -> "GradientStudyConfig":
@@ -102,16 +111,17 @@ class GradientStudyConfig:
     def quick(cls, **overrides) -> "GradientStudyConfig":
         """Minutes on a laptop: small nets, few samples, Fashion-MNIST."""
         base = cls(
-            moons_widths=(16, 64, 256), moons_train_sizes=(250, 1000),
+            # Widths and budget at which the default kernel converges on
+            # half-moons (tests/test_hmc.py checks 2-16-2 and 2-64-2).
+            moons_widths=(16, 64), moons_train_sizes=(250, 1000),
             moons_hmc=InferenceSettings(
-                method="hmc", num_chains=2, num_burnin_steps=200,
-                num_results=50, thinning=2, step_size=0.005,
-                num_leapfrog_steps=10),
+                method="hmc", num_chains=4, num_burnin_steps=300,
+                num_results=100),
             image_dataset="fashion_mnist", image_hidden=(64,),
             image_num_train=5000,
             image_hmc=InferenceSettings(
-                method="hmc", num_chains=2, num_burnin_steps=150,
-                num_results=50, step_size=0.002, num_leapfrog_steps=10),
+                method="hmc", num_chains=4, num_burnin_steps=700,
+                num_results=300),
             image_vi=InferenceSettings(method="vi", epochs=5,
                                        learning_rate=1e-2, vi_samples=100),
             sample_counts=(1, 5, 20, 100), num_test=200,
@@ -119,6 +129,7 @@ class GradientStudyConfig:
         return dataclasses.replace(base, **overrides)
 
     def validate(self) -> None:
+        common.check_max_rhat(self.max_rhat, "max_rhat")
         for name in ("moons_widths", "moons_train_sizes", "sample_counts",
                      "image_hidden"):
             values = getattr(self, name)
@@ -202,7 +213,8 @@ def gradient_sizes(ens, x, y, counts, *, max_subsets: int = 200,
     return out
 
 
-def _measure(ens, x, y, counts, key_prefix: str, rows: list, setting: dict):
+def _measure(ens, x, y, counts, key_prefix: str, rows: list, setting: dict,
+             report: dict):
     """Both gradient definitions for every sample count; returns results."""
     results = {}
     components = {}
@@ -211,8 +223,10 @@ def _measure(ens, x, y, counts, key_prefix: str, rows: list, setting: dict):
             mean_abs, l2 = (float(v) for v in sizes[kind])
             results[f"{key_prefix}/samples={k}/grad_mean_abs/{kind}"] = mean_abs
             results[f"{key_prefix}/samples={k}/grad_l2/{kind}"] = l2
-            rows.append([setting["dataset"], setting["method"], setting["width"],
-                         setting["n_train"], k, kind, mean_abs, l2])
+            rows.append([setting["dataset"],
+                         common.mark(setting["method"], report),
+                         setting["width"], setting["n_train"], k, kind,
+                         mean_abs, l2] + common.convergence_columns(report))
         components[k] = sizes["components"]
     return results, components
 
@@ -224,7 +238,8 @@ def _model(dataset, hidden, keras_model_path):
     return models.mlp(dataset.input_shape, dataset.num_classes, hidden)
 
 
-def _plot_components_moons(out, comps: dict, widths, n_train, counts):
+def _plot_components_moons(out, comps: dict, widths, n_train, counts,
+                           unconverged: set):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(widths), figsize=(3.2 * len(widths), 3.2),
                              squeeze=False)
@@ -238,7 +253,8 @@ def _plot_components_moons(out, comps: dict, widths, n_train, counts):
         ax.scatter(lo[:, 0], lo[:, 1], s=6, alpha=0.5, label=f"{k_lo} sample")
         ax.scatter(hi[:, 0], hi[:, 1], s=6, alpha=0.7,
                    label=f"{max(k for k in c)} samples")
-        ax.set_title(f"width {w}, n={n_train}")
+        ax.set_title(common.mark(f"width {w}, n={n_train}",
+                                 (w, n_train) in unconverged))
         ax.set_xlabel("d L / d x1")
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)
@@ -308,11 +324,18 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
 
     Returns:
       The results dict: keys like
-      ``half_moons/hmc/width=64/n_train=1000/samples=10/grad_mean_abs/expected``
-      plus ``figures`` (paths).
+      ``half_moons/hmc/width=64/n_train=1000/samples=10/grad_mean_abs/expected``,
+      each posterior's ``<prefix>/diagnostics`` and
+      ``<prefix>/convergence/...`` (``<prefix>`` as
+      ``half_moons/hmc/width=64/n_train=1000``; see
+      :func:`~tfp_bnn_adv.studies.common.convergence_results`),
+      ``unconverged`` (those prefixes of unconverged HMC posteriors) and
+      ``figures`` (paths).
 
     Raises:
       ValueError: for a bad configuration.
+      UnconvergedPosteriorError: for an unconverged HMC posterior without
+        ``config.allow_unconverged``, right after its diagnostics are saved.
     """
     config.validate()
     out = common.StudyOutput(output_dir, "gradient_study")
@@ -330,6 +353,17 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
         bool(image_methods) and config.include_deterministic
         and not image_ensembles)
     progress = common.Progress("gradient_study", total)
+    reports: dict[str, dict] = {}
+
+    def record(prefix, ens):
+        report = common.record_posterior(out, prefix, ens, config.max_rhat)
+        reports[prefix] = report
+        results.update(common.convergence_results(prefix, report))
+        common.require_converged(
+            {prefix: report}, allow_unconverged=config.allow_unconverged,
+            what="the gradient study", saved_to=out.path("results.json"))
+        return report
+
     hmc_samples = config.moons_hmc.num_chains * config.moons_hmc.num_results
     if hmc_samples < k_max:
         logging.warning("HMC keeps %d samples; sample counts above that are "
@@ -350,12 +384,15 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                 methods.append(("sgd", config.moons_sgd.replace(seed=config.seed)))
             for method, settings in methods:
                 ens, info = fit_posterior(model, moons.train_x, moons.train_y,
-                                          settings)
+                                          settings, probe_x=x_test,
+                                          probe_y=y_test,
+                                          max_rhat=config.max_rhat)
                 prefix = f"half_moons/{method}/width={width}/n_train={n_train}"
+                report = record(prefix, ens)
                 res, comps = _measure(
                     ens, x_test, y_test, counts, prefix, rows,
                     {"dataset": "half_moons", "method": method, "width": width,
-                     "n_train": n_train})
+                     "n_train": n_train}, report)
                 res[f"{prefix}/test_accuracy"] = ens.accuracy(moons.test_x,
                                                              moons.test_y)
                 res[f"{prefix}/fit_seconds"] = info["wall_seconds"]
@@ -363,7 +400,8 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                 out.update(res)
                 if method == "hmc":
                     moons_comps[(width, n_train)] = comps
-                progress.step(f"half-moons {method} width={width} n={n_train}")
+                progress.step(common.mark(
+                    f"half-moons {method} width={width} n={n_train}", report))
 
     # Images: HMC and VI over sample counts, SGD as the comparison.
     image_comps = {}
@@ -387,25 +425,31 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
             else:
                 model = _model(ds, config.image_hidden, config.keras_model)
                 ens, info = fit_posterior(model, ds.train_x, ds.train_y,
-                                          settings.replace(seed=config.seed))
+                                          settings.replace(seed=config.seed),
+                                          probe_x=x_test, probe_y=y_test,
+                                          max_rhat=config.max_rhat)
                 n_train = len(ds.train_x)
             prefix = (f"{config.image_dataset}/{method}/width={width}/"
                       f"n_train={n_train}")
+            report = record(prefix, ens)
             res, comps = _measure(
                 ens, x_test, y_test, counts, prefix, rows,
                 {"dataset": config.image_dataset, "method": method,
-                 "width": width, "n_train": n_train})
+                 "width": width, "n_train": n_train}, report)
             res[f"{prefix}/test_accuracy"] = ens.accuracy(ds.test_x, ds.test_y)
             res[f"{prefix}/fit_seconds"] = info["wall_seconds"]
             results.update(res)
             out.update(res)
-            image_comps[method.upper() if method != "sgd" else "NN (SGD)"] = comps
+            image_comps[common.mark(
+                method.upper() if method != "sgd" else "NN (SGD)",
+                report)] = comps
             ks = sorted(comps)
-            curves[f"{config.image_dataset} {method}"] = (
+            curves[common.mark(f"{config.image_dataset} {method}", report)] = (
                 ks,
                 [res[f"{prefix}/samples={k}/grad_mean_abs/expected"] for k in ks],
                 [res[f"{prefix}/samples={k}/grad_mean_abs/predictive"] for k in ks])
-            progress.step(f"{config.image_dataset} {method}")
+            progress.step(common.mark(f"{config.image_dataset} {method}",
+                                      report))
 
     # Half-moons curves vs samples, width and training size.
     n_big = max(config.moons_train_sizes)
@@ -413,7 +457,8 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
         prefix = f"half_moons/hmc/width={width}/n_train={n_big}"
         ks = [k for k in counts
               if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
-        curves[f"moons HMC w={width}"] = (
+        curves[common.mark(f"moons HMC w={width}",
+                           reports.get(prefix, {}))] = (
             ks, [results[f"{prefix}/samples={k}/grad_mean_abs/expected"] for k in ks],
             [results[f"{prefix}/samples={k}/grad_mean_abs/predictive"] for k in ks])
 
@@ -422,23 +467,36 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
               if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
         return results[f"{prefix}/samples={max(ks)}/grad_mean_abs/expected"]
 
+    def any_unconverged(method, pairs):
+        return any(common.is_unconverged(reports.get(
+            f"half_moons/{method}/width={w}/n_train={n}", {}))
+            for w, n in pairs)
+
     by_width = {}
     by_size = {}
     for method in ["hmc"] + (["sgd"] if config.include_deterministic else []):
         for n_train in config.moons_train_sizes:
-            by_width[f"{method} n={n_train}"] = (
+            label = common.mark(f"{method} n={n_train}", any_unconverged(
+                method, [(w, n_train) for w in config.moons_widths]))
+            by_width[label] = (
                 list(config.moons_widths),
                 [at_most(f"half_moons/{method}/width={w}/n_train={n_train}")
                  for w in config.moons_widths])
         for width in config.moons_widths:
-            by_size[f"{method} w={width}"] = (
+            label = common.mark(f"{method} w={width}", any_unconverged(
+                method, [(width, n) for n in config.moons_train_sizes]))
+            by_size[label] = (
                 list(config.moons_train_sizes),
                 [at_most(f"half_moons/{method}/width={width}/n_train={n}")
                  for n in config.moons_train_sizes])
 
     figures = [
-        _plot_components_moons(out, moons_comps, config.moons_widths, n_big,
-                               counts),
+        _plot_components_moons(
+            out, moons_comps, config.moons_widths, n_big, counts,
+            {(w, n) for w in config.moons_widths
+             for n in config.moons_train_sizes
+             if common.is_unconverged(reports.get(
+                 f"half_moons/hmc/width={w}/n_train={n}", {}))}),
         _plot_vs_samples(out, curves),
         _plot_vs_axis(out, by_width, "hidden units", "grad_vs_width",
                       "Half-moons: gradient size vs. width"),
@@ -449,12 +507,19 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
         figures.append(_plot_components_images(out, image_comps,
                                                config.image_dataset))
     header = ["dataset", "method", "width", "n_train", "samples", "gradient",
-              "mean_abs", "l2"]
+              "mean_abs", "l2"] + list(common.CONVERGENCE_HEADER)
+    unconverged = [p for p, r in reports.items() if common.is_unconverged(r)]
     note = ("mean_abs: mean |component| of the gradient over test points; the "
             "paper reports on MNIST (HMC) 0.574 / 0.045 / 0.011 and (VI) "
-            "4.730 / 0.961 / 0.147 for 1 / 10 / 100 samples.")
+            "4.730 / 0.961 / 0.147 for 1 / 10 / 100 samples.\n\n"
+            + common.CONVERGENCE_NOTE)
+    if unconverged:
+        note += ("\n\n**Warning:** written with unconverged HMC posteriors "
+                 f"({', '.join(unconverged)}; allow_unconverged): their rows "
+                 "are marked (UNCONVERGED).")
     out.table("gradients", header, rows, note=note)
     results["figures"] = figures
-    out.update({"figures": figures})
+    results["unconverged"] = unconverged
+    out.update({"figures": figures, "unconverged": unconverged})
     logging.info("Gradient study written to %s", output_dir)
     return results

@@ -11,6 +11,13 @@ while SGD networks show the reverse trend.
 The sweep resumes: each finished model's result is written atomically to
 ``runs/<run id>.json`` and skipped when the sweep runs again, so an
 interrupted sweep of hundreds of models loses at most the one in flight.
+
+Each run keeps its posterior's diagnostics (HMC: function-space R-hat/ESS on
+the held-out test points; VI: the loss trace and its plateau).  The summary
+table and figures are refused while any HMC run is unconverged, unless
+``allow_unconverged`` is set, and then those runs are marked
+``(UNCONVERGED)``; the runs stay saved, so the same command with
+``--allow_unconverged`` only summarises.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ class RobustnessAccuracyConfig:
       keras_model: optional ``.keras`` model file used instead of the MLPs
         (then ``widths``/``depths`` are ignored).
       data_dir, data_source, half_moons_n: data location.
+      max_rhat: an HMC posterior is converged when its median function-space
+        R-hat is at most this (``>= 1``).
+      allow_unconverged: write the summary even with unconverged HMC runs
+        (marked ``(UNCONVERGED)``).
     """
     dataset: str = "mnist"
     methods: tuple = ("sgd", "hmc", "vi")
@@ -73,8 +84,7 @@ class RobustnessAccuracyConfig:
     num_train: int | None = None
     num_test: int = 1000
     hmc: InferenceSettings = InferenceSettings(
-        method="hmc", num_chains=2, num_results=100, step_size=0.005,
-        num_leapfrog_steps=10)
+        method="hmc", num_chains=4, num_results=200)
     vi: InferenceSettings = InferenceSettings(method="vi", learning_rate=1e-3,
                                               vi_samples=100)
     sgd: InferenceSettings = InferenceSettings(method="sgd", learning_rate=1e-3)
@@ -82,6 +92,8 @@ class RobustnessAccuracyConfig:
     data_dir: str | None = None
     data_source: str = "auto"
     half_moons_n: int = 2000
+    max_rhat: float = 1.1
+    allow_unconverged: bool = False
 
     @classmethod
     def paper(cls, **overrides) -> "RobustnessAccuracyConfig":
@@ -91,13 +103,19 @@ class RobustnessAccuracyConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "RobustnessAccuracyConfig":
-        """A dozen small models on a Fashion-MNIST subset."""
+        """Small SGD and VI models on a Fashion-MNIST subset.
+
+        HMC is left out: each model of the sweep needs its own converged
+        chains, which a 2-core budget of minutes cannot give (one converged
+        500-point posterior takes about 4 minutes); run it with
+        ``methods=("sgd", "hmc", "vi")`` and the HMC settings you checked.
+        """
         base = cls(
-            dataset="fashion_mnist", widths=(32, 128), depths=(1,),
-            training_lengths=(1, 3), hmc_lengths=(100,), seeds=(0,),
+            dataset="fashion_mnist", methods=("sgd", "vi"), widths=(32, 128),
+            depths=(1,),
+            training_lengths=(1, 3), hmc_lengths=(700,), seeds=(0,),
             num_train=5000, num_test=300,
-            hmc=InferenceSettings(method="hmc", num_chains=2, num_results=40,
-                                  step_size=0.002, num_leapfrog_steps=10),
+            hmc=InferenceSettings(method="hmc", num_chains=4, num_results=300),
             vi=InferenceSettings(method="vi", learning_rate=1e-2,
                                  vi_samples=50))
         return dataclasses.replace(base, **overrides)
@@ -106,6 +124,7 @@ class RobustnessAccuracyConfig:
         return dict(self.eps).get(method, self.eps_default)
 
     def validate(self) -> None:
+        common.check_max_rhat(self.max_rhat, "max_rhat")
         bad = [m for m in self.methods if m not in ("sgd", "hmc", "vi", "ensemble")]
         if bad or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of sgd, hmc, "
@@ -181,16 +200,21 @@ def _attack(config, ens, x, y, eps, seed):
     return attacks.pgd(ens, x, y, eps, gradient=config.gradient, seed=seed)
 
 
-def _one_run(config, ds, run: _Run, x, y) -> dict[str, Any]:
+def _one_run(config, ds, run: _Run, x, y, out) -> dict[str, Any]:
     model = _model(config, ds, run)
-    ens, info = fit_posterior(model, ds.train_x, ds.train_y, _settings(config, run))
+    ens, info = fit_posterior(model, ds.train_x, ds.train_y,
+                              _settings(config, run), probe_x=x, probe_y=y,
+                              max_rhat=config.max_rhat)
+    report = common.record_posterior(out, run.run_id, ens, config.max_rhat)
     p_clean = ens.predict_proba(x)
     result = {"run_id": run.run_id, **dataclasses.asdict(run),
               "num_params": ens.network.num_params,
               "neurons": run.width * run.depth,
               "num_samples": ens.num_samples,
               "test_accuracy": metrics.clean_accuracy(p_clean, y),
-              "fit_seconds": info["wall_seconds"], "robustness": {}}
+              "fit_seconds": info["wall_seconds"],
+              "diagnostics": report["diagnostics"],
+              "converged": report["converged"], "robustness": {}}
     for eps in config.eps_for(run.method):
         x_adv = _attack(config, ens, x, y, eps, run.seed)
         p_adv = ens.predict_proba(x_adv)
@@ -211,12 +235,17 @@ def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
         state), ``results.json``, ``sweep.csv`` / ``.md`` and ``figures/``.
 
     Returns:
-      Results: per run ``<run id>/test/accuracy`` and
+      Results: per run ``<run id>/test/accuracy``,
       ``<run id>/test/softmax_robustness/<attack>/<gradient>/eps=<eps>``,
-      counts of models run and skipped, and figure paths.
+      ``<run id>/diagnostics`` and ``<run id>/convergence/...`` (HMC and VI;
+      see :func:`~tfp_bnn_adv.studies.common.convergence_results`), counts
+      of models run and skipped, ``unconverged`` (run ids) and figure paths.
 
     Raises:
       ValueError: for a bad configuration.
+      UnconvergedPosteriorError: when an HMC run is unconverged and
+        ``config.allow_unconverged`` is not set; every run and
+        ``results.json`` are saved first.
     """
     config.validate()
     out = common.StudyOutput(output_dir, "robustness_accuracy")
@@ -239,9 +268,10 @@ def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
         x, y = ds.test_x[:n_test], ds.test_y[:n_test]
         progress = common.Progress("robustness_accuracy", len(todo))
         for run in todo:
-            result = _one_run(config, ds, run, x, y)
+            result = _one_run(config, ds, run, x, y, out)
             files.write_json(os.path.join(runs_dir, f"{run.run_id}.json"), result)
-            progress.step(f"{run.run_id}: accuracy {result['test_accuracy']:.3f}"
+            label = common.mark(run.run_id, result["converged"] is False)
+            progress.step(f"{label}: accuracy {result['test_accuracy']:.3f}"
                           f", robustness " + ", ".join(
                               f"{e}: {v['softmax_robustness']:.3f}"
                               for e, v in result["robustness"].items()))
@@ -254,30 +284,52 @@ def _summarise(config, out, runs, num_skipped):
     results: dict[str, Any] = {"num_models": len(done),
                                "num_skipped": num_skipped}
     rows = []
+    reports = {}
     for d in done:
+        # Re-judged from the saved diagnostics: max_rhat may have changed
+        # since the run.
+        report = common.convergence_report(
+            {"method": d["method"], "diagnostics": d.get("diagnostics")},
+            config.max_rhat)
+        reports[d["run_id"]] = report
+        results.update(common.convergence_results(d["run_id"], report))
         results[f"{d['run_id']}/test/accuracy"] = d["test_accuracy"]
         for eps, v in d["robustness"].items():
             results[f"{d['run_id']}/test/softmax_robustness/{tag}/eps={eps}"] = (
                 v["softmax_robustness"])
-            rows.append([d["run_id"], d["method"], d["depth"], d["width"],
-                         d["length"], d["seed"], d["num_params"],
-                         d["test_accuracy"], eps, v["softmax_robustness"],
-                         v["adv_robustness"], v["adv_accuracy"]])
+            rows.append([d["run_id"], common.mark(d["method"], report),
+                         d["depth"], d["width"], d["length"], d["seed"],
+                         d["num_params"], d["test_accuracy"], eps,
+                         v["softmax_robustness"], v["adv_robustness"],
+                         v["adv_accuracy"]] + common.convergence_columns(report))
+    out.update(results)
+    unconverged = common.require_converged(
+        reports, allow_unconverged=config.allow_unconverged,
+        what="the robustness-accuracy summary and figures",
+        saved_to=out.path("results.json"))
+    note = common.CONVERGENCE_NOTE
+    if unconverged:
+        note += ("\n\n**Warning:** written with unconverged HMC runs "
+                 f"({', '.join(unconverged)}; allow_unconverged): they are "
+                 "marked (UNCONVERGED).")
     out.table("sweep", ["run_id", "method", "depth", "width", "length", "seed",
                         "num_params", "test_accuracy", "eps",
                         "softmax_robustness", "adv_robustness",
-                        "adv_accuracy"], rows)
-    results["figures"] = _plots(out, done, config)
-    out.update(results)
+                        "adv_accuracy"] + list(common.CONVERGENCE_HEADER), rows,
+              note=note)
+    results["figures"] = _plots(out, done, config, reports)
+    results["unconverged"] = unconverged
+    out.update({"figures": results["figures"], "unconverged": unconverged})
     return results
 
 
-def _plots(out, done, config):
+def _plots(out, done, config, reports):
     plt = common.pyplot()
     groups: dict[str, list] = {}
     for d in done:
+        method = common.mark(d["method"], reports[d["run_id"]])
         for eps, v in d["robustness"].items():
-            groups.setdefault(f"{d['method']} eps={eps}", []).append(
+            groups.setdefault(f"{method} eps={eps}", []).append(
                 (d["test_accuracy"], v["softmax_robustness"], d["width"],
                  d["neurons"]))
     fig, ax = plt.subplots(figsize=(6, 4.2))

@@ -5,22 +5,44 @@ SGD and deep ensembles (:mod:`~tfp_bnn_adv.inference.sgd`) all end in a
 :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`; :func:`fit_posterior` picks
 the method from :class:`InferenceSettings` so a study can sweep over methods
 with one call.
+
+Every posterior's convergence evidence goes into ``info["diagnostics"]`` and
+the ensemble's ``metadata["diagnostics"]``: for HMC the function-space
+R-hat/ESS of :class:`~tfp_bnn_adv.inference.hmc.Diagnostics` (on a held-out
+probe set when the caller has one), for VI the per-epoch training loss (the
+negative ELBO per training point) and whether it plateaued
+(:func:`elbo_plateau`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
+import numpy as np
 
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 
-__all__ = ["METHODS", "InferenceSettings", "fit_posterior"]
+__all__ = ["METHODS", "InferenceSettings", "fit_posterior", "elbo_plateau",
+           "PLATEAU_WINDOW", "PLATEAU_TOLERANCE", "MAX_PROBE_POINTS"]
 
 METHODS = ("hmc", "vi", "sgd", "ensemble")
+# hmc.MASS_MATRICES, repeated so that settings validate without importing
+# the sampler.
+_MASS_MATRICES = ("diagonal", "identity")
+
+# VI's loss has plateaued when the mean over the last 20% of epochs differs
+# from the mean over the 20% before by less than 1% (relative).
+PLATEAU_WINDOW = 0.2
+PLATEAU_TOLERANCE = 0.01
+# Held-out probe points used for HMC's function-space diagnostics (evenly
+# spaced over the given set): the probe probabilities cost
+# ``S * P * classes`` float64 numbers.
+MAX_PROBE_POINTS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +51,17 @@ class InferenceSettings:
 
     Attributes:
       method: ``"hmc"``, ``"vi"``, ``"sgd"`` or ``"ensemble"``.
-      num_chains, num_burnin_steps, num_results, thinning, step_size,
-      num_leapfrog_steps, kernel, hmc_init: HMC (see
-        :func:`tfp_bnn_adv.inference.hmc.sample`); the paper's step size is
-        about 0.005 (half-moons 0.001) with 10 leapfrog steps.
+      num_chains, num_burnin_steps, num_results, thinning, step_size
+        (initial; adapted), kernel, hmc_init: HMC (see
+        :func:`tfp_bnn_adv.inference.hmc.sample`).
+      trajectory_length: HMC's integration time; ``None`` uses
+        ``HMCConfig.DEFAULT_TRAJECTORY_LENGTH`` unless
+        ``num_leapfrog_steps`` is given.
+      num_leapfrog_steps: a fixed leapfrog count instead of
+        ``trajectory_length`` (the paper: 10 steps of about 0.005, on
+        half-moons 0.001); ``None``: set from ``trajectory_length``.
+      max_leapfrog_steps: HMC's cap on leapfrog steps per iteration.
+      mass_matrix: ``"diagonal"`` (adapted) or ``"identity"``.
       prior_scale: prior standard deviation of HMC and VI (paper: 1).
       epochs, batch_size, learning_rate: VI and SGD training.
       vi_samples: posterior samples drawn from a VI fit.
@@ -44,12 +73,15 @@ class InferenceSettings:
         ``"default"`` (see :func:`tfp_bnn_adv.distribute.matmul_precision`).
     """
     method: str = "hmc"
-    num_chains: int = 2
-    num_burnin_steps: int = 200
-    num_results: int = 100
+    num_chains: int = 4
+    num_burnin_steps: int = 500
+    num_results: int = 200
     thinning: int = 1
-    step_size: float = 0.005
-    num_leapfrog_steps: int = 10
+    step_size: float = 0.01
+    trajectory_length: float | None = None
+    num_leapfrog_steps: int | None = None
+    max_leapfrog_steps: int = 100
+    mass_matrix: str = "diagonal"
     kernel: str = "hmc"
     hmc_init: str = "prior"
     prior_scale: float = 1.0
@@ -66,6 +98,15 @@ class InferenceSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got "
                              f"{self.method!r}.")
+        if self.trajectory_length is not None and (
+                self.num_leapfrog_steps is not None):
+            raise ValueError(
+                "Give trajectory_length or num_leapfrog_steps, not both; got "
+                f"trajectory_length={self.trajectory_length!r} and "
+                f"num_leapfrog_steps={self.num_leapfrog_steps!r}.")
+        if self.mass_matrix not in _MASS_MATRICES:
+            raise ValueError(f"mass_matrix must be one of {_MASS_MATRICES}, "
+                             f"got {self.mass_matrix!r}.")
 
     def replace(self, **changes) -> "InferenceSettings":
         return dataclasses.replace(self, **changes)
@@ -75,7 +116,8 @@ class InferenceSettings:
         common = {"method": self.method, "seed": self.seed}
         if self.method == "hmc":
             keys = ("num_chains", "num_burnin_steps", "num_results", "thinning",
-                    "step_size", "num_leapfrog_steps", "kernel", "hmc_init",
+                    "step_size", "trajectory_length", "num_leapfrog_steps",
+                    "max_leapfrog_steps", "mass_matrix", "kernel", "hmc_init",
                     "prior_scale")
         elif self.method == "vi":
             keys = ("epochs", "batch_size", "learning_rate", "prior_scale",
@@ -87,8 +129,77 @@ class InferenceSettings:
         return {**common, **{k: getattr(self, k) for k in keys}}
 
 
+def elbo_plateau(losses: Sequence[float], *, window: float = PLATEAU_WINDOW,
+                 tolerance: float = PLATEAU_TOLERANCE) -> dict[str, Any]:
+    """Whether a per-epoch training loss (VI's negative ELBO) has plateaued.
+
+    With ``n`` epochs and ``w = max(1, floor(window * n))``, the mean loss of
+    the last ``w`` epochs, ``m_last``, is compared with the mean of the ``w``
+    epochs before them, ``m_prev``: the relative change is
+    ``|m_last - m_prev| / |m_prev|`` and the loss has plateaued when it is
+    below ``tolerance``.  Fewer than two epochs, or a non-finite loss in the
+    compared windows, cannot show a plateau.
+
+    Args:
+      losses: the loss after each epoch, ``[n]`` (e.g. Keras'
+        ``history["loss"]``).
+      window: fraction of the epochs in each compared window, in
+        ``(0, 0.5]``.
+      tolerance: the largest relative change that counts as a plateau,
+        ``> 0``.
+
+    Returns:
+      ``{"plateaued": bool, "relative_change": float or None, "window": w}``.
+
+    Raises:
+      ValueError: for a ``window`` outside ``(0, 0.5]`` or a ``tolerance``
+        that is not ``> 0``.
+
+    Example:
+      >>> elbo_plateau([3.0, 2.0, 1.5, 1.2, 1.01, 1.0, 1.0, 1.0, 1.0, 1.0])
+      {'plateaued': True, 'relative_change': 0.0, 'window': 2}
+    """
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or (
+            not 0 < window <= 0.5):
+        raise ValueError(f"window must be a fraction in (0, 0.5], got "
+                         f"{window!r}.")
+    if isinstance(tolerance, bool) or not isinstance(
+            tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}.")
+    values = np.asarray(losses, np.float64).reshape(-1)
+    n = values.size
+    w = max(1, int(math.floor(window * n)))
+    if n < 2 * w:
+        return {"plateaued": False, "relative_change": None, "window": w}
+    last, prev = values[n - w:].mean(), values[n - 2 * w:n - w].mean()
+    if not (math.isfinite(last) and math.isfinite(prev)):
+        return {"plateaued": False, "relative_change": None, "window": w}
+    if prev == 0:
+        change = 0.0 if last == 0 else math.inf
+    else:
+        change = abs(last - prev) / abs(prev)
+    return {"plateaued": bool(change < tolerance),
+            "relative_change": change if math.isfinite(change) else None,
+            "window": w}
+
+
+def _probe(probe_x, probe_y):
+    """At most ``MAX_PROBE_POINTS`` held-out points, evenly spaced."""
+    if probe_x is None:
+        if probe_y is not None:
+            raise ValueError("probe_y was given without probe_x.")
+        return None, None
+    n = len(probe_x)
+    if n <= MAX_PROBE_POINTS:
+        return probe_x, probe_y
+    idx = np.unique(np.linspace(0, n - 1, MAX_PROBE_POINTS).astype(int))
+    return (np.asarray(probe_x)[idx],
+            None if probe_y is None else np.asarray(probe_y)[idx])
+
+
 def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
-                  checkpoint_dir: str | None = None, verbose: int = 0
+                  checkpoint_dir: str | None = None, verbose: int = 0,
+                  probe_x=None, probe_y=None, max_rhat: float = 1.1
                   ) -> tuple[PosteriorEnsemble, dict[str, Any]]:
     """Fits a posterior (or SGD network) to the training data.
 
@@ -100,13 +211,30 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
       checkpoint_dir: HMC checkpoints (resumable runs); VI saves its
         variational posterior there too.
       verbose: Keras progress output for VI/SGD.
+      probe_x: optional held-out inputs ``[P, *input_shape]`` (never training
+        points) on which HMC's function-space R-hat/ESS are computed; at most
+        ``MAX_PROBE_POINTS``, evenly spaced, are used.  Without them HMC uses
+        a fixed subset of the training inputs.
+      probe_y: optional labels ``[P]`` of ``probe_x`` (per-chain accuracy).
+      max_rhat: HMC's convergence threshold on the median function-space
+        R-hat (``>= 1``).
 
     Returns:
       ``(ensemble, info)``: the ensemble (``S`` samples, members or 1) and a
-      JSON-able dict with the wall time and the method's diagnostics.
+      JSON-able dict with the wall time and the method's diagnostics.  For
+      HMC these are :meth:`~tfp_bnn_adv.inference.hmc.Diagnostics.to_dict`;
+      for VI ``final_loss``, ``loss_trace`` (the per-epoch loss, i.e. the
+      negative ELBO per training point) and :func:`elbo_plateau`'s
+      ``plateaued``, ``relative_change`` and ``window``.  HMC and VI
+      ensembles carry the same dict in ``metadata["diagnostics"]``.
+
+    Raises:
+      ValueError: for ``probe_y`` without ``probe_x``, and whatever the
+        method raises for bad settings or inputs.
     """
     start = time.perf_counter()
     s = settings
+    probe_x, probe_y = _probe(probe_x, probe_y)
     info: dict[str, Any] = {"settings": s.relevant()}
     logging.info("Fitting %s posterior on %d points: %s", s.method,
                  len(train_x), s.relevant())
@@ -116,8 +244,12 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
             model, train_x, train_y, num_chains=s.num_chains,
             num_burnin_steps=s.num_burnin_steps, num_results=s.num_results,
             thinning=s.thinning, step_size=s.step_size,
-            num_leapfrog_steps=s.num_leapfrog_steps, kernel=s.kernel,
+            trajectory_length=s.trajectory_length,
+            num_leapfrog_steps=s.num_leapfrog_steps,
+            max_leapfrog_steps=s.max_leapfrog_steps,
+            mass_matrix=s.mass_matrix, kernel=s.kernel,
             prior_scale=s.prior_scale, seed=s.seed, init=s.hmc_init,
+            probe_x=probe_x, probe_y=probe_y, max_rhat=max_rhat,
             checkpoint_dir=checkpoint_dir, parallelism=s.hmc_parallelism,
             matmul_precision=s.matmul_precision)
         info["diagnostics"] = diag.to_dict()
@@ -129,7 +261,17 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
         if checkpoint_dir:
             post.save(os.path.join(checkpoint_dir, "vi_posterior.npz"))
         ens = post.sample_ensemble(s.vi_samples, seed=s.seed + 1)
-        info["diagnostics"] = {"final_loss": float(post.history["loss"][-1])}
+        losses = [float(v) for v in post.history["loss"]]
+        info["diagnostics"] = {"final_loss": losses[-1], "loss_trace": losses,
+                               **elbo_plateau(losses)}
+        ens.metadata["diagnostics"] = info["diagnostics"]
+        if info["diagnostics"]["plateaued"]:
+            logging.info("VI loss plateaued: relative change %.4f over the "
+                         "last epochs.", info["diagnostics"]["relative_change"])
+        else:
+            logging.warning("VI loss (negative ELBO per point) did NOT "
+                            "plateau: relative change %s over the last "
+                            "epochs.", info["diagnostics"]["relative_change"])
     else:
         from tfp_bnn_adv.inference import sgd  # pylint: disable=g-import-not-at-top
         members = 1 if s.method == "sgd" else s.num_members

@@ -32,6 +32,10 @@ __all__ = ["Diagnostics", "rhat_ess", "rank_normalized_rhat_ess",
            "to_inference_data", "plot_traces", "convergence_summary"]
 
 _PROJECTION_SEED = (20200, 3)
+# Fewer kept draws per chain than this leave the function-space R-hat
+# undefined (so the posterior counts as unconverged): split into halves of
+# a few draws, R-hat lands near 1 by chance.
+MIN_DRAWS_FOR_RHAT = 20
 # Probe points whose predictive probability is kept per draw in the
 # ensemble's metadata (for to_inference_data and the trace plots).
 _TRACED_PROBE_POINTS = 16
@@ -67,7 +71,8 @@ class Diagnostics:
       ess_projection: its pooled effective sample size.
       function_rhat_median: median over probe points of the rank-normalised
         split R-hat of the predictive probability (NaN when not computed:
-        :func:`run_chains` on a generic target, or one chain).
+        :func:`run_chains` on a generic target, one chain, or fewer than
+        ``MIN_DRAWS_FOR_RHAT`` = 20 draws per chain).
       function_rhat_p90: its 90th percentile.
       function_rhat_frac_below: fraction of probe points with R-hat < 1.1.
       function_ess_min: smallest bulk ESS over probe points.
@@ -342,18 +347,20 @@ def function_space(probs: np.ndarray, probe_y=None) -> dict:
       and the monitored ``trace`` ``[R, C, P]``.
     """
     r, c, p, _ = probs.shape
+    # Half-chains of a few draws give R-hats near 1 by chance.
+    enough = c >= 2 and r >= MIN_DRAWS_FOR_RHAT
     predicted = np.argmax(probs.mean(axis=(0, 1)), axis=-1)  # [P]
     trace = np.take_along_axis(probs, predicted[None, None, :, None],
                                axis=-1)[..., 0]  # [R, C, P]
     out = {"num_probe_points": int(p), "trace": trace}
-    if c < 2 or r < 4:
+    if not enough:
         rhat = np.full(p, np.nan)
         ess = np.full(p, np.nan)
     else:
         rhat, ess = rank_normalized_rhat_ess(trace)
     out["rhat"], out["ess"] = rhat, ess
     finite = np.isfinite(rhat) | np.isposinf(rhat)
-    if c >= 2 and r >= 4 and finite.any():
+    if enough and finite.any():
         out["function_rhat_median"] = float(np.median(rhat))
         out["function_rhat_p90"] = float(np.quantile(rhat, 0.9))
         out["function_rhat_frac_below"] = float(np.mean(rhat < 1.1))

@@ -9,8 +9,8 @@ or the end of warm-up.  A window's adaptation is restarted on the host
 (:func:`~.kernel.begin_window`) before its first segment.
 
 With a ``checkpoint_dir`` the chain state, every tensor of the kernel
-results (the dual-averaging state, running variances and momentum
-distribution included), the counters and the samples so far are written
+results (the dual-averaging state, the running variances and the mass
+matrix included), the counters and the samples so far are written
 atomically after each segment; a run started again with the same arguments
 continues from there and gives bit-identical samples, because segment ``j``
 runs with the stateless seed ``fold_in(seed, j)``.  A checkpoint from a
@@ -53,7 +53,7 @@ CHECKPOINT_FILE = "hmc_checkpoint.npz"
 _SEGMENT_FILE = "hmc_samples_{:05d}.npz"
 _FORMAT = "tfp_bnn_adv.hmc_checkpoint"
 # Version 2: preconditioned kernels with windowed adaptation (results hold
-# running variances and the momentum distribution).
+# running variances and the adapted mass matrix).
 _FORMAT_VERSION = 2
 # Gradients per timing of the "auto" compiler choice.
 _PROBE_STEPS = 4
