@@ -206,7 +206,10 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     grads = _results(tmp_path / "gradient_study")
     assert "half_moons/hmc/width=4/n_train=60/diagnostics" in grads
     sweep = _results(tmp_path / "robustness_accuracy")
-    assert "hmc-d1-w4-L5-s0/diagnostics" in sweep
+    # The quick sweep leaves HMC out (one converged posterior per model does
+    # not fit the quickstart's budget); VI reports its ELBO plateau.
+    assert "vi-d1-w4-L1-s0/diagnostics" in sweep
+    assert not any(k.startswith("hmc-") for k in sweep)
 
 
 def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):

@@ -73,7 +73,7 @@ def test_resume_redoes_nothing_finished(tmp_path, monkeypatch):
 
 def test_run_ids_and_validation():
     ids = ra.run_ids(ra.RobustnessAccuracyConfig.quick(methods=("sgd", "hmc")))
-    assert "sgd-d1-w32-L1-s0" in ids and "hmc-d1-w128-L100-s0" in ids
+    assert "sgd-d1-w32-L1-s0" in ids and "hmc-d1-w128-L700-s0" in ids
     assert len(ids) == len(set(ids))
     assert len(ra.run_ids(ra.RobustnessAccuracyConfig.paper())) >= 1000
     with pytest.raises(ValueError, match="attack"):
