@@ -180,7 +180,8 @@ def _load_segment(directory: str, index: int, digest: str, num_parts: int):
     return [arrays[f"state_{i}"] for i in range(num_parts)], arrays["trace"]
 
 
-def _digest(config: dict) -> str:
+def digest(config: dict) -> str:
+    """SHA-256 of a JSON-able dict, independent of key order."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
@@ -336,7 +337,7 @@ class _Run:
         self.state = state
         self.cfg = config
         self.fields = fields
-        self.digest = _digest(fields)
+        self.digest = digest(fields)
         self.monitor_fn = monitor_fn or _target_log_prob_monitor
         self.monitor_name = monitor_name
         self.dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)

@@ -22,6 +22,7 @@ from tfp_bnn_adv.inference.hmc import target as target_lib
 from tfp_bnn_adv.inference.hmc.config import HMCConfig
 from tfp_bnn_adv.inference.hmc.driver import CHECKPOINT_FILE
 from tfp_bnn_adv.inference.hmc.driver import choose_jit
+from tfp_bnn_adv.inference.hmc.driver import digest
 from tfp_bnn_adv.inference.hmc.driver import run_chains
 from tfp_bnn_adv.network import Network
 
@@ -241,10 +242,8 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
             target, state, config=chain_config, checkpoint_dir=checkpoint_dir,
             monitor_fn=monitor, monitor_name="log-likelihood",
             fingerprint=fingerprint,
-            compiler_key=hashlib.sha256(json.dumps(
-                {k: fingerprint[k] for k in ("architecture", "num_train",
-                                             "shard_size")},
-                sort_keys=True).encode()).hexdigest()[:12],
+            compiler_key=digest({k: fingerprint[k] for k in (
+                "architecture", "num_train", "shard_size")})[:12],
             segment_callback=segment_callback)
 
     probs = diag_lib.probe_probabilities(network, result.states, probe[0])
