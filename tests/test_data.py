@@ -273,6 +273,40 @@ def test_missing_idx_file_raises_file_not_found(tmp_path):
         data.mnist(data_dir=tmp_path, source="idx")
 
 
+@pytest.mark.parametrize("keep", [(), ("train_x", "train_y", "test_x")])
+@pytest.mark.parametrize("loader", [data.mnist, data.fashion_mnist])
+def test_explicit_data_dir_without_the_files_is_an_error(tmp_path, monkeypatch,
+                                                          loader, keep):
+    # A complete set elsewhere (standing in for Debian's copy) must not be
+    # substituted for the directory the caller named, nor a download.
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    _write_idx_set(debian, _random_arrays(seed=6))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+    given = tmp_path / "given"
+    given.mkdir()
+    arrays = _random_arrays(seed=7)
+    for key in keep:
+        (given / (IDX_NAMES[key] + ".gz")).write_bytes(
+            gzip.compress(_idx_bytes(2051 if key.endswith("_x") else 2049,
+                                     arrays[key].shape, arrays[key].tobytes())))
+    downloads = []
+
+    def not_prepared(name, **kwargs):
+        downloads.append(kwargs["download"])
+        raise AssertionError(f"Dataset {name}: could not find data")
+
+    monkeypatch.setattr(tfds, "load", not_prepared)
+    with pytest.raises(FileNotFoundError) as info:
+        loader(data_dir=given)
+    message = str(info.value)
+    assert str(given) in message and "source='tfds'" in message
+    for key, base in IDX_NAMES.items():
+        assert (base in message) == (key not in keep), (base, message)
+    assert str(debian) not in message
+    assert downloads == [False]
+
+
 # ------------------------------------------------------- real Fashion-MNIST
 
 

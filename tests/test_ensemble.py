@@ -136,3 +136,74 @@ def test_constructor_validates(setup):
         PosteriorEnsemble(ens.network, [p[0] for p in ens.params])
     with pytest.raises(ValueError, match="inconsistent sample axis"):
         PosteriorEnsemble(ens.network, [ens.params[0]] + [p[:2] for p in ens.params[1:]])
+
+
+def test_non_finite_params_are_refused_naming_the_tensor_and_count(setup):
+    ens, _, _ = setup
+    params = [p.numpy().copy() for p in ens.params]
+    params[2][1, 0, :3] = [np.nan, np.inf, -np.inf]
+    name = ens.network.param_specs[2].name
+    with pytest.raises(ValueError, match=rf"params\[2\] \({name}.*: 3 of 960 entries"):
+        PosteriorEnsemble(ens.network, params)
+    # float64 weights beyond the float32 range would become inf in the cast.
+    params = [p.numpy().astype(np.float64) for p in ens.params]
+    params[0][0, 0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match=r"params\[0\].*1 of"):
+        PosteriorEnsemble(ens.network, params)
+
+
+def _rewrite(tmp_path, source, name, edit_meta=None, edit_arrays=None):
+    arrays, meta = files.load_arrays(source)
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    path = tmp_path / name
+    files.save_arrays(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(format_version="1"), "'format_version' must be an int"),
+    (lambda m: m.update(format_version=[1]), "'format_version' must be an int"),
+    (lambda m: m.update(format_version=1.5), "'format_version' must be an int"),
+    (lambda m: m.update(metadata=["method", "hmc"]), "'metadata' must be a JSON object"),
+    (lambda m: m.update(metadata="hmc"), "'metadata' must be a JSON object"),
+    (lambda m: m.update(network=[1, 2]), "'network' must be a JSON object"),
+    (lambda m: m.update(network={"keras_model": 7}), "field 'network'"),
+])
+def test_crafted_metadata_fails_clearly_naming_field_and_file(setup, tmp_path,
+                                                              edit, field):
+    ens, _, _ = setup
+    ens.save(tmp_path / "post.npz")
+    path = _rewrite(tmp_path, tmp_path / "post.npz", "crafted.npz", edit_meta=edit)
+    with pytest.raises(ValueError, match=field) as info:
+        PosteriorEnsemble.load(path)
+    assert "crafted.npz" in str(info.value)
+
+
+def test_float64_params_beyond_float32_are_refused_on_load(setup, tmp_path):
+    ens, _, _ = setup
+    ens.save(tmp_path / "post.npz")
+
+    def blow_up(arrays):
+        arrays["param_3"] = arrays["param_3"].astype(np.float64)
+        arrays["param_3"][2, 1] = -1e300
+
+    path = _rewrite(tmp_path, tmp_path / "post.npz", "huge.npz",
+                    edit_arrays=blow_up)
+    with pytest.raises(ValueError, match=r"param_3 .*1e\+300.*float32 range") as info:
+        PosteriorEnsemble.load(path)
+    assert "huge.npz" in str(info.value)
+
+    def nan(arrays):
+        arrays["param_1"][0, 0] = np.nan
+
+    path = _rewrite(tmp_path, tmp_path / "post.npz", "nan.npz", edit_arrays=nan)
+    with pytest.raises(ValueError, match="param_1 .* holds 1 NaN or infinite"):
+        PosteriorEnsemble.load(path)
+    # float64 values inside the float32 range still load (as float32).
+    path = _rewrite(tmp_path, tmp_path / "post.npz", "f64.npz", edit_arrays=lambda a: a.update(
+        param_0=a["param_0"].astype(np.float64)))
+    np.testing.assert_array_equal(PosteriorEnsemble.load(path).params[0].numpy(),
+                                  ens.params[0].numpy())

@@ -245,3 +245,120 @@ def test_config_round_trip_and_flop_count():
     # 2x2x4 = 16; dense 16x5 and 5x3.  2 FLOPs per multiply-add.
     expected = 2 * (12 * 12 * 3 * 9 * 2 + 4 * 3 * 4 * 6 * 3 + 16 * 5 + 5 * 3)
     assert net.flops_per_example() == expected
+
+
+def _softmax_np(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("tail", ["dropout", "reshape", "flatten", "linear",
+                                  "linear_dropout"])
+@pytest.mark.parametrize("output", ["dense_softmax", "activation_softmax",
+                                    "activation_log_softmax"])
+def test_output_softmax_before_identity_layers_is_stripped(output, tail):
+    # The Keras model's own output is the reference: its probabilities (or
+    # exp of its log-probabilities) must equal the softmax of our logits.
+    head = {"dense_softmax": [L.Dense(3, activation="softmax", name="out")],
+            "activation_softmax": [L.Dense(3), L.Activation("softmax", name="out")],
+            "activation_log_softmax": [
+                L.Dense(3), L.Activation("log_softmax", name="out")]}[output]
+    tails = {"dropout": [L.Dropout(0.4)], "reshape": [L.Reshape((3,))],
+             "flatten": [L.Flatten()], "linear": [L.Activation("linear")],
+             "linear_dropout": [L.Activation("linear"), L.Dropout(0.2)]}[tail]
+    model = keras.Sequential([keras.Input((4,)), L.Dense(6, activation="tanh")]
+                             + head + tails)
+    net = Network.from_keras(model)
+    assert net.stripped_output_activation == output.split("_", 1)[1]
+    assert net.stripped_output_layer == "out"
+    params = net.init_params(seed=4, num_samples=2)
+    x = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
+    probs = tf.nn.softmax(net.apply_stack(params, x)).numpy()
+    for s in range(2):
+        ref = _keras_logits(model, params, x, s)
+        if output.endswith("log_softmax"):
+            ref = np.exp(ref)
+        np.testing.assert_allclose(probs[s], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_output_softmax_of_a_conv_is_stripped_through_flatten():
+    model = keras.Sequential([keras.Input((4, 4, 1)),
+                              L.Conv2D(3, 4, activation="softmax", name="out"),
+                              L.Flatten()])
+    net = Network.from_keras(model)
+    assert net.stripped_output_layer == "out"
+    params = net.init_params(seed=1, num_samples=2)
+    x = np.random.default_rng(4).uniform(size=(3, 4, 4, 1)).astype(np.float32)
+    probs = tf.nn.softmax(net.apply_stack(params, x)).numpy()
+    for s in range(2):
+        np.testing.assert_allclose(probs[s], _keras_logits(model, params, x, s),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail, culprit", [
+    ([L.ReLU(name="culprit")], "culprit"),
+    ([L.Dropout(0.1), L.Activation("tanh", name="culprit")], "culprit"),
+    ([L.Activation("exponential", name="culprit")], "culprit"),
+])
+def test_softmax_followed_by_a_value_changing_layer_is_refused(tail, culprit):
+    model = keras.Sequential([keras.Input((4,)),
+                              L.Dense(3, activation="softmax", name="sm")] + tail)
+    with pytest.raises(ValueError, match=f"'sm'.*softmax.*'{culprit}'"):
+        Network.from_keras(model)
+
+
+def test_softmax_over_a_non_class_axis_is_refused():
+    # Softmax over rows of 3, then flattened into 6 "classes".
+    model = keras.Sequential([keras.Input((2, 3)),
+                              L.Dense(3, activation="softmax", name="rows"),
+                              L.Flatten()])
+    with pytest.raises(ValueError, match="'rows'.*axis of size 3"):
+        Network.from_keras(model)
+
+
+def test_hidden_softmax_feeding_a_dense_layer_stays():
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5, activation="softmax"),
+                              L.Dropout(0.1), L.Dense(3)])
+    net = Network.from_keras(model)
+    assert net.stripped_output_activation is None
+    assert net.stripped_output_layer is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.ones((2, 6), np.complex64) + 1j,
+    lambda: np.ones((2, 6), np.complex128),
+    lambda: tf.complex(tf.ones((2, 6)), tf.ones((2, 6))),
+])
+def test_complex_inputs_are_refused(make):
+    net = Network.from_keras(_mlp())
+    with pytest.raises(TypeError, match=r"inputs_z must be real-valued, got dtype complex"):
+        net.check_inputs(make(), x_name="inputs_z")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.full((2, 6), 1e300),
+    lambda: tf.fill((2, 6), tf.constant(-1e300, tf.float64)),
+])
+def test_inputs_beyond_float32_are_refused(make):
+    net = Network.from_keras(_mlp())
+    with pytest.raises(ValueError, match="x has values beyond the float32 range"):
+        net.check_inputs(make())
+
+
+@pytest.mark.parametrize("labels, error, shown", [
+    ([0.0, np.inf], ValueError, "label inf;"),
+    ([-np.inf, 1.0], ValueError, "label -inf;"),
+    ([np.nan, 1.0], ValueError, "label nan;"),
+    ([0.0, 1e20], ValueError, r"label 1e\+20 outside \[0, 4\)"),
+    ([-1.0, 1.0], ValueError, r"label -1 outside \[0, 4\)"),
+    ([4.0, 1.0], ValueError, r"label 4 outside \[0, 4\)"),
+    ([1.0, 2.5], TypeError, "with label 2.5"),
+    (np.array([0, 2**40], np.int64), ValueError, "label 1099511627776 outside"),
+])
+def test_float_labels_are_range_checked_before_the_int_cast(labels, error, shown):
+    net = Network.from_keras(_mlp())
+    with pytest.raises(error, match=f"labels_q has {shown}" if error is ValueError
+                       else shown):
+        net.check_inputs(np.zeros((2, 6)), np.asarray(labels), y_name="labels_q")
+    _, y = net.check_inputs(np.zeros((2, 6)), np.array([3.0, 0.0]))
+    np.testing.assert_array_equal(y.numpy(), [3, 0])

@@ -55,3 +55,42 @@ def test_bad_settings(moons):
         sgd.train(model, x, y[:3])
     with pytest.raises(TypeError, match="num_members"):
         sgd.train(model, x, y, num_members=3)
+
+
+def test_numpy_scalars_are_accepted_as_settings(moons):
+    ens = sgd.train(models.mlp((2,), 2, (8,)), moons.train_x, moons.train_y,
+                    epochs=np.int64(1), batch_size=np.int32(64),
+                    learning_rate=np.float32(1e-3), validation_split=np.float64(0.1),
+                    seed=np.int64(2), verbose=0)
+    settings = ens.metadata["settings"]
+    assert settings["learning_rate"] == pytest.approx(1e-3)
+    for key in ("epochs", "batch_size", "seed"):
+        assert type(settings[key]) is int, key
+    assert type(settings["learning_rate"]) is float
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(learning_rate=float("inf")), ValueError, "learning_rate must be a finite number > 0, got inf"),
+    (dict(learning_rate=np.float32("nan")), ValueError, "learning_rate must be a finite"),
+    (dict(learning_rate=0.0), ValueError, "learning_rate must be a finite number > 0"),
+    (dict(learning_rate="1e-3"), TypeError, "learning_rate must be a real number"),
+    (dict(learning_rate=True), TypeError, "learning_rate must be a real number"),
+    (dict(epochs=2.0), TypeError, "epochs must be an int"),
+    (dict(batch_size=np.int64(0)), ValueError, "batch_size must be >= 1"),
+    (dict(validation_split="0.1"), TypeError, "validation_split must be a real"),
+    (dict(verbose=5), ValueError, "verbose must be 0, 1, 2 or 'auto'"),
+])
+def test_bad_numeric_settings_fail_before_training(moons, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sgd.train(models.mlp((2,), 2, (8,)), moons.train_x, moons.train_y,
+                  epochs=kwargs.pop("epochs", 1), **kwargs)
+
+
+def test_diverging_training_fails_naming_the_epoch(moons):
+    # A huge plain-SGD step overflows the weights within the first epoch.
+    with pytest.raises(ValueError, match=r"member 1/1 diverged: its training "
+                       r"loss was nan after epoch 1 of 3; non-finite weights "
+                       r"in .*kernel.*learning_rate"):
+        sgd.train(models.mlp((2,), 2, (16,)), moons.train_x, moons.train_y,
+                  epochs=3, batch_size=16, learning_rate=1e30, optimizer="sgd",
+                  verbose=0)

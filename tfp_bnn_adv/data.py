@@ -259,9 +259,12 @@ def mnist(data_dir=None, source="auto"):
          ``data_dir``, if it is given and holds all four;
       2. TFDS data already prepared in ``data_dir`` (or TFDS's default directory
          when ``data_dir`` is None), loaded with ``download=False``;
-      3. a TFDS download into that directory.
-    ``source="idx"`` uses only step 1 and ``source="tfds"`` only a TFDS load
-    (with download).
+      3. only when ``data_dir`` is None: a TFDS download into TFDS's default
+         directory.
+    An explicit ``data_dir`` holding neither is an error naming the missing
+    IDX files: no other copy is substituted for the directory the caller
+    named.  ``source="idx"`` uses only step 1 and ``source="tfds"`` only a
+    TFDS load (with download).
 
     Decoded IDX files are cached in-process per (path, modification time,
     size); every call returns fresh arrays, so callers cannot corrupt the cache.
@@ -283,8 +286,9 @@ def mnist(data_dir=None, source="auto"):
         the data are corrupt (unreadable file, bad magic number, wrong
         dimensions, truncated payload, images/labels count mismatch, labels
         outside [0, 9]); the message names the file.
-      FileNotFoundError: If no source has the data. The message lists every
-        place tried and how to get the data.
+      FileNotFoundError: If no source has the data, or an explicit
+        ``data_dir`` lacks them. The message names the missing IDX files,
+        lists every place tried and how to get the data.
 
     Example:
       >>> ds = mnist(data_dir="/data/mnist")  # doctest: +SKIP
@@ -302,8 +306,10 @@ def fashion_mnist(data_dir=None, source="auto"):
       * ``source="idx"`` reads ``data_dir``, or the Debian directory when
         ``data_dir`` is None;
       * ``source="auto"`` tries the IDX files in ``data_dir``, then prepared
-        TFDS data (``download=False``), then the Debian directory, then a TFDS
-        download.
+        TFDS data (``download=False``); then, only when ``data_dir`` is None,
+        the Debian directory and a TFDS download.  An explicit ``data_dir``
+        without the data is an error naming the missing files, never
+        replaced by the Debian copy.
 
     Args:
       data_dir: Directory (str or path-like) holding the IDX files and/or the
@@ -320,8 +326,9 @@ def fashion_mnist(data_dir=None, source="auto"):
       TypeError: If ``data_dir`` is not None, a str or a path-like object.
       ValueError: If ``source`` is not one of the allowed values, ``data_dir``
         is not an existing directory, or the data are corrupt (see ``mnist``).
-      FileNotFoundError: If no source has the data. The message lists every
-        place tried and how to get the data (e.g.
+      FileNotFoundError: If no source has the data, or an explicit
+        ``data_dir`` lacks them. The message names the missing IDX files,
+        lists every place tried and how to get the data (e.g.
         ``apt-get install dataset-fashion-mnist``).
 
     Example:
@@ -461,6 +468,15 @@ def _load_image_dataset(name, data_dir, source, debian_dir):
     except _TfdsUnavailable as e:
         tried.append(f"prepared TFDS data (download=False) in {tfds_where}: "
                      f"{e}")
+    if data_dir is not None:
+        # The user named where the data are: loading another copy (Debian's,
+        # or a download) instead would hide a wrong or incomplete directory.
+        raise FileNotFoundError(
+            f"No {name} data in data_dir={data_dir!r}: IDX files missing: "
+            f"{', '.join(missing)}; and no prepared TFDS data there. Tried:\n"
+            + "".join(f"  - {t}\n" for t in tried)
+            + "Put the four IDX files there, pass source='tfds' to download "
+            "into it, or leave data_dir unset to use the other sources.")
     if debian_dir is not None:
         paths, missing = _find_idx_files(debian_dir)
         if not missing:

@@ -40,6 +40,24 @@ def predict_proba_graph(network: Network, params, x, chunk_size: int):
     return chunking.fold_sample_chunks(params, chunk_size, body, init) / s
 
 
+def _check_finite(network: Network, params: Sequence[tf.Tensor]) -> None:
+    """Raises naming every parameter tensor with NaN/inf values, and counts.
+
+    One reduction per tensor and a single host sync for all of them.
+    """
+    counts = tf.stack([tf.math.count_nonzero(~tf.math.is_finite(p))
+                       for p in params]).numpy()
+    bad = [f"params[{i}] ({spec.name}, shape {tuple(p.shape)}): {int(c)} of "
+           f"{int(np.prod(p.shape))} entries"
+           for i, (p, spec, c) in enumerate(zip(params, network.param_specs,
+                                                counts)) if c]
+    if bad:
+        raise ValueError(
+            "params hold NaN or infinite values (a diverged sampler or "
+            "optimiser, or values beyond the float32 range): "
+            + "; ".join(bad) + ".")
+
+
 class PosteriorEnsemble:
     """A network plus a stack of ``S`` weight sets.
 
@@ -61,14 +79,47 @@ class PosteriorEnsemble:
 
     def __init__(self, network: Network, params: Sequence, *,
                  metadata: Mapping[str, Any] | None = None):
+        """Validates and stacks the weights.
+
+        Args:
+          network: the :class:`~tfp_bnn_adv.network.Network`.
+          params: list of float tensors/arrays ``[S, *param_shapes[i]]``
+            (converted to float32).
+          metadata: a JSON-serialisable mapping, or None.
+
+        Raises:
+          TypeError: if ``network`` is not a Network, ``params`` not a list
+            or ``metadata`` not a mapping.
+          ValueError: if the shapes do not match the network, ``S = 0``, or
+            a tensor holds NaN or infinite values (named, with their count;
+            a diverged sampler or optimiser, or values beyond the float32
+            range).
+        """
         if not isinstance(network, Network):
             raise TypeError(f"network must be a tfp_bnn_adv Network, got "
                             f"{type(network).__name__}.")
-        self.network = network
-        self.params = network.check_params(params, stacked=True)
-        if self.params[0].shape[0] == 0:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping or None, got "
+                            f"{type(metadata).__name__}.")
+        params = network.check_params(params, stacked=True)
+        if params[0].shape[0] == 0:
             raise ValueError("params has an empty sample axis (S = 0).")
+        _check_finite(network, params)
+        self.network = network
+        self.params = params
         self.metadata = dict(metadata or {})
+
+    @classmethod
+    def _from_checked(cls, network: Network, params: list,
+                      metadata: Mapping[str, Any]) -> "PosteriorEnsemble":
+        """An ensemble of weights selected from a validated one, unchecked.
+
+        Slicing cannot make finite weights non-finite, so it skips the
+        finiteness reduction over every parameter.
+        """
+        ens = cls.__new__(cls)
+        ens.network, ens.params, ens.metadata = network, params, dict(metadata)
+        return ens
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -137,7 +188,8 @@ class PosteriorEnsemble:
         if idx.size == 0:
             raise IndexError(f"index {index!r} selects no samples.")
         params = [tf.gather(p, idx) for p in self.params]
-        return PosteriorEnsemble(self.network, params, metadata=self.metadata)
+        return PosteriorEnsemble._from_checked(self.network, params,
+                                               self.metadata)
 
     def thin(self, every: int) -> "PosteriorEnsemble":
         """Keeps every ``every``-th sample (``every >= 1``)."""
@@ -235,27 +287,44 @@ class PosteriorEnsemble:
 
         Raises:
           FileNotFoundError: if ``path`` does not exist.
-          ValueError: if the file is corrupt, not an ensemble, from a newer
-            format, or its arrays do not match its architecture.
+          ValueError: naming the file and the field if the file is corrupt,
+            not an ensemble, from a newer format, has malformed metadata
+            (e.g. a non-integer ``format_version`` or non-dict
+            ``metadata``), or its arrays do not match its architecture,
+            hold NaN/inf or values beyond the float32 range.
         """
         arrays, meta = files.load_arrays(path)
         if meta.get("format") != _FORMAT_NAME:
             raise ValueError(f"{path!r} is not a saved PosteriorEnsemble "
                              f"(format={meta.get('format')!r}).")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path!r} has format version "
-                             f"{meta['format_version']}; this tfp_bnn_adv reads "
-                             f"up to {FORMAT_VERSION}. Upgrade the package.")
+        version = meta.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"{path!r}: metadata field 'format_version' must "
+                             f"be an int, got {version!r:.100}.")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format version {version}; this "
+                             f"tfp_bnn_adv reads up to {FORMAT_VERSION}. "
+                             "Upgrade the package.")
+        user_meta = meta.get("metadata", {})
+        if not isinstance(user_meta, dict):
+            raise ValueError(f"{path!r}: metadata field 'metadata' must be a "
+                             f"JSON object, got {type(user_meta).__name__}.")
+        if not isinstance(meta.get("network"), dict):
+            raise ValueError(f"{path!r}: metadata field 'network' must be a "
+                             "JSON object (the architecture), got "
+                             f"{type(meta.get('network')).__name__}.")
         try:
             network = Network.from_config(meta["network"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path!r}: cannot rebuild the architecture: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path!r}: cannot rebuild the architecture from "
+                             f"metadata field 'network': {e}") from e
         n = len(network.param_specs)
         missing = [f"param_{i}" for i in range(n) if f"param_{i}" not in arrays]
         if missing or len(arrays) != n:
             raise ValueError(f"{path!r}: expected arrays param_0..param_{n - 1} "
                              f"for the architecture, found {sorted(arrays)}.")
         params = [arrays[f"param_{i}"] for i in range(n)]
+        f32_max = np.finfo(np.float32).max
         for i, (p, spec) in enumerate(zip(params, network.param_specs)):
             if tuple(p.shape[1:]) != spec.shape or not np.issubdtype(
                     p.dtype, np.floating):
@@ -263,8 +332,16 @@ class PosteriorEnsemble:
                     f"{path!r}: param_{i} ({spec.name}) has shape {p.shape} "
                     f"and dtype {p.dtype}; the architecture needs float "
                     f"[S, {', '.join(map(str, spec.shape))}].")
-            if not np.all(np.isfinite(p)):
+            bad = int(np.count_nonzero(~np.isfinite(p)))
+            if bad:
                 raise ValueError(f"{path!r}: param_{i} ({spec.name}) holds "
-                                 "NaN or infinite values.")
-        return cls(network, params, metadata=meta.get("metadata", {}))
+                                 f"{bad} NaN or infinite values.")
+            # Checked before the float32 cast, which would turn them into inf.
+            if p.dtype.itemsize > 4 and p.size and np.abs(p).max() > f32_max:
+                raise ValueError(
+                    f"{path!r}: param_{i} ({spec.name}) holds values up to "
+                    f"{float(np.abs(p).max()):.3g} in {p.dtype}, beyond the "
+                    f"float32 range (+-{float(f32_max):.3g}) the ensemble "
+                    "computes in.")
+        return cls(network, params, metadata=user_meta)
 

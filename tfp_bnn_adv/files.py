@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from typing import Any, Iterator, Mapping
@@ -31,7 +32,9 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
       mode: ``"wb"`` or ``"w"``.
 
     Yields:
-      The open temporary file.
+      The open temporary file.  On success it replaces ``path`` with the
+      permissions ``open`` would give: an existing file's mode, else
+      ``0o666`` minus the umask.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -39,6 +42,8 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates 0600; give the file the mode open() would.
+        os.chmod(tmp, _open_mode(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -48,6 +53,33 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:  # Linux >= 4.7 reports it; reading it is thread-safe.
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set and restore it: a thread creating a
+    # file in between would briefly see the umask 0o22.
+    old = os.umask(0o22)
+    os.umask(old)
+    return old
+
+
+def _open_mode(path: str) -> int:
+    """The permission bits ``open(path, "w")`` would leave ``path`` with.
+
+    An existing file keeps its mode; a new one gets ``0o666 & ~umask``.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -132,7 +164,8 @@ def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     Raises:
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if the file is not a valid archive written by
-        :func:`save_arrays` (corrupt, truncated or foreign).
+        :func:`save_arrays` (corrupt, truncated or foreign, or its metadata
+        is not a JSON object).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -150,4 +183,8 @@ def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         metadata = json.loads(arrays.pop(_META_KEY).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path!r} has corrupt metadata: {e}") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path!r}: its metadata record {_META_KEY!r} must "
+                         f"be a JSON object, got a {type(metadata).__name__}; "
+                         "the file was not written by tfp_bnn_adv.")
     return arrays, metadata

@@ -19,8 +19,12 @@ How the sample axis is vectorised:
   never need a per-sample loop (``tf.vectorized_map`` would fall back to a
   ``while_loop`` here, which XLA rejects).
 
-A final softmax (or log-softmax) is stripped at import: ``apply`` returns
-logits, so losses never apply softmax twice.
+A final softmax (or log-softmax) is stripped at import, also when only
+identity or shape-preserving layers (Dropout, Flatten, Reshape, a linear
+Activation) follow it: ``apply`` returns logits, so losses never apply softmax
+twice.  A log-softmax is stripped too, since ``log_softmax(z)`` is itself a
+logit vector with the same softmax as ``z``.  A softmax that reaches the
+output through any other layer cannot be undone and is refused.
 """
 
 from __future__ import annotations
@@ -28,14 +32,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import sys
 from typing import Any, Callable, Sequence
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import seeds as seeds_lib
 
-__all__ = ["Network", "SUPPORTED_LAYERS"]
+__all__ = ["Network", "SUPPORTED_LAYERS", "UNSCALED_LIMIT",
+           "UnscaledInputWarning", "check_positive_int", "check_positive_float",
+           "check_labels"]
 
 SUPPORTED_LAYERS = (
     "InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D",
@@ -430,6 +439,65 @@ def _layer_shapes(layer) -> tuple[tuple, tuple]:
     return _shape_tuple(layer.input.shape), _shape_tuple(layer.output.shape)
 
 
+def _keeps_logits(op: _Op) -> bool:
+    """Whether ``op`` passes its input through unchanged up to a reshape.
+
+    Such ops may follow the output softmax: on logits they give the same
+    predictive as on probabilities, so the softmax can be moved past them
+    (Dropout is the identity at prediction).
+    """
+    if isinstance(op, (_Dropout, _Reshape)):
+        return True
+    return isinstance(op, _Activation) and op.activation == "linear"
+
+
+def _strip_output_activation(ops: list[_Op], num_classes: int, model_name: str
+                             ) -> tuple[str | None, str | None]:
+    """Drops the output softmax/log-softmax from ``ops``, in place.
+
+    Walks back from the output to the last layer with weights.  A softmax on
+    the way is stripped when only :func:`_keeps_logits` layers follow it and
+    it normalises over all ``num_classes`` outputs; any other softmax on the
+    way is refused, since the model's output would then be neither logits
+    nor probabilities.
+
+    Returns:
+      ``(activation, layer name)`` of what was stripped, or ``(None, None)``.
+    """
+    for k in range(len(ops) - 1, -1, -1):
+        op = ops[k]
+        if getattr(op, "activation", None) in _STRIPPABLE_OUTPUT:
+            break
+        if op.num_params:
+            return None, None  # the output is already this layer's logits
+    else:
+        return None, None
+    act = op.activation
+    after = ops[k + 1:]
+    for later in after:
+        if not _keeps_logits(later):
+            raise ValueError(
+                f"Layer {op.name!r} ({type(op).__name__.lstrip('_')}) of model "
+                f"{model_name!r} applies {act} and is followed by layer "
+                f"{later.name!r} ({type(later).__name__.lstrip('_')}), which "
+                f"changes its values; tfp_bnn_adv needs the model to end in "
+                f"logits or in a final {act} followed only by Dropout, "
+                "Flatten, Reshape or linear Activation layers.")
+    if (int(np.prod(op.out_shape)) != num_classes
+            or op.out_shape[-1] != num_classes):
+        raise ValueError(
+            f"Layer {op.name!r} ({type(op).__name__.lstrip('_')}) of model "
+            f"{model_name!r} applies {act} over an axis of size "
+            f"{op.out_shape[-1]} (output shape {op.out_shape}), which later "
+            f"layers reshape into the {num_classes} classes, so it is not a "
+            "softmax over the classes.")
+    if isinstance(op, _Activation):
+        del ops[k]
+    else:
+        op.activation = "linear"
+    return act, op.name
+
+
 # --------------------------------------------------------------------------
 # Initialisers (stateless).
 # --------------------------------------------------------------------------
@@ -517,6 +585,9 @@ class Network:
       num_classes: number of logits ``C``.
       stripped_output_activation: the final softmax/log-softmax dropped at
         import (``None`` if the model already ended in logits).
+      stripped_output_layer: the name of the Keras layer it was dropped from
+        (not always the last layer: Dropout, Flatten, Reshape or a linear
+        Activation may follow it), or ``None``.
       keras_model: the Keras model it was built from (used for its config and
         by the SGD trainer; its weights are never read by ``apply``).
 
@@ -531,13 +602,15 @@ class Network:
 
     def __init__(self, keras_model, ops: list[_Op], param_specs: list[ParamSpec],
                  input_shape: tuple, num_classes: int,
-                 stripped_output_activation: str | None):
+                 stripped_output_activation: str | None,
+                 stripped_output_layer: str | None = None):
         self.keras_model = keras_model
         self._ops = ops
         self.param_specs = tuple(param_specs)
         self.input_shape = tuple(input_shape)
         self.num_classes = int(num_classes)
         self.stripped_output_activation = stripped_output_activation
+        self.stripped_output_layer = stripped_output_layer
         self._compiled: dict = {}
 
     # ---------------------------------------------------------------- import
@@ -556,8 +629,11 @@ class Network:
         Raises:
           TypeError: if ``model`` is not a Keras 3 model.
           ValueError: naming the layer and its class if a layer, activation,
-            data format or topology is not supported, or if the model is not
-            built or its output is not ``[B, C]`` with ``C >= 2``.
+            data format or topology is not supported, if a softmax reaches
+            the output through a layer that changes values (anything but
+            Dropout, Flatten, Reshape or a linear Activation), or if the
+            model is not built or its output is not ``[B, C]`` with
+            ``C >= 2``.
         """
         import keras  # pylint: disable=g-import-not-at-top
         if not isinstance(model, keras.Model):
@@ -600,17 +676,10 @@ class Network:
                 f"model {model.name!r} must output [batch, num_classes] with "
                 f"num_classes >= 2 (logits or softmax); its output shape is "
                 f"(None, {', '.join(map(str, out_shape))}).")
-        stripped = None
-        last = ops[-1]
-        if isinstance(last, (_Dense, _Conv2D, _Activation)) and (
-                last.activation in _STRIPPABLE_OUTPUT):
-            stripped = last.activation
-            if isinstance(last, _Activation):
-                ops.pop()
-            else:
-                last.activation = "linear"
+        stripped, stripped_layer = _strip_output_activation(
+            ops, out_shape[0], model.name)
         return cls(model, ops, specs, _shape_tuple(model.inputs[0].shape),
-                   out_shape[0], stripped)
+                   out_shape[0], stripped, stripped_layer)
 
     # ------------------------------------------------------------- describing
     @property
@@ -778,17 +847,28 @@ class Network:
     def check_inputs(self, x, y=None, *, x_name: str = "x", y_name: str = "y"):
         """Validates inputs (and optional integer labels) at a public boundary.
 
+        Inputs that look unscaled -- an integer dtype with values outside
+        ``[0, 1]`` (raw 0..255 pixels), or any value beyond
+        ``+-UNSCALED_LIMIT`` -- are used as given, with one
+        :class:`UnscaledInputWarning` per calling line and process.
+
         Args:
-          x: array-like ``[B, *input_shape]``.
-          y: optional labels ``[B]``, integers in ``[0, num_classes)``.
+          x: real array-like ``[B, *input_shape]``, float or integer.
+          y: optional labels ``[B]``, integers in ``[0, num_classes)`` (floats
+            holding integers are accepted).
+          x_name, y_name: the argument names used in messages.
 
         Returns:
           ``(x, y)`` as float32 / int32 tensors (``y`` may be None).
 
         Raises:
-          ValueError / TypeError naming the argument and the bad value.
+          TypeError: naming the argument and dtype if ``x`` is complex,
+            boolean or not numeric, or ``y`` does not hold integer labels.
+          ValueError: naming the argument and the bad value for a wrong
+            shape, an empty batch, NaN or infinite inputs (also values that
+            overflow float32), or labels out of range.
         """
-        x = _as_float_tensor(x, x_name)
+        x, (lo, hi), integer = _as_float_tensor(x, x_name)
         expected = (None,) + self.input_shape
         if x.shape.rank != len(expected) or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -796,6 +876,10 @@ class Network:
                 f"[batch, {', '.join(map(str, self.input_shape))}].")
         if x.shape[0] == 0:
             raise ValueError(f"{x_name} is empty (batch size 0).")
+        if (integer and (lo < 0 or hi > 1)) or max(-lo, hi) > UNSCALED_LIMIT:
+            caller = sys._getframe(1)  # pylint: disable=protected-access
+            _warn_unscaled(x_name, integer, lo, hi,
+                           (caller.f_code.co_filename, caller.f_lineno))
         if y is None:
             return x, None
         y = check_labels(y, self.num_classes, y_name)
@@ -808,6 +892,31 @@ class Network:
 # --------------------------------------------------------------------------
 # Shared argument checks.
 # --------------------------------------------------------------------------
+class UnscaledInputWarning(UserWarning):
+    """Inputs look unscaled: integer pixels, or values far outside [0, 1]."""
+
+
+# Inputs beyond this magnitude are far outside [0, 1] and outside standardised
+# ranges too (a z-score of 10 is rare); networks initialised for such data
+# saturate on them, and HMC then accepts nothing.
+UNSCALED_LIMIT = 10.0
+# Calling lines (file, line) that have already warned in this process.
+_UNSCALED_WARNED: set = set()
+
+
+def _warn_unscaled(name: str, integer: bool, lo: float, hi: float, site) -> None:
+    if site in _UNSCALED_WARNED:
+        return
+    _UNSCALED_WARNED.add(site)
+    what = "has an integer dtype and values" if integer else "has values"
+    warnings.warn(
+        f"{name} {what} in [{lo:g}, {hi:g}]; tfp_bnn_adv uses them as given. "
+        "Scale inputs to the range the model was built for (e.g. pixels / "
+        "255 into [0, 1]); silence this with warnings.filterwarnings('ignore', "
+        "category=tfp_bnn_adv.network.UnscaledInputWarning). Warned once per "
+        "calling line.", UnscaledInputWarning, stacklevel=3)
+
+
 def check_positive_int(value, name: str) -> int:
     """``value`` as an int >= 1, else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -817,40 +926,112 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _as_float_tensor(x, name: str) -> tf.Tensor:
+def check_positive_float(value, name: str) -> float:
+    """``value`` (a Python or numpy real) as a finite float > 0.
+
+    Raises:
+      TypeError naming ``name`` if ``value`` is not a real number (bools
+      included); ValueError if it is not finite and > 0.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} "
+                        f"({type(value).__name__}).")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def _as_float_tensor(x, name: str) -> tuple[tf.Tensor, tuple[float, float], bool]:
+    """``(float32 tensor, (min, max), whether x had an integer dtype)``.
+
+    Refuses complex (the imaginary part would be dropped), boolean and
+    non-numeric inputs, and NaN or infinite values after the float32 cast.
+    """
     if isinstance(x, tf.Tensor):
-        if not (x.dtype.is_floating or x.dtype.is_integer):
-            raise TypeError(f"{name} must be numeric, got dtype {x.dtype.name}.")
+        dtype, integer = x.dtype.name, x.dtype.is_integer
+        if x.dtype.is_complex:
+            raise TypeError(f"{name} must be real-valued, got dtype {dtype}; "
+                            "the imaginary part would be dropped.")
+        if not (x.dtype.is_floating or integer):
+            raise TypeError(f"{name} must be numeric, got dtype {dtype}.")
         t = tf.cast(x, tf.float32)
+        if t.shape.num_elements() == 0:
+            return t, (0.0, 0.0), integer
+        # All three statistics in one host sync, as the finiteness check alone
+        # would take.
+        stats = tf.stack([tf.cast(tf.reduce_all(tf.math.is_finite(t)), tf.float32),
+                          tf.reduce_min(t), tf.reduce_max(t)]).numpy()
+        finite, lo, hi = bool(stats[0]), float(stats[1]), float(stats[2])
+        source_finite = not finite and x.dtype.is_floating and bool(
+            tf.reduce_all(tf.math.is_finite(x)))
     else:
         arr = np.asarray(x)
-        if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-            raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}.")
-        t = tf.convert_to_tensor(arr.astype(np.float32, copy=False))
-    if not bool(tf.reduce_all(tf.math.is_finite(t))):
+        dtype = arr.dtype
+        integer = np.issubdtype(dtype, np.integer)
+        if np.issubdtype(dtype, np.complexfloating):
+            raise TypeError(f"{name} must be real-valued, got dtype {dtype}; "
+                            "the imaginary part would be dropped.")
+        if dtype == object or not np.issubdtype(dtype, np.number):
+            raise TypeError(f"{name} must be a numeric array, got dtype {dtype}.")
+        with np.errstate(over="ignore"):  # overflow is reported below
+            arr32 = arr.astype(np.float32, copy=False)
+        if arr32.size == 0:
+            return tf.convert_to_tensor(arr32), (0.0, 0.0), integer
+        # numpy's min and max propagate NaN, so they also decide finiteness.
+        lo, hi = float(arr32.min()), float(arr32.max())
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        t = tf.convert_to_tensor(arr32)
+        source_finite = finite or bool(np.all(np.isfinite(arr)))
+    if not finite:
+        if source_finite:
+            raise ValueError(
+                f"{name} has values beyond the float32 range (about "
+                f"+-3.4e38; dtype {dtype}), which become infinite in float32.")
         raise ValueError(f"{name} contains NaN or infinite values.")
-    return t
+    return t, (lo, hi), integer
+
+
+def _label_str(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    v = float(value)
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
 
 
 def check_labels(y, num_classes: int, name: str = "y") -> tf.Tensor:
     """Validates integer class labels ``[B]`` in ``[0, num_classes)``.
 
+    Float labels are accepted when every value is an integer in range; they
+    are checked before the cast to int, so ``inf`` or ``1e20`` is reported
+    as itself instead of as a wrapped-around integer.
+
     Returns:
       An int32 tensor.
 
     Raises:
-      TypeError if not integers; ValueError if not rank 1 or out of range.
+      TypeError: if not integers (a fractional float label is named).
+      ValueError: if not rank 1, or a label is not finite or outside
+        ``[0, num_classes)`` (the label is named).
     """
     arr = y.numpy() if isinstance(y, tf.Tensor) else np.asarray(y)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise TypeError(f"{name} must hold integer class labels, got dtype "
-                            f"{arr.dtype}.")
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    if arr.dtype == bool or not (is_float or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must hold integer class labels, got dtype "
+                        f"{arr.dtype}.")
     if arr.ndim != 1:
         raise ValueError(f"{name} must have shape [batch], got {arr.shape}.")
+    if is_float:
+        finite = np.isfinite(arr)
+        fractional = finite & (arr != np.round(arr))
+        if fractional.any():
+            raise TypeError(
+                f"{name} must hold integer class labels, got dtype {arr.dtype} "
+                f"with label {_label_str(arr[fractional][0])}.")
+        if not finite.all():
+            raise ValueError(f"{name} has label {_label_str(arr[~finite][0])}; "
+                             f"labels must be integers in [0, {num_classes}).")
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         bad = arr[(arr < 0) | (arr >= num_classes)][0]
-        raise ValueError(f"{name} has label {int(bad)} outside [0, {num_classes}).")
+        raise ValueError(f"{name} has label {_label_str(bad)} outside "
+                         f"[0, {num_classes}).")
     return tf.convert_to_tensor(arr.astype(np.int32))

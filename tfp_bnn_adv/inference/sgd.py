@@ -10,6 +10,8 @@ drawn statelessly from its layers' initialisers.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 
 from absl import logging
@@ -17,6 +19,8 @@ import numpy as np
 
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
+from tfp_bnn_adv.network import check_positive_float
+from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["train", "train_ensemble"]
 
@@ -24,25 +28,36 @@ _OPTIMIZERS = ("adam", "sgd")
 
 
 def _check_settings(epochs, batch_size, learning_rate, optimizer,
-                    validation_split):
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value!r}.")
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a number > 0, got "
-                         f"{learning_rate!r}.")
-    if optimizer not in _OPTIMIZERS:
+                    validation_split, verbose) -> dict:
+    """The settings as plain Python values, or a clear error for a bad one.
+
+    Numpy scalars (``np.int64(10)``, ``np.float32(1e-3)``) are accepted.
+    """
+    if not isinstance(optimizer, str) or optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got "
                          f"{optimizer!r}.")
+    if isinstance(validation_split, (bool, np.bool_)) or not isinstance(
+            validation_split, numbers.Real):
+        raise TypeError(f"validation_split must be a real number, got "
+                        f"{validation_split!r}.")
     if not 0.0 <= validation_split < 1.0:
         raise ValueError(f"validation_split must be in [0, 1), got "
                          f"{validation_split!r}.")
+    if verbose not in (0, 1, 2, "auto") or isinstance(verbose, (bool, np.bool_)):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}.")
+    return {"epochs": check_positive_int(epochs, "epochs"),
+            "batch_size": check_positive_int(batch_size, "batch_size"),
+            "learning_rate": check_positive_float(learning_rate,
+                                                  "learning_rate"),
+            "optimizer": optimizer,
+            "validation_split": float(validation_split),
+            "verbose": verbose if isinstance(verbose, str) else int(verbose)}
 
 
 def _fit_member(network: Network, train_x, train_y, *, epochs, batch_size,
-                learning_rate, optimizer, validation_split, seed, verbose):
+                learning_rate, optimizer, validation_split, seed, verbose,
+                member):
+    """Trains one clone; raises if its loss or weights stop being finite."""
     import keras  # pylint: disable=g-import-not-at-top
     # Keras shuffling and dropout draw from the global seed; fixing it per
     # member makes every member reproducible on its own.
@@ -57,10 +72,32 @@ def _fit_member(network: Network, train_x, train_y, *, epochs, batch_size,
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=from_logits),
                   metrics=["accuracy"])
-    history = model.fit(train_x, train_y, epochs=epochs, batch_size=batch_size,
-                        validation_split=validation_split, shuffle=True,
-                        verbose=verbose)
+    diverged = {}
+
+    def stop_on_non_finite_loss(epoch, logs):
+        # Epoch-end only: a per-batch hook would make Keras sync every step.
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            diverged.update(epoch=epoch + 1, loss=float(loss))
+            model.stop_training = True
+
+    history = model.fit(
+        train_x, train_y, epochs=epochs, batch_size=batch_size,
+        validation_split=validation_split, shuffle=True, verbose=verbose,
+        callbacks=[keras.callbacks.LambdaCallback(
+            on_epoch_end=stop_on_non_finite_loss)])
     params = [w.numpy() for w in model.trainable_weights]
+    bad = [w.path for w, p in zip(model.trainable_weights, params)
+           if not np.all(np.isfinite(p))]
+    if diverged or bad:
+        when = (f"its training loss was {diverged['loss']} after epoch "
+                f"{diverged['epoch']} of {epochs}" if diverged
+                else f"after {epochs} epochs")
+        weights = f"; non-finite weights in {', '.join(bad)}" if bad else ""
+        raise ValueError(
+            f"SGD training of member {member} diverged: {when}{weights}. "
+            f"Lower learning_rate (got {learning_rate!r}, optimizer "
+            f"{optimizer!r}) or check that the inputs are scaled.")
     final = {k: float(v[-1]) for k, v in history.history.items()}
     return params, final
 
@@ -75,7 +112,9 @@ def train_ensemble(model, train_x, train_y, *, num_members: int = 5,
     Args:
       model: a built Keras 3 model accepted by
         :meth:`~tfp_bnn_adv.network.Network.from_keras` (not modified).
-      train_x: float inputs ``[N, *input_shape]``.
+      train_x: float inputs ``[N, *input_shape]``, scaled as the model
+        expects (integer or far-out-of-range inputs are used as given, with
+        a :class:`~tfp_bnn_adv.network.UnscaledInputWarning`).
       train_y: int labels ``[N]`` in ``[0, C)``.
       num_members: ensemble size ``K`` (1 gives a deterministic network).
       epochs: passes over the training data.
@@ -93,8 +132,10 @@ def train_ensemble(model, train_x, train_y, *, num_members: int = 5,
       ``metadata`` holds the settings and each member's final metrics.
 
     Raises:
-      ValueError/TypeError: on bad settings, inputs or labels, or a model
-        with unsupported layers.
+      ValueError/TypeError: on bad settings (numpy scalars are accepted;
+        ``learning_rate`` must be finite and > 0), inputs or labels, or a
+        model with unsupported layers; ValueError naming the member, the
+        epoch and the non-finite weights if training diverges.
 
     Example:
       >>> ens = train_ensemble(models.mlp((2,), 2, (64,)), x, y,
@@ -102,16 +143,16 @@ def train_ensemble(model, train_x, train_y, *, num_members: int = 5,
       >>> ens.num_samples
       5
     """
+    num_members = check_positive_int(num_members, "num_members")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+    seed = int(seed)
+    settings = _check_settings(epochs, batch_size, learning_rate, optimizer,
+                               validation_split, verbose)
+    epochs = settings["epochs"]
     network = Network.from_keras(model)
     x, y = network.check_inputs(train_x, train_y, x_name="train_x",
                                 y_name="train_y")
-    if isinstance(num_members, bool) or not isinstance(num_members, (int, np.integer)):
-        raise TypeError(f"num_members must be an int, got {num_members!r}.")
-    if num_members < 1:
-        raise ValueError(f"num_members must be >= 1, got {num_members!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-    _check_settings(epochs, batch_size, learning_rate, optimizer, validation_split)
     x, y = x.numpy(), y.numpy()
     members, finals = [], []
     start = time.perf_counter()
@@ -119,9 +160,8 @@ def train_ensemble(model, train_x, train_y, *, num_members: int = 5,
         logging.info("SGD: training member %d/%d (%d epochs)", k + 1,
                      num_members, epochs)
         params, final = _fit_member(
-            network, x, y, epochs=epochs, batch_size=batch_size,
-            learning_rate=learning_rate, optimizer=optimizer,
-            validation_split=validation_split, seed=seed + k, verbose=verbose)
+            network, x, y, **settings, seed=seed + k,
+            member=f"{k + 1}/{num_members}")
         members.append(params)
         finals.append(final)
         logging.info("SGD: member %d/%d done: %s", k + 1, num_members,
@@ -130,10 +170,11 @@ def train_ensemble(model, train_x, train_y, *, num_members: int = 5,
     metadata = {
         "method": "sgd" if num_members == 1 else "ensemble",
         "settings": {"num_members": num_members, "epochs": epochs,
-                     "batch_size": batch_size, "learning_rate": learning_rate,
-                     "optimizer": optimizer,
-                     "validation_split": validation_split, "seed": seed,
-                     "num_train": int(x.shape[0])},
+                     "batch_size": settings["batch_size"],
+                     "learning_rate": settings["learning_rate"],
+                     "optimizer": settings["optimizer"],
+                     "validation_split": settings["validation_split"],
+                     "seed": seed, "num_train": int(x.shape[0])},
         "members": finals,
         "wall_time_s": time.perf_counter() - start,
     }
