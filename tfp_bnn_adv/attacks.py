@@ -32,8 +32,11 @@ starts and random-attack noise come from one stream per example (seed,
 restart or trial, example index), so they do not depend on ``batch_size``;
 the sample draws of ``gradient="sample"`` and the Square Attack's proposals
 come from one stream per batch, so they do.  Random floats are built from
-integer draws because TensorFlow's and XLA's float samplers differ, and the
-answer must not depend on which one :func:`tfp_bnn_adv.xla.compile_fn` picks.
+integer draws because TensorFlow's and XLA's float samplers differ.  The
+random attack, the Square Attack and ``gradient="sample"`` are stochastic
+code in the sense of :mod:`tfp_bnn_adv.xla`: with ``jit_compile="auto"``
+they run under XLA, never chosen by a timing, so a seed gives the same
+``x_adv`` on every run.
 """
 
 from __future__ import annotations
@@ -62,8 +65,6 @@ NORMS = (np.inf, 2)
 GRADIENTS = ("expected", "predictive", "sample")
 RANDOM_KINDS = ("ternary", "uniform")
 
-# The counter-based generator whose integer output TF and XLA agree on.
-_ALG = "philox"
 # Square Attack: p is halved once the query count, rescaled to a budget of
 # 10000, passes each of these (Andriushchenko et al., 2020, L-inf schedule).
 _SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -179,26 +180,23 @@ def _clip_args(clip):
 # --------------------------------------------------------------------------
 # Graph building blocks: pure and traceable, for the compiled batch functions.
 # --------------------------------------------------------------------------
-def _fold(seed, data):
-    return tf.random.experimental.stateless_fold_in(seed, data, alg=_ALG)
+# One random-number policy (tfp_bnn_adv.seeds): Philox integer bits,
+# identical under XLA and TF's kernels, shaped by ordinary arithmetic.
+_fold = seeds.fold_in
 
 
 def _split(seed, n: int):
-    return tf.unstack(tf.random.split(seed, n, alg=_ALG))
+    return tf.unstack(seeds.split(seed, n))
 
 
 def _uniform(shape, seed):
-    """float32 uniform on ``[0, 1)`` with 24 random bits, from integer draws."""
-    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
-                                       dtype=tf.int32, alg=_ALG)
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 8), 0xFFFFFF)
-    return tf.cast(bits, tf.float32) * (2.0 ** -24)
+    """float32 uniform on ``[0, 1)`` with 24 random bits."""
+    return seeds.uniform(shape, seed)
 
 
 def _integers(shape, seed, maxval):
     """int32 uniform on ``[0, maxval)``."""
-    return tf.random.stateless_uniform(shape, seed, minval=0, maxval=maxval,
-                                       dtype=tf.int32, alg=_ALG)
+    return seeds.integers(shape, seed, maxval)
 
 
 def _per_example(fn, seed, idx, shape, dtype=tf.float32):
@@ -485,7 +483,8 @@ def _run_gradient_attack(name, ensemble, x, y, eps, *, norm, steps, step_size,
         lambda p, xb, yb, ib, *scalars: _pgd_graph(
             net, p, xb, yb, ib, *scalars, norm=norm, gradient=gradient,
             random_start=random_start, restarts=restarts, chunk=chunk,
-            has_clip=has_clip), jit_compile, "gradient_attack"))
+            has_clip=has_clip), jit_compile, "gradient_attack",
+        stochastic=gradient == "sample"))
     scalars = (seed, tf.constant(eps, tf.float32),
                tf.constant(step_size, tf.float32), tf.constant(steps, tf.int32),
                *_clip_args(clip))
@@ -657,7 +656,8 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     fn = net.cached_function(key, lambda: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _random_graph(
             net, p, xb, yb, ib, *scalars, kind=kind, trials=trials,
-            chunk=chunk, has_clip=has_clip), jit_compile, "random_attack"))
+            chunk=chunk, has_clip=has_clip), jit_compile, "random_attack",
+        stochastic=True))
     scalars = (seed, tf.constant(eps, tf.float32), *_clip_args(clip))
     return _stream("random_attack", fn, ensemble, [x, y, idx], batch, scalars,
                    strategy)
@@ -735,7 +735,8 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
         fn = net.cached_function(key, lambda: xla.compile_fn(
             lambda p, xb, yb, ib, *scalars: _square_graph(
                 net, p, xb, yb, ib, *scalars, layout=layout, chunk=chunk,
-                has_clip=has_clip), jit_compile, "square_attack"))
+                has_clip=has_clip), jit_compile, "square_attack",
+            stochastic=True))
         scalars = (seed, tf.constant(eps, tf.float32),
                    tf.constant(max_queries, tf.int32),
                    tf.constant(p_init, tf.float32), *_clip_args(clip))

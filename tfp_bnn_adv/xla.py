@@ -1,25 +1,39 @@
-"""Compile hot functions with or without XLA, choosing by measurement on CPU.
+"""Compile hot functions with or without XLA.
 
 Every hot function in the package is XLA-compilable, because GPUs and TPUs
 need it.  On CPU, XLA is not always the fastest: grouped convolutions ran
 several times faster with TensorFlow's default kernels on the machines we
-measured, while MLPs were slightly faster under XLA.  :func:`compile_fn`
-therefore wraps a pure function in two ``tf.function``s and, in ``"auto"``
-mode on a CPU-only host, times both on the first call for each input
-signature and keeps the faster one.
+measured, while MLPs were slightly faster under XLA.
 
 The default mode comes from the environment variable ``TFP_BNN_ADV_JIT``
-(``auto``, ``xla`` or ``default``) and is ``auto`` when unset.
+(``auto``, ``xla`` or ``default``) and is ``auto`` when unset.  What
+``"auto"`` means depends on the function (:func:`compile_fn`'s
+``stochastic``):
 
-Reproducibility: deterministic functions agree on both paths up to float
-round-off, but TensorFlow's CPU kernels and XLA turn the same stateless seed
-into *different* random floats, and a chaotic computation such as an HMC
-chain amplifies any round-off.  So an "auto" decision is measured once per
-machine and remembered in a small JSON file (``TFP_BNN_ADV_JIT_CACHE``,
-default ``~/.cache/tfp_bnn_adv/jit_choices.json``; ``none`` disables it):
-every later run on the machine takes the same path and, with the same seed,
-gives the same result.  Pin ``jit_compile=True`` or ``False`` to make results
-identical across machines too.
+* **Stochastic code** (HMC, the random attack, the Square Attack,
+  ``gradient="sample"``, anything whose result is a chaotic function of
+  its inputs) never chooses by measurement: ``"auto"`` is XLA, on every
+  machine.  XLA is the path GPUs and TPUs take, so CPU and accelerator runs
+  share it; pin ``jit_compile=False`` for TF's kernels.  The path taken is
+  a function of the arguments and the platform alone (:func:`path_name`
+  names it for the run's records): the same call with the same seed gives
+  the same result whatever was timed or cached before.
+* **Deterministic code** (predictions, gradients, FGSM/PGD): ``"auto"``
+  on a CPU-only host times both paths on the first call for each input
+  signature and keeps the faster one, remembered per machine in a small
+  JSON file (``TFP_BNN_ADV_JIT_CACHE``, default
+  ``~/.cache/tfp_bnn_adv/jit_choices.json``; ``none`` disables it).  The
+  two paths compute the same function and differ by float rounding only
+  (relative 1e-6 in float32); a sign step of PGD can still flip where a
+  gradient component is within rounding of zero.
+
+Random draws do not depend on the path either: every sampler in the package
+draws integer bits with Philox, identical on both, and maps them to floats
+with ordinary arithmetic (:mod:`tfp_bnn_adv.seeds`).  What remains between
+the two paths is rounding in that arithmetic and in the model itself, which
+a long HMC chain amplifies; so a result is reproducible bit for bit on the
+same path, platform and TensorFlow build, and statistically equivalent
+across paths.
 """
 
 from __future__ import annotations
@@ -34,7 +48,8 @@ from typing import Any, Callable
 from absl import logging
 import tensorflow as tf
 
-__all__ = ["compile_fn", "resolve_jit", "has_accelerator"]
+__all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "path_name",
+           "has_accelerator"]
 
 _ENV = "TFP_BNN_ADV_JIT"
 _CACHE_ENV = "TFP_BNN_ADV_JIT_CACHE"
@@ -85,6 +100,22 @@ def resolve_jit(jit_compile: Any = None):
     if jit_compile == "auto" and has_accelerator():
         return True
     return jit_compile
+
+
+def stochastic_jit(jit_compile: Any = None) -> bool:
+    """The compile path of stochastic code: ``True`` (XLA) or ``False``.
+
+    ``"auto"`` (and ``None`` with ``TFP_BNN_ADV_JIT`` unset or ``auto``)
+    is XLA, with or without an accelerator; nothing is timed, so the path
+    is a function of the argument and the environment variable alone.
+    """
+    mode = resolve_jit(jit_compile)
+    return True if mode == "auto" else bool(mode)
+
+
+def path_name(use_xla: bool) -> str:
+    """``"xla"`` or ``"default"`` (TF's kernels), for a run's records."""
+    return "xla" if use_xla else "default"
 
 
 def _cache_path() -> str | None:
@@ -158,12 +189,18 @@ class CompiledFunction:
 
     Call it like the wrapped function.  ``choices`` maps each input signature
     seen in ``"auto"`` mode to ``(use_xla, seconds_default, seconds_xla)``.
+    With ``stochastic=True`` the mode is never ``"auto"``
+    (:func:`stochastic_jit`).
     """
 
     def __init__(self, fn: Callable, jit_compile=None, name: str | None = None,
-                 repeats: int = 2):
+                 repeats: int = 2, *, stochastic: bool = False):
+        if not isinstance(stochastic, bool):
+            raise TypeError(f"stochastic must be a bool, got {stochastic!r}.")
         self.name = name or getattr(fn, "__name__", "fn")
-        self.mode = resolve_jit(jit_compile)
+        self.stochastic = stochastic
+        self.mode = (stochastic_jit(jit_compile) if stochastic
+                     else resolve_jit(jit_compile))
         self.repeats = repeats
         self._fn = fn
         # One tf.function per input signature and path: each traces once, so
@@ -173,6 +210,12 @@ class CompiledFunction:
         # jit_compile=False: per signature, whether TF's default kernels
         # lacked an op (True: this signature runs under XLA after all).
         self._default_lacks_kernel: dict[tuple, bool] = {}
+
+    def uses_xla(self) -> bool:
+        """Whether any call so far ran under XLA (pinned, chosen, or because
+        TF's kernels lacked an op)."""
+        return (self.mode is True or any(self._default_lacks_kernel.values())
+                or any(c[0] for c in self.choices.values()))
 
     def _get(self, key, use_xla: bool):
         if (key, use_xla) not in self._traced:
@@ -285,15 +328,17 @@ class CompiledFunction:
         return use_xla, (result_xla if use_xla else result)
 
 
-def compile_fn(fn: Callable, jit_compile=None, name: str | None = None
-               ) -> CompiledFunction:
-    """Compiles a pure TensorFlow function, choosing XLA by measurement.
+def compile_fn(fn: Callable, jit_compile=None, name: str | None = None, *,
+               stochastic: bool = False) -> CompiledFunction:
+    """Compiles a pure TensorFlow function with XLA or TF's kernels.
 
     Args:
       fn: a pure function of tensors (and hashable Python values).
       jit_compile: ``True``, ``False``, ``"auto"`` or ``None`` (environment
         default, see module docstring).
       name: a name for log messages.
+      stochastic: ``True`` for code whose result must not depend on a
+        timing: ``"auto"`` is then XLA, never measured.
 
     Returns:
       A :class:`CompiledFunction`.
@@ -303,4 +348,4 @@ def compile_fn(fn: Callable, jit_compile=None, name: str | None = None
       >>> f(tf.ones([4, 4]), tf.ones([4, 4])).shape
       TensorShape([4, 4])
     """
-    return CompiledFunction(fn, jit_compile, name)
+    return CompiledFunction(fn, jit_compile, name, stochastic=stochastic)

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_bnn_adv import seeds
+
 __all__ = ["Diagnostics", "rhat_ess", "rank_normalized_rhat_ess",
            "function_space", "probe_probabilities", "weight_projection",
            "to_inference_data", "plot_traces", "convergence_summary"]
@@ -376,9 +378,9 @@ def function_space(probs: np.ndarray, probe_y=None) -> dict:
 
 def _projection_vectors(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     """A fixed random unit vector over all weights, one array per part."""
-    vs = [tf.random.stateless_normal(p.shape[2:], seed=[_PROJECTION_SEED[0],
-                                                         _PROJECTION_SEED[1] + i],
-                                     dtype=tf.float64).numpy()
+    vs = [seeds.normal(p.shape[2:], [_PROJECTION_SEED[0],
+                                     _PROJECTION_SEED[1] + i],
+                       dtype=tf.float64).numpy()
           for i, p in enumerate(parts)]
     norm = math.sqrt(sum(float(np.sum(v * v)) for v in vs))
     return [v / norm for v in vs]

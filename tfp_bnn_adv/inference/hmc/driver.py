@@ -17,12 +17,15 @@ runs with the stateless seed ``fold_in(seed, j)``.  A checkpoint from a
 different configuration, or from an earlier format, is refused with a
 message naming the difference.
 
-Compilers: segments run under XLA (``jit_compile=True``), with TensorFlow's
-default kernels (``False``), or, with ``"auto"`` on CPU, whichever ran a
-short loop of target gradients faster; a resumed ``"auto"`` run keeps the
-path it started on.  Under XLA TensorFlow's stateless random draws use
-another algorithm, so one seed gives different (equally valid) chains on
-the two paths.
+Compilers: segments run under XLA (``jit_compile=True``, and ``"auto"``)
+or with TensorFlow's default kernels (``False``); the choice is never timed
+(:func:`tfp_bnn_adv.xla.stochastic_jit`), because an HMC chain is chaotic:
+the rounding differences between the two paths grow into different
+(equally valid) chains.  Every random draw of the kernels goes through
+:func:`tfp_bnn_adv.seeds.portable_samplers`, so both paths draw the same
+momenta, jitters and acceptance uniforms from one seed.  The path is
+recorded in the diagnostics (``jit``) and the checkpoint; a resumed run
+keeps the path it started on.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from tfp_bnn_adv.inference.hmc import kernel as kernel_lib
 from tfp_bnn_adv.inference.hmc.config import HMCConfig
 from tfp_bnn_adv.inference.hmc.init import check_state
 
-__all__ = ["run_chains", "ChainResult", "CHECKPOINT_FILE", "plan_segments"]
+__all__ = ["run_chains", "ChainResult", "CHECKPOINT_FILE", "plan_segments",
+           "check_checkpoint_dir"]
 
 CHECKPOINT_FILE = "hmc_checkpoint.npz"
 _SEGMENT_FILE = "hmc_samples_{:05d}.npz"
@@ -55,8 +59,6 @@ _FORMAT = "tfp_bnn_adv.hmc_checkpoint"
 # Version 2: preconditioned kernels with windowed adaptation (results hold
 # running variances and the adapted mass matrix).
 _FORMAT_VERSION = 2
-# Gradients per timing of the "auto" compiler choice.
-_PROBE_STEPS = 4
 
 
 class ChainResult(NamedTuple):
@@ -113,6 +115,60 @@ def plan_segments(config: HMCConfig) -> list[_Segment]:
     return plan
 
 
+def check_checkpoint_dir(checkpoint_dir) -> str | None:
+    """Validates a ``checkpoint_dir`` before any work: ``None`` or a path
+    that is a directory or can become one (no part of it a file)."""
+    if checkpoint_dir is None:
+        return None
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path or None, got "
+                        f"{checkpoint_dir!r}.")
+    path = os.fspath(checkpoint_dir)
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise ValueError(f"checkpoint_dir={path!r} cannot be a directory: "
+                         f"{probe!r} is an existing file.")
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint_dir={path!r}: {probe!r} is not "
+                         "writable.")
+    return path
+
+
+_META_TYPES = {"format": str, "format_version": int, "config": dict,
+               "digest": str, "segments_done": int, "iteration": int,
+               "summaries": list, "num_mass_parts": int,
+               "wall_seconds": (int, float), "use_xla": bool}
+
+
+def _check_meta(path: str, meta) -> dict:
+    """Refuses checkpoint metadata with missing or mistyped fields."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r}: checkpoint metadata must be a JSON "
+                         f"object, got {type(meta).__name__}. The checkpoint "
+                         "is corrupt; delete it to start afresh.")
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path!r} is not an HMC checkpoint "
+                         f"(format={meta.get('format')!r}).")
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        ok = isinstance(value, kind) and not (
+            kind is not bool and isinstance(value, bool))
+        if key == "format_version" and ok and value != _FORMAT_VERSION:
+            break  # reported below with the version's history
+        if not ok:
+            raise ValueError(f"{path!r}: checkpoint field {key!r} is "
+                             f"{_describe(value)}, not a "
+                             f"{getattr(kind, '__name__', 'number')}. The "
+                             "checkpoint is corrupt; delete it to start "
+                             "afresh.")
+    return meta
+
+
 def _fingerprint_diff(saved: dict, current: dict) -> str | None:
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
@@ -128,9 +184,7 @@ def _describe(value) -> str:
 def _load_checkpoint(path: str, config: dict):
     """Reads a checkpoint, refusing one from another configuration or format."""
     arrays, meta = files.load_arrays(path)
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path!r} is not an HMC checkpoint "
-                         f"(format={meta.get('format')!r}).")
+    meta = _check_meta(path, meta)
     if meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(
             f"{path!r} is an HMC checkpoint of format version "
@@ -155,7 +209,7 @@ def _leaves(results) -> list:
 
 def _restore(path: str, arrays: dict, template, state_template):
     """The chain state and kernel results, checked against their templates."""
-    state = [arrays[f"state_{i}"] for i in range(len(state_template))]
+    state = [arrays.get(f"state_{i}") for i in range(len(state_template))]
     leaves = _leaves(template)
     loaded = [arrays.get(f"results_{i}") for i in range(len(leaves))]
     for i, (a, t) in enumerate(zip(state + loaded,
@@ -166,8 +220,30 @@ def _restore(path: str, arrays: dict, template, state_template):
                              f"wrong shape or dtype; expected "
                              f"{tuple(t.shape)} {t.dtype.name}. The checkpoint "
                              "is corrupt.")
+    for i, a in enumerate(state):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{path!r}: chain state part {i} holds "
+                             f"{int(np.sum(~np.isfinite(a)))} non-finite "
+                             "values. The checkpoint is corrupt; delete it to "
+                             "start afresh.")
     results = tf.nest.pack_sequence_as(
         template, [tf.constant(a) for a in loaded], expand_composites=True)
+    # What the next iteration starts from must be finite (proposals of a
+    # divergent transition, also stored in the results, may not be).
+    adapted = results.inner_results
+    current = {"target log-density": kernel_lib.target_log_prob(adapted),
+               "step size": kernel_lib.per_chain_step_size(adapted)}
+    for i, m in enumerate(kernel_lib.inverse_mass(adapted)):
+        current[f"inverse mass {i}"] = m
+    for name, t in current.items():
+        v = t.numpy()
+        bad = ~np.isfinite(v) | ((v <= 0) if name != "target log-density"
+                                 else False)
+        if np.any(bad):
+            raise ValueError(f"{path!r}: the {name} holds {int(np.sum(bad))} "
+                             "non-finite (or non-positive) values. The "
+                             "checkpoint is corrupt; delete it to start "
+                             "afresh.")
     return [tf.constant(s) for s in state], results
 
 
@@ -177,39 +253,22 @@ def _load_segment(directory: str, index: int, digest: str, num_parts: int):
     if meta.get("digest") != digest or meta.get("segment") != index:
         raise ValueError(f"{path!r} belongs to another run than the checkpoint "
                          f"next to it; delete {directory!r} to start afresh.")
-    return [arrays[f"state_{i}"] for i in range(num_parts)], arrays["trace"]
+    names = [f"state_{i}" for i in range(num_parts)] + ["trace"]
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise ValueError(f"{path!r} lacks {missing}; the checkpoint is "
+                         f"corrupt: delete {directory!r} to start afresh.")
+    for k in names[:-1]:  # the monitored trace may be any value
+        if not np.all(np.isfinite(arrays[k])):
+            raise ValueError(f"{path!r}: {k} holds non-finite values; the "
+                             f"checkpoint is corrupt: delete {directory!r} to "
+                             "start afresh.")
+    return [arrays[k] for k in names[:-1]], arrays["trace"]
 
 
 def digest(config: dict) -> str:
     """SHA-256 of a JSON-able dict, independent of key order."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def choose_jit(target_log_prob_fn, state, mode, compiler_key) -> bool:
-    """Resolves ``"auto"``: times a short compiled loop of target gradients.
-
-    A loop, not one gradient, because a segment is a loop: for small
-    networks the per-call overhead of a single gradient would hide what
-    matters, the cost per leapfrog step inside compiled code.
-    :mod:`tfp_bnn_adv.xla` remembers the choice per machine, name and state
-    shapes; ``compiler_key`` goes into the name so that targets of other
-    sizes (e.g. more data) are timed afresh.
-    """
-    if mode != "auto":
-        return bool(mode)
-    name = "hmc_gradient_loop" + (f"_{compiler_key}" if compiler_key else "")
-
-    def gradient_loop(*parts):
-        def body(i, ps):
-            _, grads = tfp.math.value_and_gradient(target_log_prob_fn, ps)
-            # A vanishing move keeps the gradient from being hoisted.
-            return i + 1, [p + 1e-30 * g for p, g in zip(ps, grads)]
-        return tf.while_loop(lambda i, _: i < _PROBE_STEPS, body,
-                             (tf.constant(0), list(parts)))[1]
-
-    probe = xla.compile_fn(gradient_loop, "auto", name)
-    probe(*state)
-    return next(iter(probe.choices.values()))[0]
 
 
 def _target_log_prob_monitor(state_parts, target_log_prob):
@@ -238,7 +297,6 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
                monitor_fn: Callable | None = None,
                monitor_name: str = "target log-prob",
                fingerprint: dict | None = None,
-               compiler_key: str | None = None,
                segment_callback: Callable[[dict], Any] | None = None,
                **settings) -> ChainResult:
     """Runs ``C`` independent adaptive HMC/NUTS chains on any batched target.
@@ -269,8 +327,6 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
       monitor_name: its name in progress lines.
       fingerprint: extra JSON-able fields identifying the target (e.g. a data
         hash); a checkpoint whose fields differ is refused.
-      compiler_key: what, besides the state shapes, sets the target's cost;
-        runs with the same key share the remembered ``"auto"`` choice.
       segment_callback: called after each segment (and its checkpoint) with
         a dict of progress figures (``segment``, ``num_segments``,
         ``phase``, ``step``, ``num_steps``, ``acceptance``, ``step_size``,
@@ -312,10 +368,7 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
         raise TypeError("target_log_prob_fn must be callable.")
     if segment_callback is not None and not callable(segment_callback):
         raise TypeError("segment_callback must be callable or None.")
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir,
-                                                     (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path or None, got "
-                        f"{checkpoint_dir!r}.")
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     fields = dict(fingerprint or {})
     fields.update(config.sampler_settings())
     fields["seed"] = config.seed
@@ -323,16 +376,14 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
     # As it will read back from a checkpoint (tuples become lists).
     fields = json.loads(json.dumps(fields))
     return _Run(target_log_prob_fn, state, config, fields, monitor_fn,
-                monitor_name, checkpoint_dir, segment_callback,
-                compiler_key).run()
+                monitor_name, checkpoint_dir, segment_callback).run()
 
 
 class _Run:
     """One (possibly resumed) run: the host loop over compiled segments."""
 
     def __init__(self, target_log_prob_fn, state, config: HMCConfig, fields,
-                 monitor_fn, monitor_name, checkpoint_dir, segment_callback,
-                 compiler_key):
+                 monitor_fn, monitor_name, checkpoint_dir, segment_callback):
         self.target = target_log_prob_fn
         self.state = state
         self.cfg = config
@@ -342,7 +393,6 @@ class _Run:
         self.monitor_name = monitor_name
         self.dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.callback = segment_callback
-        self.compiler_key = compiler_key
         self.plan = plan_segments(config)
         self.kernel = kernel_lib.build_kernel(target_log_prob_fn, state, config)
         self.samples: list[list[np.ndarray]] = []
@@ -356,6 +406,12 @@ class _Run:
         kernel, monitor_fn = self.kernel, self.monitor_fn
 
         def segment(state, results, seed, num_first, num_between, num_kept):
+            with seeds.portable_samplers():
+                return run_segment(state, results, seed, num_first,
+                                   num_between, num_kept)
+
+        def run_segment(state, results, seed, num_first, num_between,
+                        num_kept):
             results = kernel_lib.zero_counters(results.inner_results)
             out = tfp.mcmc.sample_chain(
                 num_results=num_kept, current_state=list(state),
@@ -373,7 +429,8 @@ class _Run:
                            final.inner_results)}
             return out.all_states, out.trace, final, summary
 
-        self.segment = xla.compile_fn(segment, self.use_xla, "hmc_segment")
+        self.segment = xla.compile_fn(segment, self.use_xla, "hmc_segment",
+                                      stochastic=True)
         # Runs once per run: TF kernels spare an XLA compilation.
         self.bootstrap = xla.compile_fn(
             lambda s: kernel.bootstrap_results(list(s)), False,
@@ -441,8 +498,7 @@ class _Run:
     def run(self) -> ChainResult:
         start_segment = self._try_resume()
         if start_segment == 0:
-            self.use_xla = choose_jit(self.target, self.state,
-                                      self.cfg.jit_compile, self.compiler_key)
+            self.use_xla = xla.stochastic_jit(self.cfg.jit_compile)
             self._compile()
             self.results = self.bootstrap(self.state)
         base_seed = tf.constant(self.cfg.seed, tf.int32)
@@ -464,6 +520,9 @@ class _Run:
                 states, trace, self.results, summary = self.segment(
                     self.state, self.results, seed, tf.constant(num_first),
                     tf.constant(num_between), num_kept=num_kept)
+                # jit_compile=False runs XLA where TF lacks a kernel (e.g.
+                # grouped-convolution gradients on some CPUs): record it.
+                self.use_xla = self.use_xla or self.segment.uses_xla()
                 trace = trace.numpy()
                 seconds = time.perf_counter() - tic
                 self.wall += seconds

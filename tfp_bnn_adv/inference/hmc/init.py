@@ -29,8 +29,7 @@ __all__ = ["prior_init", "sgd_init", "check_explicit_init", "check_state",
 
 def prior_init(network: Network, num_chains: int, prior_scale: float, seed):
     parts = seeds.split(seed, len(network.param_shapes))
-    return [prior_scale * tf.random.stateless_normal([num_chains] + list(shape),
-                                                     seed=s)
+    return [prior_scale * seeds.normal([num_chains] + list(shape), s)
             for shape, s in zip(network.param_shapes, tf.unstack(parts))]
 
 
@@ -50,9 +49,7 @@ def sgd_init(network: Network, x, y, *, num_chains, prior_scale, seed, steps,
 
     def fit(params, x, y):
         def loss_fn(ps, t):
-            idx = tf.random.stateless_uniform(
-                [b], seeds.fold_in(batch_seed, t),
-                maxval=n, dtype=tf.int32)
+            idx = seeds.integers([b], seeds.fold_in(batch_seed, t), n)
             ll = shard_log_likelihood(network, ps, tf.gather(x, idx),
                                       tf.gather(y, idx))
             return -tf.reduce_sum(n / b * ll + log_prior(ps, prior_scale)) / n
@@ -80,7 +77,7 @@ def sgd_init(network: Network, x, y, *, num_chains, prior_scale, seed, steps,
     logging.info("HMC: initial states from %d Adam steps per chain (%.1f s).",
                  steps, time.perf_counter() - tic)
     noise_seeds = tf.unstack(seeds.split(jitter_seed, len(fitted)))
-    return [p + jitter * tf.random.stateless_normal(tf.shape(p), seed=s)
+    return [p + jitter * seeds.normal(tf.shape(p), s)
             for p, s in zip(fitted, noise_seeds)]
 
 

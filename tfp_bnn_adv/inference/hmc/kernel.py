@@ -48,6 +48,7 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_bnn_adv import seeds
 from tfp_bnn_adv.inference.hmc.config import HMCConfig
 
 __all__ = ["Counted", "CountedResults", "DiagonalPreconditioning",
@@ -280,16 +281,15 @@ class Counted(tfp.mcmc.TransitionKernel):
         if cfg.num_leapfrog_steps is not None:
             return tf.constant(cfg.num_leapfrog_steps, tf.int32)
         eps = tf.exp(tf.reduce_mean(tf.math.log(per_chain_step_size(adapted))))
-        u = tf.random.stateless_uniform(
-            [], seed, minval=1.0 - cfg.trajectory_jitter,
-            maxval=1.0 + cfg.trajectory_jitter)
+        u = seeds.uniform([], seed, minval=1.0 - cfg.trajectory_jitter,
+                          maxval=1.0 + cfg.trajectory_jitter)
         n = tf.math.ceil(u * cfg.trajectory_length / eps)
         return tf.cast(tf.clip_by_value(n, 1.0, float(cfg.max_leapfrog_steps)),
                        tf.int32)
 
     def one_step(self, current_state, previous_kernel_results, seed=None):
         adapted = previous_kernel_results.inner_results
-        jitter_seed, step_seed = tfp.random.split_seed(seed, 2)
+        jitter_seed, step_seed = tf.unstack(seeds.split(seed, 2))
         if self._config.kernel == "hmc":
             n = self._leapfrogs(adapted, jitter_seed)
             pre = _precond(adapted)

@@ -21,8 +21,7 @@ from tfp_bnn_adv.inference.hmc import init as init_lib
 from tfp_bnn_adv.inference.hmc import target as target_lib
 from tfp_bnn_adv.inference.hmc.config import HMCConfig
 from tfp_bnn_adv.inference.hmc.driver import CHECKPOINT_FILE
-from tfp_bnn_adv.inference.hmc.driver import choose_jit
-from tfp_bnn_adv.inference.hmc.driver import digest
+from tfp_bnn_adv.inference.hmc.driver import check_checkpoint_dir
 from tfp_bnn_adv.inference.hmc.driver import run_chains
 from tfp_bnn_adv.network import Network
 
@@ -153,6 +152,7 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
             raise TypeError(f"config must be an HMCConfig, got "
                             f"{type(config).__name__}.")
         config = config.replace(**settings) if settings else config
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if not isinstance(network, Network):
         network = Network.from_keras(network)
     x, y = network.check_inputs(train_x, train_y, x_name="train_x",
@@ -191,17 +191,9 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
     else:
         # The segment loop holds one copy of the state and runs on the host
         # device; each replica's likelihood gradient is compiled on its own.
-        local_jit = xla.resolve_jit(run_jit)
-        if local_jit == "auto":  # time one replica's share on one device
-            per = -(-n // replicas) if config.parallelism == "data" else n
-            probe_shards = target_lib.shard_data(x[:per], y[:per], shard_size)
-            local_jit = choose_jit(
-                lambda *ps: target_lib.log_likelihood(network, ps,
-                                                      *probe_shards),
-                init_lib.prior_init(network, config.num_chains,
-                                    config.prior_scale, config.seed),
-                "auto", f"replica_{per}_{shard_size}_"
-                f"{fingerprint['architecture'][:8]}")
+        # Never timed: the chain is chaotic, so its path must not depend on
+        # a measurement (see tfp_bnn_adv.xla).
+        local_jit = xla.stochastic_jit(run_jit)
         likelihood = target_lib.replicated_log_likelihood(
             network, strategy, x, y, shard_size=shard_size,
             parallelism=config.parallelism, num_chains=config.num_chains,
@@ -242,8 +234,6 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
             target, state, config=chain_config, checkpoint_dir=checkpoint_dir,
             monitor_fn=monitor, monitor_name="log-likelihood",
             fingerprint=fingerprint,
-            compiler_key=digest({k: fingerprint[k] for k in (
-                "architecture", "num_train", "shard_size")})[:12],
             segment_callback=segment_callback)
 
     probs = diag_lib.probe_probabilities(network, result.states, probe[0])
@@ -261,7 +251,8 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
     settings_out = dict(fingerprint)
     settings_out.update(config.to_dict())
     settings_out.update(seed=config.seed, num_replicas=replicas,
-                        shard_size=shard_size, init=init_cfg)
+                        shard_size=shard_size, init=init_cfg,
+                        compile_path=diagnostics.jit)
     metadata = {"method": "hmc", "settings": settings_out,
                 "num_chains": config.num_chains,
                 "diagnostics": diagnostics.to_dict(),
