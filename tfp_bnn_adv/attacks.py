@@ -34,9 +34,9 @@ the sample draws of ``gradient="sample"`` and the Square Attack's proposals
 come from one stream per batch, so they do.  Random floats are built from
 integer draws because TensorFlow's and XLA's float samplers differ.  The
 random attack, the Square Attack and ``gradient="sample"`` are stochastic
-code in the sense of :mod:`tfp_bnn_adv.xla`: with ``jit_compile="auto"``
-they run under XLA, never chosen by a timing, so a seed gives the same
-``x_adv`` on every run.
+code in the sense of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"``
+path is fixed by the platform (XLA on GPU/TPU, TF's kernels on CPU), never
+chosen by a timing, so a seed gives the same ``x_adv`` on every run.
 """
 
 from __future__ import annotations

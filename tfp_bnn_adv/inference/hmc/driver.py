@@ -17,8 +17,9 @@ runs with the stateless seed ``fold_in(seed, j)``.  A checkpoint from a
 different configuration, or from an earlier format, is refused with a
 message naming the difference.
 
-Compilers: segments run under XLA (``jit_compile=True``, and ``"auto"``)
-or with TensorFlow's default kernels (``False``); the choice is never timed
+Compilers: segments run under XLA (``jit_compile=True``, and ``"auto"``
+with a GPU or TPU) or with TensorFlow's default kernels (``False``, and
+``"auto"`` on a CPU-only host); the choice is never timed
 (:func:`tfp_bnn_adv.xla.stochastic_jit`), because an HMC chain is chaotic:
 the rounding differences between the two paths grow into different
 (equally valid) chains.  Every random draw of the kernels goes through
