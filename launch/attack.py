@@ -7,7 +7,9 @@ the paper's figures, and unchanged predictions), ``table.csv``,
 (with a trace plot per HMC posterior).  An unconverged HMC posterior (its
 function-space R-hat median above --max_rhat) stops the script before any
 attack unless --allow_unconverged is given; then its rows are marked
-(UNCONVERGED).
+(UNCONVERGED).  Rerun in the same --output_dir only with the same settings
+and posterior files (their SHA-256 is in results.json): anything else is
+refused, naming what differs, unless --overwrite deletes the earlier table.
 
 Example:
   python -m launch.attack --output_dir=runs/table --dataset=fashion_mnist \
@@ -19,12 +21,15 @@ from absl import app
 
 from launch import flags as lf
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
+from tfp_bnn_adv.studies.attack_table import fingerprint
 from tfp_bnn_adv.studies.attack_table import run_attack_table
 
 FLAGS = lf.FLAGS
 
 
 def config_from_flags() -> AttackTableConfig:
+    if not FLAGS.posteriors:
+        raise lf.FlagError("--posteriors is required (label=path,...).")
     make = AttackTableConfig.paper if FLAGS.preset == "paper" else AttackTableConfig.quick
     overrides = dict(
         posteriors=lf.posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
@@ -32,20 +37,21 @@ def config_from_flags() -> AttackTableConfig:
         attacks=tuple(FLAGS.attacks), gradients=tuple(FLAGS.gradients),
         data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
         half_moons_n=FLAGS.half_moons_n, seed=FLAGS.seed, **lf.convergence())
-    for flag, field in (("num_test", "num_test"), ("pgd_steps", "pgd_steps"),
-                        ("square_queries", "square_queries")):
+    if FLAGS.num_test is not None:
+        overrides["num_test"] = lf.count(FLAGS.num_test)
+    for flag in ("pgd_steps", "square_queries"):
         if FLAGS[flag].value is not None:
-            overrides[field] = FLAGS[flag].value
-    return make(**overrides)
+            overrides[flag] = FLAGS[flag].value
+    config = make(**overrides)
+    config.validate()
+    return config
 
 
 def main(argv):
     del argv
-    out_dir = lf.start("attack")
-    if not FLAGS.posteriors:
-        raise app.UsageError("--posteriors is required (label=path,...).")
+    out_dir, config, _ = lf.start("attack", config_from_flags, fingerprint)
     with lf.strategy().scope():
-        results = run_attack_table(config_from_flags(), out_dir)
+        results = run_attack_table(config, out_dir, overwrite=FLAGS.overwrite)
     print(results["table_markdown"])
     print(f"Figures: {', '.join(results['figures'])}")
 

@@ -7,7 +7,8 @@ samples grows; the deterministic network as comparison.  Writes
 ``results.json``, ``gradients.csv`` / ``.md`` and ``figures/``.  HMC flags
 given explicitly (--num_results, --trajectory_length, ...) override the
 preset's HMC settings of both parts; an unconverged HMC posterior stops the
-study unless --allow_unconverged is given.
+study unless --allow_unconverged is given.  A rerun in the same --output_dir
+with other settings is refused, naming what differs, unless --overwrite.
 
 Example (paper scale, hours on a CPU):
   python -m launch.gradient_study --output_dir=runs/grad --preset=paper \
@@ -20,6 +21,7 @@ from absl import app
 
 from launch import flags as lf
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
+from tfp_bnn_adv.studies.gradient_study import fingerprint
 from tfp_bnn_adv.studies.gradient_study import run_gradient_study
 
 FLAGS = lf.FLAGS
@@ -43,21 +45,25 @@ def config_from_flags() -> GradientStudyConfig:
     if lf.explicit("hidden"):
         overrides["image_hidden"] = lf.ints(FLAGS.hidden, "hidden")
     if FLAGS.num_test is not None:
-        overrides["num_test"] = FLAGS.num_test
+        overrides["num_test"] = lf.count(FLAGS.num_test)
     if FLAGS.num_train is not None:
-        overrides["image_num_train"] = FLAGS.num_train
+        overrides["image_num_train"] = lf.count(FLAGS.num_train)
     config = make(**overrides)
     hmc = lf.hmc_overrides()
-    return dataclasses.replace(config,
-                               moons_hmc=config.moons_hmc.replace(**hmc),
-                               image_hmc=config.image_hmc.replace(**hmc))
+    config = dataclasses.replace(config,
+                                 moons_hmc=config.moons_hmc.replace(**hmc),
+                                 image_hmc=config.image_hmc.replace(**hmc))
+    config.validate()
+    return config
 
 
 def main(argv):
     del argv
-    out_dir = lf.start("gradient_study")
+    out_dir, config, _ = lf.start("gradient_study", config_from_flags,
+                                  fingerprint)
     with lf.strategy().scope():
-        results = run_gradient_study(config_from_flags(), out_dir)
+        results = run_gradient_study(config, out_dir,
+                                     overwrite=FLAGS.overwrite)
     print(f"Gradient study done: {out_dir}/gradients.md; figures: "
           f"{', '.join(results['figures'])}")
 

@@ -27,6 +27,11 @@ quickstart stops right after fitting it, with its posterior and diagnostics
 saved; with --allow_unconverged it goes on and every table, legend and the
 summary mark it "HMC (UNCONVERGED)".
 
+A rerun in the same --output_dir resumes (HMC from its checkpoints, the
+sweep from its finished runs) only with the same settings: any other is
+refused before anything is fitted, naming what differs, unless --overwrite
+deletes the earlier run.
+
 Example:
   python -m launch.quickstart --output_dir=quickstart_out
 """
@@ -44,10 +49,13 @@ from tfp_bnn_adv import files
 from tfp_bnn_adv import models
 from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
+from tfp_bnn_adv.studies.attack_table import fingerprint as table_fingerprint
 from tfp_bnn_adv.studies.attack_table import run_attack_table
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
+from tfp_bnn_adv.studies.gradient_study import fingerprint as grad_fingerprint
 from tfp_bnn_adv.studies.gradient_study import run_gradient_study
 from tfp_bnn_adv.studies.robustness_accuracy import RobustnessAccuracyConfig
+from tfp_bnn_adv.studies.robustness_accuracy import fingerprint as sweep_fingerprint
 from tfp_bnn_adv.studies.robustness_accuracy import run_robustness_accuracy
 from tfp_bnn_adv.studies.training import InferenceSettings
 from tfp_bnn_adv.studies.training import fit_posterior
@@ -71,6 +79,7 @@ SETTINGS = {
     "sgd": InferenceSettings(method="sgd", epochs=8, learning_rate=1e-3),
 }
 LABELS = {"hmc": "HMC", "vi": "VI", "sgd": "NN (SGD)"}
+SUBSTUDIES = ("attack_table", "gradient_study", "robustness_accuracy")
 
 
 def _fashion(seed, num_train):
@@ -99,6 +108,10 @@ def _value(v, _):
     return v
 
 
+def _count(v, _):
+    return lf.count(v)
+
+
 def _settings(method: str, seed: int) -> InferenceSettings:
     if method == "hmc":
         return SETTINGS["hmc"].replace(seed=seed, **lf.hmc_overrides())
@@ -107,31 +120,100 @@ def _settings(method: str, seed: int) -> InferenceSettings:
         seed=seed, **{n: FLAGS[n].value for n in names if lf.explicit(n)})
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the quickstart runs, from the flags."""
+    num_train: int | None
+    hidden: tuple
+    settings: dict
+    table: AttackTableConfig
+    grads: GradientStudyConfig
+    sweep: RobustnessAccuracyConfig
+
+
+def plan_from_flags() -> Plan:
+    """The quickstart's settings and its three studies' configs, validated."""
+    seed = FLAGS.seed
+    num_train = (NUM_TRAIN if FLAGS.num_train is None
+                 else lf.count(FLAGS.num_train))
+    hidden = lf.ints(FLAGS.hidden, "hidden") if lf.explicit("hidden") else HIDDEN
+    data = dict(data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
+                **lf.convergence())
+    hmc_flags = lf.hmc_overrides()
+    table = AttackTableConfig.quick(
+        dataset="fashion_mnist", seed=seed, **data, **_overrides({
+            "num_test": ("num_test", _count),
+            "pgd_steps": ("pgd_steps", _value),
+            "square_queries": ("square_queries", _value)}))
+    grads = GradientStudyConfig.quick(
+        image_dataset="fashion_mnist", seed=seed, **data, **_overrides({
+            "widths": ("moons_widths", lf.ints),
+            "train_sizes": ("moons_train_sizes", lf.ints),
+            "sample_counts": ("sample_counts", lf.ints),
+            "num_test": ("num_test", _count)}))
+    grads = dataclasses.replace(grads,
+                                moons_hmc=grads.moons_hmc.replace(**hmc_flags))
+    sweep = RobustnessAccuracyConfig.quick(
+        num_train=num_train, **data, **_overrides({
+            "widths": ("widths", lf.ints),
+            "training_lengths": ("training_lengths", lf.ints),
+            "hmc_lengths": ("hmc_lengths", lf.ints),
+            "num_test": ("num_test", _count)}))
+    sweep = dataclasses.replace(sweep, hmc=sweep.hmc.replace(**hmc_flags))
+    for config in (table, grads, sweep):
+        config.validate()
+    return Plan(num_train, hidden, {m: _settings(m, seed) for m in SETTINGS},
+                table, grads, sweep)
+
+
+def fingerprint(plan: Plan) -> dict:
+    """The quickstart's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+
+    Fields: the Fashion-MNIST location, the subset size, the hidden widths,
+    each method's settings, --max_rhat, and the fingerprint fields of the
+    three studies' configs (their posteriors are the ones fitted here, so
+    they are covered by the fields before).
+    """
+    return common.fingerprint("quickstart", {
+        "data": common.data_fields("fashion_mnist", FLAGS.data_dir,
+                                   FLAGS.data_source),
+        "num_train": plan.num_train, "hidden": list(plan.hidden),
+        "settings": {m: common.settings_fields(s)
+                     for m, s in plan.settings.items()},
+        "max_rhat": FLAGS.max_rhat,
+        "attack_table": table_fingerprint(plan.table)["fields"],
+        "gradient_study": grad_fingerprint(plan.grads)["fields"],
+        "robustness_accuracy": sweep_fingerprint(plan.sweep)["fields"]})
+
+
 def main(argv):
     del argv
     if not FLAGS.output_dir:
         FLAGS.output_dir = DEFAULT_OUTPUT_DIR
-    out_dir = lf.start("quickstart")
+    out_dir, plan, fp = lf.start(
+        "quickstart", plan_from_flags, fingerprint,
+        directories=tuple(f"ckpt/{m}" for m in SETTINGS) + SUBSTUDIES
+        + ("robustness_accuracy/runs",))
     # --strategy: HMC, gradients and attacks spread over its replicas.
     with lf.strategy().scope():
-        _run(out_dir)
+        _run(out_dir, plan, fp)
 
 
-def _run(out_dir: str) -> None:
+def _run(out_dir: str, plan: Plan, fp: dict) -> None:
     """The four stages; see the module docstring."""
     start = time.perf_counter()
-    seed = FLAGS.seed
-    num_train = FLAGS.num_train or NUM_TRAIN
-    hidden = lf.ints(FLAGS.hidden, "hidden") if lf.explicit("hidden") else HIDDEN
-    ds = _fashion(seed, num_train)
-    out = common.StudyOutput(out_dir, "quickstart")
+    ds = _fashion(FLAGS.seed, plan.num_train)
+    out = common.StudyOutput(
+        out_dir, "quickstart", fingerprint=fp, overwrite=FLAGS.overwrite,
+        owned=("ckpt", "summary.md") + SUBSTUDIES + tuple(
+            f"posterior_{m}.npz" for m in SETTINGS))
     ensembles, reports = {}, {}
-    for method in SETTINGS:
+    for method, settings in plan.settings.items():
         logging.info("[quickstart] stage 1/4: %s on Fashion-MNIST (%d points)",
                      method, len(ds.train_x))
-        model = models.mlp(ds.input_shape, ds.num_classes, hidden)
+        model = models.mlp(ds.input_shape, ds.num_classes, plan.hidden)
         ens, _ = fit_posterior(
-            model, ds.train_x, ds.train_y, _settings(method, seed),
+            model, ds.train_x, ds.train_y, settings,
             checkpoint_dir=os.path.join(out_dir, "ckpt", method),
             probe_x=ds.test_x, probe_y=ds.test_y, max_rhat=FLAGS.max_rhat)
         ens.metadata["dataset"] = "fashion_mnist"
@@ -146,42 +228,24 @@ def _run(out_dir: str) -> None:
             what="the quickstart's comparison",
             saved_to=out.path("results.json"))
 
-    data = dict(data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
-                **lf.convergence())
-    hmc_flags = lf.hmc_overrides()
+    # The attack table and the gradient study recompute everything from the
+    # posteriors above, whose configuration the quickstart's fingerprint has
+    # just checked; their own fingerprints hold the posteriors' SHA-256,
+    # which a refit may change in the last bits, so they start afresh.
     logging.info("[quickstart] stage 2/4: attack table")
     table = run_attack_table(
-        AttackTableConfig.quick(
-            dataset="fashion_mnist", seed=seed, **data, **_overrides({
-                "num_test": ("num_test", _value),
-                "pgd_steps": ("pgd_steps", _value),
-                "square_queries": ("square_queries", _value)})),
-        os.path.join(out_dir, "attack_table"),
-        ensembles={LABELS[m]: e for m, e in ensembles.items()})
+        plan.table, os.path.join(out_dir, "attack_table"),
+        ensembles={LABELS[m]: e for m, e in ensembles.items()},
+        overwrite=True)
 
     logging.info("[quickstart] stage 3/4: gradient study")
-    grad_config = GradientStudyConfig.quick(
-        image_dataset="fashion_mnist", seed=seed, **data, **_overrides({
-            "widths": ("moons_widths", lf.ints),
-            "train_sizes": ("moons_train_sizes", lf.ints),
-            "sample_counts": ("sample_counts", lf.ints),
-            "num_test": ("num_test", _value)}))
     grads = run_gradient_study(
-        dataclasses.replace(
-            grad_config, moons_hmc=grad_config.moons_hmc.replace(**hmc_flags)),
-        os.path.join(out_dir, "gradient_study"), image_ensembles=ensembles)
+        plan.grads, os.path.join(out_dir, "gradient_study"),
+        image_ensembles=ensembles, overwrite=True)
 
     logging.info("[quickstart] stage 4/4: robustness-accuracy sweep")
-    sweep_config = RobustnessAccuracyConfig.quick(
-        num_train=num_train, **data, **_overrides({
-            "widths": ("widths", lf.ints),
-            "training_lengths": ("training_lengths", lf.ints),
-            "hmc_lengths": ("hmc_lengths", lf.ints),
-            "num_test": ("num_test", _value)}))
     sweep = run_robustness_accuracy(
-        dataclasses.replace(sweep_config,
-                            hmc=sweep_config.hmc.replace(**hmc_flags)),
-        os.path.join(out_dir, "robustness_accuracy"))
+        plan.sweep, os.path.join(out_dir, "robustness_accuracy"))
 
     minutes = (time.perf_counter() - start) / 60
     figures = table["figures"] + grads["figures"] + sweep["figures"]

@@ -6,6 +6,10 @@ are kept in ``runs/`` and skipped when the command runs again.  HMC flags
 given explicitly override the preset's HMC settings (--num_burnin_steps is
 set by --hmc_lengths).  The summary is refused while an HMC run is
 unconverged unless --allow_unconverged is given (the runs stay saved).
+The sweep's axes (--methods, --widths, --depths, --training_lengths,
+--hmc_lengths, --seed) may change between runs in the same --output_dir
+(finished runs are reused); any other setting that changes results is
+refused, naming what differs, unless --overwrite deletes the earlier sweep.
 
 Example (paper scale: ~1000 models):
   python -m launch.robustness_accuracy --output_dir=runs/sweep --preset=paper \
@@ -18,6 +22,7 @@ from absl import app
 
 from launch import flags as lf
 from tfp_bnn_adv.studies.robustness_accuracy import RobustnessAccuracyConfig
+from tfp_bnn_adv.studies.robustness_accuracy import fingerprint
 from tfp_bnn_adv.studies.robustness_accuracy import run_robustness_accuracy
 
 FLAGS = lf.FLAGS
@@ -37,21 +42,25 @@ def config_from_flags() -> RobustnessAccuracyConfig:
     if FLAGS.methods:
         overrides["methods"] = tuple(FLAGS.methods)
     if FLAGS.num_train is not None:
-        overrides["num_train"] = FLAGS.num_train
+        overrides["num_train"] = lf.count(FLAGS.num_train)
     if FLAGS.num_test is not None:
-        overrides["num_test"] = FLAGS.num_test
+        overrides["num_test"] = lf.count(FLAGS.num_test)
     if lf.explicit("seed"):
         overrides["seeds"] = (FLAGS.seed,)
     config = make(**overrides)
-    return dataclasses.replace(
+    config = dataclasses.replace(
         config, hmc=config.hmc.replace(**lf.hmc_overrides()))
+    config.validate()
+    return config
 
 
 def main(argv):
     del argv
-    out_dir = lf.start("robustness_accuracy")
+    out_dir, config, _ = lf.start("robustness_accuracy", config_from_flags,
+                                  fingerprint, directories=("runs",))
     with lf.strategy().scope():
-        results = run_robustness_accuracy(config_from_flags(), out_dir)
+        results = run_robustness_accuracy(config, out_dir,
+                                          overwrite=FLAGS.overwrite)
     print(f"{results['num_models']} models ({results['num_skipped']} resumed "
           f"from {out_dir}/runs); table {out_dir}/sweep.md; figures: "
           f"{', '.join(results['figures'])}")

@@ -74,9 +74,9 @@ def test_paper_figures_sit_next_to_matching_rows(tmp_path):
 
 
 def _moons_config(**kw):
-    return at.AttackTableConfig.quick(
-        dataset="half_moons", half_moons_n=600, num_test=20,
-        attacks=("random",), eps=0.1, **kw)
+    return at.AttackTableConfig.quick(**{
+        "dataset": "half_moons", "half_moons_n": 600, "num_test": 20,
+        "attacks": ("random",), "eps": 0.1, **kw})
 
 
 def test_unconverged_hmc_is_refused_before_any_attack(moons_ensembles, tmp_path,
@@ -156,3 +156,60 @@ def test_bad_configs():
         at.AttackTableConfig(posteriors=(("x", "/nonexistent.npz"),)).validate()
     with pytest.raises(ValueError, match="no posterior"):
         at.run_attack_table(at.AttackTableConfig(dataset="half_moons"), "/tmp/unused")
+
+
+def test_rerun_with_other_posterior_and_eps_is_refused_not_mixed(
+        moons_ensembles, tmp_path):
+    _, ensembles = moons_ensembles
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    ensembles["Deep ensemble"].save(first)
+    ensembles["NN"].save(second)
+    out = tmp_path / "table"
+    old = _moons_config(posteriors=(("P", str(first)),))
+    at.run_attack_table(old, str(out))
+    before = (out / "results.json").read_text()
+    assert "P/eps=0.1/test/adv_accuracy/random" in json.loads(before)
+    new = _moons_config(posteriors=(("P", str(second)),), eps=0.05)
+    with pytest.raises(ValueError, match=r"eps: 0\.1 \(saved\) -> 0\.05 \(now\)"
+                       ) as e:
+        at.run_attack_table(new, str(out))
+    assert "posteriors" in str(e.value) and "--overwrite" in str(e.value)
+    assert (out / "results.json").read_text() == before
+    # The same configuration reruns (and resumes) in place.
+    at.run_attack_table(old, str(out))
+    # A retrained posterior under the same path is another configuration.
+    ensembles["NN"].save(first)
+    with pytest.raises(ValueError, match="posteriors"):
+        at.run_attack_table(old, str(out))
+    # --overwrite: only the new run's keys, beside its table.
+    at.run_attack_table(new, str(out), overwrite=True)
+    saved = json.loads((out / "results.json").read_text())
+    assert "P/eps=0.05/test/adv_accuracy/random" in saved
+    assert not any(k.startswith("P/eps=0.1/") for k in saved)
+    assert saved["fingerprint"]["fields"]["eps"] == 0.05
+    assert saved["fingerprint"]["inputs"]["posteriors"] == [["P", str(second)]]
+    assert saved["fingerprint"]["fields"]["posteriors"] == [
+        ["P", common.file_sha256(second)]]
+
+
+def test_fingerprint_fields_follow_what_changes_the_table(moons_ensembles):
+    _, ensembles = moons_ensembles
+    base = at.fingerprint(_moons_config(), {"NN": ensembles["NN"]})
+    # Deciding whether to write, and settings of attacks not run, are out.
+    assert at.fingerprint(_moons_config(allow_unconverged=True),
+                          {"NN": ensembles["NN"]}) == base
+    assert at.fingerprint(_moons_config(pgd_steps=7),
+                          {"NN": ensembles["NN"]}) == base
+    for change in (dict(num_test=21), dict(seed=1), dict(max_rhat=1.2),
+                   dict(half_moons_n=500), dict(attacks=("random", "fgsm"))):
+        assert at.fingerprint(_moons_config(**change),
+                              {"NN": ensembles["NN"]}) != base, change
+    assert at.fingerprint(_moons_config(), {"NN": ensembles["Deep ensemble"]}
+                          )["fields"]["ensembles"] != base["fields"]["ensembles"]
+    assert at.fingerprint(_moons_config(num_test=None))["fields"][
+        "num_test"] is None
+    at.AttackTableConfig(num_test=None).validate()  # None: every test point
+    with pytest.raises(ValueError, match="num_test"):
+        at.AttackTableConfig(num_test=0).validate()
+    with pytest.raises(ValueError, match="eps"):
+        at.AttackTableConfig(eps=float("nan")).validate()

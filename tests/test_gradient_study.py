@@ -171,3 +171,44 @@ def test_allow_unconverged_marks_rows_and_curves(tmp_path, monkeypatch,
     with open(tmp_path / "loose" / "gradients.csv", newline="") as f:
         assert {r["method"] for r in csv.DictReader(f)} == {"hmc"}
     assert "**Warning:**" not in (tmp_path / "loose" / "gradients.md").read_text()
+
+
+def test_rerun_with_another_configuration_is_refused_not_mixed(
+        tmp_path, monkeypatch, hmc_metadata):
+    monkeypatch.setattr(gs, "fit_posterior", _fake_fit(1.0, hmc_metadata, []))
+    gs.run_gradient_study(_tiny_config(), str(tmp_path))
+    before = (tmp_path / "results.json").read_text()
+    wider = gs.GradientStudyConfig.quick(
+        moons_widths=(8,), moons_train_sizes=(40,), image_dataset=None,
+        include_deterministic=False, sample_counts=(1, 2), num_test=10)
+    with pytest.raises(ValueError, match=r"moons_widths: \[4\] \(saved\) -> "
+                       r"\[8\] \(now\)"):
+        gs.run_gradient_study(wider, str(tmp_path))
+    assert (tmp_path / "results.json").read_text() == before
+    # allow_unconverged only decides whether the study is written.
+    gs.run_gradient_study(_tiny_config(allow_unconverged=True), str(tmp_path))
+    results = gs.run_gradient_study(wider, str(tmp_path), overwrite=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "half_moons/hmc/width=8/n_train=40/samples=2/grad_mean_abs/expected" in saved
+    assert not any(k.startswith("half_moons/hmc/width=4/") for k in saved)
+    assert results["unconverged"] == []
+
+
+def test_fingerprint_covers_what_fits_the_image_posteriors(tmp_path):
+    config = gs.GradientStudyConfig.quick()
+    base = gs.fingerprint(config)
+    assert base["fields"]["image_hmc"]["num_results"] == 300
+    assert "seed" not in base["fields"]["image_hmc"]  # the study's seed rules
+    assert gs.fingerprint(gs.GradientStudyConfig.quick(
+        image_vi=config.image_vi.replace(epochs=6))) != base
+    # Without an image part, its settings do not count.
+    no_images = gs.fingerprint(gs.GradientStudyConfig.quick(image_dataset=None))
+    assert "image_hmc" not in no_images["fields"]
+    assert gs.fingerprint(gs.GradientStudyConfig.quick(
+        image_dataset=None, image_hidden=(8,))) == no_images
+    # Given ensembles replace what would fit them.
+    net = Network.from_keras(models.mlp((28, 28, 1), 10, (4,)))
+    ens = PosteriorEnsemble(net, net.init_params(0, num_samples=2))
+    given = gs.fingerprint(config, image_ensembles={"hmc": ens})
+    assert set(given["fields"]["image_ensembles"]) == {"hmc"}
+    assert "image_hmc" not in given["fields"]

@@ -2,14 +2,19 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
 from absl.testing import flagsaver  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from launch import attack  # pylint: disable=wrong-import-position
+from launch import flags as lf  # pylint: disable=wrong-import-position
 from launch import gradient_study  # pylint: disable=wrong-import-position
 from launch import quickstart  # pylint: disable=wrong-import-position
 from launch import robustness_accuracy  # pylint: disable=wrong-import-position
@@ -17,6 +22,7 @@ from launch import train  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -234,3 +240,193 @@ def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
         attack.main(["attack"])
     results = _results(table_dir)
     assert 0.0 <= results["HMC/eps=0.1/test/adv_accuracy/pgd/predictive"] <= 1.0
+
+
+# --- Bad flags fail before anything is created, without a traceback. ------
+
+def _script(module, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+_SGD = ["--dataset=half_moons", "--half_moons_n=100", "--method=sgd",
+        "--epochs=1", "--hidden=4"]
+_HMC = ["--dataset=half_moons", "--half_moons_n=100", "--method=hmc",
+        "--num_burnin_steps=2", "--num_results=2", "--num_leapfrog_steps=2",
+        "--hidden=4"]
+# case: (extra flags, what the output dir holds first, what stderr names)
+_BAD = {
+    "hidden=abc": (_SGD + ["--hidden=abc"], None, ["--hidden", "'abc'"]),
+    "num_test=-5": (_SGD + ["--num_test=-5"], None, ["--num_test", "'-5'"]),
+    "num_test=0": (_SGD + ["--num_test=0"], None, ["--num_test", "'all'"]),
+    "output_dir is a file": (_SGD, "file", ["--output_dir", "existing file"]),
+    "ckpt is a file": (_HMC, "ckpt file", ["ckpt/", "existing file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_flags_exit_cleanly_before_anything_is_written(case, tmp_path):
+    args, holds, names = _BAD[case]
+    out = tmp_path / "out"
+    if holds == "file":
+        out.write_text("a file")
+    elif holds == "ckpt file":
+        out.mkdir()
+        (out / "ckpt").write_text("a file")
+    proc = _script("launch.train", f"--output_dir={out}", *args)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name in names:
+        assert name in proc.stderr, proc.stderr[-3000:]
+    if holds == "file":
+        assert out.read_text() == "a file"
+    elif holds == "ckpt file":
+        assert sorted(p.name for p in out.iterdir()) == ["ckpt"]
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("hidden", ["abc"]), ("hidden", ["0"]), ("widths", ["0"]),
+    ("train_sizes", ["x"]), ("filters", ["-2"]), ("depths", ["1.5"]),
+    ("eps_sweep", ["nan"]), ("eps_sweep", ["-0.1"]), ("attacks", ["cw"]),
+    ("gradients", ["sampled"]), ("methods", ["mcdropout"]),
+    ("posteriors", ["HMC="]), ("num_test", 0), ("num_test", -5),
+    ("num_train", 0), ("seed", -1), ("half_moons_n", 1), ("num_chains", 0),
+    ("num_results", 0), ("num_burnin_steps", -1), ("epochs", 0),
+    ("batch_size", 0), ("vi_samples", 0), ("pgd_steps", 0),
+    ("square_queries", 0), ("step_size", 0.0), ("step_size", float("nan")),
+    ("learning_rate", -1e-3), ("prior_scale", float("inf")),
+    ("trajectory_length", 0.0), ("eps", float("nan")), ("eps", -0.25)])
+def test_every_string_and_count_flag_is_validated(name, value):
+    with pytest.raises(flags.IllegalFlagValueError, match=f"--{name}"):
+        with flagsaver.flagsaver(**{name: value}):
+            pass
+
+
+def test_counts_take_all_explicitly_and_cnn_widths_may_be_zero():
+    with flagsaver.as_parsed(num_test="all", num_train="12"):
+        assert FLAGS.num_test == "all" and FLAGS.num_train == 12
+        assert lf.count(FLAGS.num_test) is None and lf.count(12) == 12
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(flags.IllegalFlagValueError,
+                           match="positive integer or 'all'"):
+            with flagsaver.as_parsed(num_test=bad):
+                pass
+    with flagsaver.flagsaver(architecture="cnn", hidden=["0"]):
+        assert lf.ints(FLAGS.hidden, "hidden", 0) == (0,)
+
+
+def test_start_reports_every_bad_path_before_creating_anything(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with flagsaver.flagsaver(output_dir=str(a_file / "out"),
+                             data_dir=str(tmp_path / "nowhere"),
+                             keras_model=str(tmp_path / "none.keras")):
+        with pytest.raises(ValueError) as e:
+            train.main(["train"])
+    msg = str(e.value)
+    assert "--output_dir" in msg and "existing file" in msg
+    assert "--data_dir" in msg and "nowhere" in msg
+    assert "--keras_model" in msg and "none.keras" in msg
+    # app.run prints a UsageError without a traceback.
+    assert isinstance(e.value, (app.UsageError, flags.IllegalFlagValueError))
+
+
+@pytest.mark.parametrize("script, bad, match", [
+    (train, dict(trajectory_length=2.0, num_leapfrog_steps=5),
+     "trajectory_length or num_leapfrog_steps"),
+    (gradient_study, dict(methods=["sgd"]), "image_methods"),
+    (attack, dict(posteriors=["HMC=missing.npz"]), "missing.npz"),
+    (robustness_accuracy, dict(methods=["sgd"], keras_model=None,
+                               eps=0.1, dataset="half_moons",
+                               training_lengths=["1"], widths=["4"],
+                               depths=["1"], num_test="all"), None)])
+def test_configs_are_validated_before_anything_is_created(script, bad, match,
+                                                         tmp_path):
+    out = tmp_path / "never"
+    if match is None:  # a valid config: start() returns it, writing flags.txt
+        with flagsaver.flagsaver(output_dir=str(out), **bad):
+            _, config, fp = lf.start("s", script.config_from_flags,
+                                     script.fingerprint)
+        assert config.num_test is None and fp["fields"]["num_test"] is None
+        assert (out / "flags.txt").exists()
+        return
+    with flagsaver.flagsaver(output_dir=str(out), **bad):
+        with pytest.raises(ValueError, match=match) as e:
+            script.main(["script"])
+    assert isinstance(e.value, app.UsageError)
+    assert not out.exists()
+
+
+def test_train_rerun_with_other_settings_is_refused(tmp_path):
+    kwargs = dict(output_dir=str(tmp_path), method="sgd", dataset="half_moons",
+                  half_moons_n=200, hidden=["4"], epochs=1)
+    with flagsaver.flagsaver(**kwargs):
+        train.main(["train"])
+    flags_txt = (tmp_path / "flags.txt").read_text()
+    results = _results(tmp_path)
+    assert results["fingerprint"]["fields"]["settings"]["epochs"] == 1
+    assert results["fingerprint"]["fields"]["num_test"] is None
+    with flagsaver.flagsaver(**dict(kwargs, epochs=2)):
+        with pytest.raises(ValueError,
+                           match=r"settings\.epochs: 1 \(saved\) -> 2 \(now\)"
+                           ) as e:
+            train.main(["train"])
+    assert isinstance(e.value, app.UsageError)
+    assert (tmp_path / "flags.txt").read_text() == flags_txt
+    assert _results(tmp_path) == results
+    # Where and how it runs is not part of the configuration.
+    with flagsaver.flagsaver(**dict(kwargs, jit="default",
+                                    allow_unconverged=True)):
+        train.main(["train"])
+    with flagsaver.flagsaver(**dict(kwargs, epochs=2, overwrite=True)):
+        train.main(["train"])
+    assert _results(tmp_path)["fingerprint"]["fields"]["settings"]["epochs"] == 2
+
+
+def test_attack_rerun_with_other_posterior_and_eps_is_refused(trained,
+                                                              tmp_path):
+    hmc = f"P={trained['hmc'] / 'posterior.npz'}"
+    ensemble = f"P={trained['ensemble'] / 'posterior.npz'}"
+    kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
+                  half_moons_n=300, num_test=10, attacks=["random"],
+                  allow_unconverged=True)
+    with flagsaver.flagsaver(posteriors=[hmc], eps=0.1, **kwargs):
+        attack.main(["attack"])
+    before = _results(tmp_path)
+    with flagsaver.flagsaver(posteriors=[ensemble], eps=0.2, **kwargs):
+        with pytest.raises(ValueError) as e:
+            attack.main(["attack"])
+    assert isinstance(e.value, app.UsageError)
+    msg = str(e.value)
+    assert "eps: 0.1 (saved) -> 0.2 (now)" in msg and "posteriors" in msg
+    assert "--overwrite" in msg
+    assert _results(tmp_path) == before
+    with flagsaver.flagsaver(posteriors=[ensemble], eps=0.2, overwrite=True,
+                             **kwargs):
+        attack.main(["attack"])
+    results = _results(tmp_path)
+    assert "P/eps=0.2/test/adv_accuracy/random" in results
+    assert not any(k.startswith("P/eps=0.1") for k in results)
+    assert "P/diagnostics" not in results  # the HMC posterior's, now gone
+    table = (tmp_path / "table.csv").read_text()
+    assert "P" in table and "UNCONVERGED" not in table
+
+
+def test_sweep_script_refuses_other_settings_and_overwrites(tmp_path):
+    kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
+                  half_moons_n=300, methods=["sgd"], widths=["4"],
+                  training_lengths=["1"], num_test=20)
+    with flagsaver.flagsaver(**kwargs):
+        robustness_accuracy.main(["robustness_accuracy"])
+    with flagsaver.flagsaver(**dict(kwargs, num_test=15)):
+        with pytest.raises(ValueError,
+                           match=r"num_test: 20 \(saved\) -> 15 \(now\)"):
+            robustness_accuracy.main(["robustness_accuracy"])
+    with flagsaver.flagsaver(**dict(kwargs, num_test=15, overwrite=True)):
+        robustness_accuracy.main(["robustness_accuracy"])
+    results = _results(tmp_path)
+    assert results["num_skipped"] == 0
+    assert results["fingerprint"]["fields"]["num_test"] == 15

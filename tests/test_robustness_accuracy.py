@@ -19,9 +19,10 @@ from tfp_bnn_adv.studies import training  # pylint: disable=wrong-import-positio
 
 
 def _config(**kw):
-    return ra.RobustnessAccuracyConfig.quick(
-        dataset="half_moons", half_moons_n=500, methods=("sgd",), widths=(4, 8),
-        depths=(1,), training_lengths=(2,), num_test=50, **kw)
+    return ra.RobustnessAccuracyConfig.quick(**{
+        "dataset": "half_moons", "half_moons_n": 500, "methods": ("sgd",),
+        "widths": (4, 8), "depths": (1,), "training_lengths": (2,),
+        "num_test": 50, **kw})
 
 
 def test_sweep_measures_softmax_robustness(tmp_path, monkeypatch):
@@ -142,3 +143,53 @@ def test_unconverged_hmc_run_blocks_the_summary_until_allowed(
                                          str(tmp_path))
     assert results["unconverged"] == []
     assert results[f"{run}/convergence/converged"] is True
+
+
+def test_other_settings_do_not_reuse_finished_runs(tmp_path, monkeypatch):
+    ra.run_robustness_accuracy(_config(widths=(4,)), str(tmp_path))
+    before = (tmp_path / "runs" / "sgd-d1-w4-L2-s0.json").read_text()
+    calls = []
+    monkeypatch.setattr(ra, "fit_posterior",
+                        lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+                            AssertionError("fitted")))
+    # Another test set would give other numbers under the same run id.
+    with pytest.raises(ValueError, match=r"num_test: 50 \(saved\) -> 40 "
+                       r"\(now\)") as e:
+        ra.run_robustness_accuracy(_config(widths=(4,), num_test=40),
+                                   str(tmp_path))
+    assert "--overwrite" in str(e.value) and calls == []
+    assert (tmp_path / "runs" / "sgd-d1-w4-L2-s0.json").read_text() == before
+    # A run file that is not this sweep's is refused, not reused.
+    run = json.loads(before)
+    run["fingerprint"] = "0" * 64
+    (tmp_path / "runs" / "sgd-d1-w4-L2-s0.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="sgd-d1-w4-L2-s0.json.*another "
+                       "configuration"):
+        ra.run_robustness_accuracy(_config(widths=(4,)), str(tmp_path))
+
+
+def test_changed_axes_reuse_runs_and_results_show_this_sweep_only(
+        tmp_path, monkeypatch):
+    ra.run_robustness_accuracy(_config(), str(tmp_path))  # widths 4 and 8
+    assert "sgd-d1-w8-L2-s0/test/accuracy" in json.loads(
+        (tmp_path / "results.json").read_text())
+    calls = []
+    real_fit = training.fit_posterior
+    monkeypatch.setattr(ra, "fit_posterior",
+                        lambda *a, **k: calls.append(a) or real_fit(*a, **k))
+    # max_rhat and allow_unconverged are re-judged, not part of the runs.
+    results = ra.run_robustness_accuracy(
+        _config(widths=(4,), max_rhat=1.3, allow_unconverged=True),
+        str(tmp_path))
+    assert calls == [] and results["num_skipped"] == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "sgd-d1-w4-L2-s0/test/accuracy" in saved
+    assert not any(k.startswith("sgd-d1-w8-") for k in saved)
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        assert {r["run_id"] for r in csv.DictReader(f)} == {"sgd-d1-w4-L2-s0"}
+    assert (tmp_path / "runs" / "sgd-d1-w8-L2-s0.json").exists()  # kept
+    # --overwrite starts afresh: every run is fitted again.
+    results = ra.run_robustness_accuracy(_config(widths=(4,)), str(tmp_path),
+                                         overwrite=True)
+    assert len(calls) == 1 and results["num_skipped"] == 0
+    assert not (tmp_path / "runs" / "sgd-d1-w8-L2-s0.json").exists()

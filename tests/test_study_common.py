@@ -131,3 +131,115 @@ def test_record_posterior_saves_results_trace_plot_and_label(tmp_path,
     assert not (tmp_path / "figures" / "traces_bare.png").exists()
     assert common.StudyOutput(str(tmp_path), "t").results[
         "bare/convergence/converged"] is True
+
+
+def _fp(**fields):
+    base = {"eps": 0.25, "settings": {"num_results": 100, "seed": 0}}
+    base.update(fields)
+    return common.fingerprint("attack_table", base, inputs={"path": "/x"})
+
+
+def test_results_of_another_configuration_are_refused_naming_the_fields(
+        tmp_path):
+    out = common.StudyOutput(str(tmp_path), "t", fingerprint=_fp())
+    out.update({"HMC/eps=0.25/test/adv_accuracy/pgd/expected": 0.5})
+    before = (tmp_path / "results.json").read_text()
+    other = _fp(eps=0.1, settings={"num_results": 50, "seed": 0})
+    with pytest.raises(common.ConfigMismatchError) as e:
+        common.StudyOutput(str(tmp_path), "t", fingerprint=other)
+    msg = str(e.value)
+    assert "eps: 0.25 (saved) -> 0.1 (now)" in msg
+    assert "settings.num_results: 100 (saved) -> 50 (now)" in msg
+    assert "seed" not in msg and "2 fields differ" in msg
+    assert "--overwrite" in msg and str(tmp_path) in msg
+    assert isinstance(e.value, ValueError)
+    assert (tmp_path / "results.json").read_text() == before  # untouched
+    # The same configuration resumes: earlier keys are kept.
+    again = common.StudyOutput(str(tmp_path), "t", fingerprint=_fp())
+    assert again.results["HMC/eps=0.25/test/adv_accuracy/pgd/expected"] == 0.5
+    # Inputs (paths) are recorded but not compared.
+    moved = common.fingerprint("attack_table", _fp()["fields"],
+                               inputs={"path": "/moved"})
+    assert common.check_fingerprint(str(tmp_path), moved) is True
+    # Another study's results are refused too.
+    with pytest.raises(common.ConfigMismatchError, match="'attack_table' study"):
+        common.StudyOutput(str(tmp_path), "t", fingerprint=common.fingerprint(
+            "gradient_study", _fp()["fields"]))
+
+
+def test_overwrite_deletes_the_earlier_run_and_starts_afresh(tmp_path):
+    out = common.StudyOutput(str(tmp_path), "t", fingerprint=_fp())
+    out.update({"old/key": 1.0})
+    out.table("table", ["a"], [[1]])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r.json").write_text("{}")
+    (tmp_path / "keep.txt").write_text("not the study's")
+    new = _fp(eps=0.1)
+    fresh = common.StudyOutput(str(tmp_path), "t", fingerprint=new,
+                               overwrite=True,
+                               owned=("table.csv", "table.md", "runs"))
+    assert fresh.results == {"fingerprint": new}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == {"fingerprint": new}
+    assert not (tmp_path / "table.csv").exists()
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "tensorboard").exists()
+    assert (tmp_path / "keep.txt").exists() and (tmp_path / "figures").is_dir()
+    with pytest.raises(ValueError, match="inside output_dir"):
+        common.StudyOutput(str(tmp_path), "t", fingerprint=new, overwrite=True,
+                           owned=("../elsewhere",))
+
+
+def test_results_without_a_fingerprint_or_unreadable_are_refused(tmp_path):
+    (tmp_path / "results.json").write_text('{"test/accuracy": 0.9}')
+    with pytest.raises(common.ConfigMismatchError,
+                       match="without a configuration fingerprint"):
+        common.StudyOutput(str(tmp_path), "t", fingerprint=_fp())
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(common.ConfigMismatchError, match="not valid JSON"):
+        common.StudyOutput(str(tmp_path), "t", fingerprint=_fp())
+    out = common.StudyOutput(str(tmp_path), "t", fingerprint=_fp(),
+                             overwrite=True)
+    assert out.results == {"fingerprint": _fp()}
+
+
+def test_fingerprints_are_canonical_and_digest_their_fields():
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    a = common.fingerprint("s", {"widths": (4, 8), "eps": np.float64(0.25),
+                                 "n": np.int64(3)})
+    b = common.fingerprint("s", {"n": 3, "eps": 0.25, "widths": [4, 8]})
+    assert a == b and len(a["sha256"]) == 64
+    assert common.fingerprint("s", {"n": 4})["sha256"] != common.fingerprint(
+        "s", {"n": 3})["sha256"]
+    assert common.fingerprint_diff({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}}) == [
+        ("a.b", 1, 2), ("c", 2, common._ABSENT)]  # pylint: disable=protected-access
+    with pytest.raises(TypeError, match="JSON-able"):
+        common.fingerprint("s", {"f": object()})
+
+
+def test_file_sha256_follows_the_content(tmp_path):
+    import hashlib  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    path = tmp_path / "p.npz"
+    path.write_bytes(b"first")
+    assert common.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"second, longer")
+    os.utime(path, ns=(1, 1))
+    assert common.file_sha256(path) == hashlib.sha256(
+        b"second, longer").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        common.file_sha256(tmp_path / "missing.npz")
+
+
+def test_directories_that_cannot_be_created_are_named(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"--output_dir=.*a_file.* existing "
+                       "file"):
+        common.check_directory(str(f), "--output_dir")
+    with pytest.raises(ValueError, match=r"ckpt.*lies under .*a_file"):
+        common.check_directory(str(f / "ckpt"), "ckpt/")
+    assert common.check_directory(str(tmp_path / "new" / "dir"), "d") == str(
+        tmp_path / "new" / "dir")
+    with pytest.raises(ValueError, match="output_dir=.*existing file"):
+        common.StudyOutput(str(f), "t")

@@ -18,11 +18,17 @@ Each row also shows its posterior's convergence evidence
 (:data:`~tfp_bnn_adv.studies.common.CONVERGENCE_HEADER`).  The table is not
 written from an unconverged HMC posterior unless ``allow_unconverged`` is
 set, and then its rows are marked ``(UNCONVERGED)``.
+
+The table's :func:`fingerprint` (its config, the SHA-256 of every posterior
+file and of every in-memory ensemble) is stored in ``results.json``; a rerun
+in the same directory with another configuration or other posteriors is
+refused, naming what differs, unless ``overwrite`` deletes the earlier table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
@@ -35,11 +41,15 @@ from tfp_bnn_adv import metrics
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.studies import common
 
-__all__ = ["AttackTableConfig", "run_attack_table", "PAPER_TABLE",
-           "ATTACKS"]
+__all__ = ["AttackTableConfig", "run_attack_table", "fingerprint",
+           "PAPER_TABLE", "ATTACKS", "GRADIENTS"]
 
 ATTACKS = ("random", "fgsm", "pgd", "square")
 GRADIENT_ATTACKS = ("fgsm", "pgd")
+GRADIENTS = ("expected", "predictive", "sample")
+# Everything the table writes besides results.json, figures/, tensorboard/.
+_OWNED = ("table.csv", "table.md", "table_unchanged.csv",
+          "table_unchanged.md", "attacks_long.csv", "attacks_long.md")
 
 # Carbone et al. (2020), Table 1, eps = 0.25: (Rand, FGSM, PGD).
 PAPER_TABLE = {
@@ -61,7 +71,8 @@ class AttackTableConfig:
         ``None`` uses the saved method name); may be empty when ensembles
         are passed to :func:`run_attack_table` directly.
       dataset: ``"fashion_mnist"``, ``"mnist"`` or ``"half_moons"``.
-      num_test: test points attacked (the first ``num_test``).
+      num_test: test points attacked (the first ``num_test``; ``None``:
+        all).
       eps: the table's L-inf radius (paper: 0.25).
       eps_sweep: extra radii, each giving its own table rows.
       attacks: subset of ``ATTACKS``.
@@ -82,7 +93,7 @@ class AttackTableConfig:
     """
     posteriors: tuple = ()
     dataset: str = "fashion_mnist"
-    num_test: int = 1000
+    num_test: int | None = 1000
     eps: float = 0.25
     eps_sweep: tuple = ()
     attacks: tuple = ATTACKS
@@ -115,16 +126,20 @@ class AttackTableConfig:
         if bad or not self.attacks:
             raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, "
                              f"got {self.attacks!r}.")
-        bad = [g for g in self.gradients
-               if g not in ("expected", "predictive", "sample")]
+        bad = [g for g in self.gradients if g not in GRADIENTS]
         if bad:
-            raise ValueError(f"gradients must be among expected, predictive, "
-                             f"sample; got {bad}.")
+            raise ValueError(f"gradients must be among {', '.join(GRADIENTS)}"
+                             f"; got {bad}.")
         for e in (self.eps,) + tuple(self.eps_sweep):
-            if not isinstance(e, (int, float)) or e < 0:
-                raise ValueError(f"eps values must be numbers >= 0, got {e!r}.")
-        if self.num_test < 1:
-            raise ValueError(f"num_test must be >= 1, got {self.num_test}.")
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or (
+                    not math.isfinite(e)) or e < 0:
+                raise ValueError(f"eps values must be finite numbers >= 0, "
+                                 f"got {e!r}.")
+        if self.num_test is not None and (
+                isinstance(self.num_test, bool) or not isinstance(
+                    self.num_test, (int, np.integer)) or self.num_test < 1):
+            raise ValueError(f"num_test must be an int >= 1 or None (all), "
+                             f"got {self.num_test!r}.")
         if self.dataset not in data_lib.DATASET_NAMES:
             raise ValueError(f"dataset must be one of {data_lib.DATASET_NAMES}, "
                              f"got {self.dataset!r}.")
@@ -140,8 +155,50 @@ def _test_data(config: AttackTableConfig):
     else:
         ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                                    source=config.data_source)
-    n = min(config.num_test, len(ds.test_x))
-    return ds.test_x[:n], ds.test_y[:n]
+    return ds.test_x[:config.num_test], ds.test_y[:config.num_test]
+
+
+def fingerprint(config: AttackTableConfig,
+                ensembles: Mapping[str, PosteriorEnsemble] | None = None
+                ) -> dict[str, Any]:
+    """The table's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+
+    Fields: the data set (name, and directory and source or half-moons
+    size), ``num_test``, ``eps``, ``eps_sweep``, ``attacks``, the settings of
+    the attacks in the table (``gradients`` for FGSM/PGD, ``pgd_steps`` and
+    ``pgd_restarts``, ``random_trials``, ``square_queries``),
+    ``max_samples``, ``seed``, ``max_rhat`` (the table's UNCONVERGED marks
+    depend on it), ``posteriors`` as ``[label, SHA-256 of the file]`` and
+    ``ensembles`` as ``label -> ensemble_sha256``.  Not in it:
+    ``allow_unconverged`` (whether the table is written, not what it says);
+    the posterior files' paths are recorded under ``inputs``.
+
+    Raises:
+      FileNotFoundError: for a posterior file that does not exist.
+    """
+    fields = dict(common.data_fields(config.dataset, config.data_dir,
+                                     config.data_source, config.half_moons_n),
+                  num_test=config.num_test, eps=config.eps,
+                  eps_sweep=list(config.eps_sweep),
+                  attacks=list(config.attacks),
+                  max_samples=config.max_samples, seed=config.seed,
+                  max_rhat=config.max_rhat)
+    if any(a in GRADIENT_ATTACKS for a in config.attacks):
+        fields["gradients"] = list(config.gradients)
+    if "pgd" in config.attacks:
+        fields.update(pgd_steps=config.pgd_steps,
+                      pgd_restarts=config.pgd_restarts)
+    if "random" in config.attacks:
+        fields["random_trials"] = config.random_trials
+    if "square" in config.attacks:
+        fields["square_queries"] = config.square_queries
+    fields["posteriors"] = [[label, common.file_sha256(path)]
+                            for label, path in config.posteriors]
+    fields["ensembles"] = {label: common.ensemble_sha256(ens)
+                           for label, ens in (ensembles or {}).items()}
+    inputs = {"posteriors": [[label, os.path.abspath(path)]
+                             for label, path in config.posteriors]}
+    return common.fingerprint("attack_table", fields, inputs)
 
 
 def _columns(config) -> list[tuple[str, str | None]]:
@@ -175,8 +232,8 @@ def _col_name(attack, gradient):
 
 
 def run_attack_table(config: AttackTableConfig, output_dir: str,
-                     ensembles: Mapping[str, PosteriorEnsemble] | None = None
-                     ) -> dict[str, Any]:
+                     ensembles: Mapping[str, PosteriorEnsemble] | None = None,
+                     *, overwrite: bool = False) -> dict[str, Any]:
     """Attacks every posterior; writes ``table.md``, ``table.csv`` and more.
 
     Args:
@@ -187,6 +244,8 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         ``attacks_long.csv`` and ``figures/``.
       ensembles: optional ``label -> PosteriorEnsemble`` attacked in addition
         to ``config.posteriors``.
+      overwrite: delete an earlier table in ``output_dir`` (of any
+        configuration) and start afresh.
 
     Returns:
       Results with keys ``<label>/eps=<eps>/test/adv_accuracy/pgd/expected``
@@ -198,6 +257,9 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
 
     Raises:
       ValueError: for a bad configuration or no posterior at all.
+      ConfigMismatchError: when ``output_dir`` holds a table of another
+        configuration or of other posteriors (see :func:`fingerprint`),
+        unless ``overwrite``; before anything is attacked or written.
       UnconvergedPosteriorError: for an unconverged HMC posterior without
         ``config.allow_unconverged``, before any attack (its diagnostics are
         already in ``results.json``).
@@ -211,7 +273,9 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     if not targets:
         raise ValueError("no posterior to attack: give config.posteriors or "
                          "ensembles.")
-    out = common.StudyOutput(output_dir, "attack_table")
+    out = common.StudyOutput(output_dir, "attack_table",
+                             fingerprint=fingerprint(config, ensembles),
+                             overwrite=overwrite, owned=_OWNED)
     reports = {label: common.record_posterior(out, label, ens, config.max_rhat)
                for label, ens in targets.items()}
     results: dict[str, Any] = {}

@@ -18,16 +18,42 @@ tables and legends; :data:`CONVERGENCE_HEADER` and
 :func:`convergence_columns` are the table columns; and
 :func:`require_converged` refuses a study's headline that rests on an
 unconverged HMC posterior unless ``allow_unconverged`` is set.
+
+Results never mix configurations: a study passes :class:`StudyOutput` the
+:func:`fingerprint` of what determines its results (its config, and the
+SHA-256 of its input files and in-memory ensembles).  The first run stores it
+in ``results.json``; a later run in the same directory resumes only when its
+fingerprint is the same, and otherwise stops with a
+:class:`ConfigMismatchError` naming every differing field with its old and
+new value, before anything is computed or written.  ``overwrite=True``
+(``--overwrite``) deletes the earlier run's files instead and starts afresh.
+What goes into a fingerprint: every setting that changes a number, a key or
+a file of the results (data set and where it is read from, subset sizes,
+architecture, inference settings and seeds, attacks and radii, ``max_rhat``
+where the stored verdicts depend on it), and the content of the inputs (the
+SHA-256 of posterior and ``.keras`` files, so a retrained posterior under the
+same path counts as a change, and a moved one does not; their paths are
+recorded beside, not compared).  Left out: what only decides *whether* a
+headline is written (``allow_unconverged``), where results go
+(``output_dir``), logging, and how the computation is placed
+(``--strategy``, ``--tpu``, ``--logical_cpus``, ``--jit``,
+``hmc_parallelism``), which changes results by float rounding only.  Data
+sets are identified by name, location and source, not by content: hashing
+them would cost seconds on every run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import math
 import numbers
 import os
 import re
+import shutil
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -40,7 +66,10 @@ __all__ = ["StudyOutput", "Progress", "format_table", "markdown_table",
            "UnconvergedPosteriorError", "check_max_rhat", "convergence_report",
            "is_unconverged", "mark", "describe", "convergence_columns",
            "convergence_results", "trace_figure", "record_posterior",
-           "require_converged"]
+           "require_converged", "ConfigMismatchError", "fingerprint",
+           "check_fingerprint", "file_sha256", "ensemble_sha256",
+           "settings_fields", "data_fields", "check_directory",
+           "fingerprint_diff"]
 
 UNCONVERGED = "UNCONVERGED"
 CONVERGENCE_HEADER = ("R-hat median", "R-hat < 1.1", "ESS min", "acceptance",
@@ -59,6 +88,11 @@ _HMC_RESULT_KEYS = ("function_rhat_median", "function_rhat_frac_below",
                     "function_ess_min", "acceptance", "num_divergent",
                     "converged", "max_rhat")
 _VI_RESULT_KEYS = ("elbo_plateaued", "elbo_relative_change")
+FINGERPRINT_KEY = "fingerprint"
+FINGERPRINT_VERSION = 1
+# What every study writes into its output directory; --overwrite deletes
+# these, and the names a study adds (its tables, runs, checkpoints).
+_OWNED = ("results.json", "figures", "tensorboard")
 
 
 def _fmt(v) -> str:
@@ -89,23 +123,48 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 class StudyOutput:
     """A study's output directory: results, tables, figures, TensorBoard.
 
+    With a ``fingerprint`` the directory belongs to one configuration: an
+    earlier run's ``results.json`` is resumed (its keys kept) only when it
+    holds the same fingerprint; another configuration is refused before
+    anything is written, or, with ``overwrite``, its files are deleted and
+    the run starts afresh.  The fingerprint is written to ``results.json``
+    (key ``"fingerprint"``) at once, so it covers everything the run writes
+    later.
+
     Args:
       output_dir: created if missing.
       name: the study's name, used in log lines.
+      fingerprint: the study's :func:`fingerprint`; ``None`` leaves the
+        directory untracked (earlier results are merged, whatever wrote them).
+      overwrite: delete the files of an earlier run (``results.json``,
+        ``figures/``, ``tensorboard/`` and ``owned``) and start afresh.
+      owned: further files and directories, relative to ``output_dir``, that
+        the study writes (deleted by ``overwrite``).
+
+    Raises:
+      ValueError: for an ``output_dir`` that is not a path, or an ``owned``
+        name outside it.
+      ConfigMismatchError: for results of another configuration (or without
+        a fingerprint) in ``output_dir``, unless ``overwrite``.
 
     Example:
-      >>> out = StudyOutput("/tmp/run", "attack_table")
+      >>> out = StudyOutput("/tmp/run", "attack_table",
+      ...                   fingerprint=fingerprint("attack_table", {"eps": 0.25}))
       >>> out.update({"test/accuracy": 0.91})   # rewrites results.json
       >>> out.table("table", ["method", "FGSM"], [["HMC", 0.84]])
       >>> fig_path = out.figure_path("robustness_vs_width")
     """
 
-    def __init__(self, output_dir: str, name: str):
-        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
-            raise ValueError(f"output_dir must be a directory path, got "
-                             f"{output_dir!r}.")
-        self.dir = os.fspath(output_dir)
+    def __init__(self, output_dir: str, name: str, *,
+                 fingerprint: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, owned: Sequence[str] = ()):
+        self.dir = check_directory(output_dir, "output_dir")
         self.name = name
+        self.fingerprint = None if fingerprint is None else dict(fingerprint)
+        if self.fingerprint is not None:
+            check_fingerprint(self.dir, self.fingerprint, overwrite=overwrite)
+        if overwrite:
+            self._delete(_OWNED + tuple(owned))
         os.makedirs(os.path.join(self.dir, "figures"), exist_ok=True)
         self.results: dict[str, Any] = {}
         path = self.path("results.json")
@@ -114,7 +173,26 @@ class StudyOutput:
                 self.results = dict(files.read_json(path))
             except ValueError:
                 logging.warning("%s: ignoring unreadable %s", name, path)
+        if self.fingerprint is not None:
+            self.results[FINGERPRINT_KEY] = self.fingerprint
+            files.write_json(path, self.results)
         self._writer = None
+
+    def _delete(self, names: Sequence[str]) -> None:
+        for name in names:
+            rel = os.path.normpath(name)
+            if os.path.isabs(rel) or rel == os.curdir or rel.startswith(
+                    os.pardir):
+                raise ValueError(f"owned names must lie inside output_dir, "
+                                 f"got {name!r}.")
+            path = self.path(rel)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            else:
+                continue
+            logging.info("%s: overwrite: deleted %s", self.name, path)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.dir, *parts)
@@ -124,6 +202,14 @@ class StudyOutput:
         self.results.update(values)
         files.write_json(self.path("results.json"), self.results)
         self.scalars(values)
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Removes ``keys`` from ``results.json`` (atomically), if present."""
+        keys = [k for k in keys if k in self.results]
+        if keys:
+            for k in keys:
+                del self.results[k]
+            files.write_json(self.path("results.json"), self.results)
 
     def scalars(self, values: Mapping[str, Any], step: int = 0) -> None:
         """Writes the numeric entries of ``values`` as TensorBoard scalars."""
@@ -202,6 +288,263 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     return plt
+
+
+class ConfigMismatchError(ValueError):
+    """An output directory holds results of another configuration."""
+
+
+def check_directory(path, name: str) -> str:
+    """``path`` if it is a writable directory or can become one.
+
+    Args:
+      path: a directory path (need not exist).
+      name: what to call it in the error (``"output_dir"``,
+        ``"--output_dir"``).
+
+    Returns:
+      ``os.fspath(path)``.
+
+    Raises:
+      ValueError: naming ``name`` and ``path`` if ``path`` or one of its
+        parents is an existing file, or its nearest existing ancestor is not
+        writable.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{name} must be a directory path, got {path!r}.")
+    path = os.fspath(path)
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = ("is an existing file" if probe == os.path.abspath(path)
+                else f"lies under {probe!r}, an existing file")
+        raise ValueError(f"{name}={path!r} cannot be a directory: it {what}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={path!r}: {probe!r} is not writable.")
+    return path
+
+
+# (absolute path, size, mtime_ns) -> SHA-256, so a file hashed by a launch
+# script's check and again by its study is read once.
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 (hex) of a file's content.
+
+    Raises:
+      FileNotFoundError: if ``path`` is not a file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such file: {path!r}.")
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def ensemble_sha256(ensemble) -> str:
+    """The SHA-256 (hex) of an in-memory ensemble's content.
+
+    Covers what a study reads from it: the architecture (its Keras config),
+    every weight (dtype, shape and bytes of each ``[S, ...]`` parameter) and
+    the metadata's ``method`` and ``diagnostics``.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    meta = ensemble.metadata or {}
+    h = hashlib.sha256(json.dumps(
+        {"network": ensemble.network.get_config(),
+         "method": meta.get("method"), "diagnostics": meta.get("diagnostics")},
+        sort_keys=True, default=str).encode("utf-8"))
+    for p in ensemble.params:
+        a = np.ascontiguousarray(p.numpy() if hasattr(p, "numpy") else p)
+        h.update(f"{a.dtype.str}{a.shape}".encode("utf-8"))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def settings_fields(settings, drop: Sequence[str] = ()) -> dict[str, Any]:
+    """The fingerprint fields of an ``InferenceSettings``.
+
+    Its method's own fields (``relevant()``: for HMC no VI epochs, and so
+    on), plus HMC's ``matmul_precision`` (TF32 or bfloat16 passes change
+    results beyond rounding); without ``hmc_parallelism`` (how replicas share
+    the work) and without the names in ``drop`` (fields a study sets itself).
+    """
+    out = settings.relevant()
+    if settings.method == "hmc":
+        out["matmul_precision"] = settings.matmul_precision
+    return {k: v for k, v in out.items() if k not in drop}
+
+
+def data_fields(dataset: str, data_dir=None, data_source: str = "auto",
+                half_moons_n: int | None = None) -> dict[str, Any]:
+    """The fingerprint fields naming a data set: what it is and where from.
+
+    Half-moons is generated, so only its size counts; an image data set's
+    directory is made absolute (a relative one means the same files from
+    any working directory).
+    """
+    if dataset == "half_moons":
+        return {"dataset": dataset, "half_moons_n": half_moons_n}
+    if data_dir is not None and "://" not in os.fspath(data_dir):
+        data_dir = os.path.abspath(os.fspath(data_dir))
+    return {"dataset": dataset, "data_dir": data_dir,
+            "data_source": data_source}
+
+
+def _json_default(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"fingerprint fields must be JSON-able, got "
+                    f"{type(obj).__name__}: {obj!r}.")
+
+
+def _canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default,
+                      separators=(",", ":"))
+
+
+def fingerprint(study: str, fields: Mapping[str, Any],
+                inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A study configuration's fingerprint, as stored in ``results.json``.
+
+    Args:
+      study: the study's name (results of another study never resume).
+      fields: what determines the results (see the module docstring): a
+        JSON-able mapping (tuples, numpy scalars and dataclasses are
+        converted); nested mappings are compared field by field.
+      inputs: recorded for the reader but never compared (e.g. the paths of
+        input files whose SHA-256 is in ``fields``).
+
+    Returns:
+      ``{"study", "version", "fields", "sha256", "inputs"}``, JSON-able;
+      ``sha256`` digests ``study``, ``version`` and ``fields``.
+
+    Example:
+      >>> fp = fingerprint("attack_table", {"eps": 0.25, "seed": 0})
+      >>> fp["fields"], len(fp["sha256"])
+      ({'eps': 0.25, 'seed': 0}, 64)
+    """
+    canonical = json.loads(_canonical_json(dict(fields)))
+    digest = hashlib.sha256(_canonical_json(
+        {"study": study, "version": FINGERPRINT_VERSION,
+         "fields": canonical}).encode("utf-8")).hexdigest()
+    return {"study": study, "version": FINGERPRINT_VERSION,
+            "fields": canonical, "sha256": digest,
+            "inputs": json.loads(_canonical_json(dict(inputs or {})))}
+
+
+def _flat(fields: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in fields.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def fingerprint_diff(saved: Mapping[str, Any], current: Mapping[str, Any]
+                     ) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` of every differing field.
+
+    Nested fields are named with dots (``image_hmc.num_results``); a field
+    only one side has shows the other as ``(absent)``.
+    """
+    old, new = _flat(saved), _flat(current)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a is _ABSENT or b is _ABSENT or (
+                _canonical_json(a) != _canonical_json(b)):
+            out.append((key, a, b))
+    return out
+
+
+_REMEDY = ("Rerun with the earlier configuration to resume it, pass "
+           "--overwrite (overwrite=True) to delete those results and start "
+           "afresh, or choose another output_dir.")
+
+
+def check_fingerprint(output_dir, fp: Mapping[str, Any], *,
+                      overwrite: bool = False) -> bool:
+    """Whether ``output_dir`` may receive the results of ``fp``'s run.
+
+    Reads ``output_dir/results.json`` and writes nothing.
+
+    Args:
+      output_dir: a study's output directory (need not exist).
+      fp: the run's :func:`fingerprint`.
+      overwrite: the earlier results will be deleted: nothing to check.
+
+    Returns:
+      True when earlier results of the same configuration are there (the
+      run resumes them), False when there are none or ``overwrite``.
+
+    Raises:
+      ConfigMismatchError: when ``results.json`` holds results of another
+        study or configuration, or results without a fingerprint, or cannot
+        be read; the message names each differing field with its saved and
+        current value, and ``--overwrite``.
+    """
+    path = os.path.join(os.fspath(output_dir), "results.json")
+    if overwrite or not os.path.exists(path):
+        return False
+    try:
+        saved = files.read_json(path)
+    except ValueError as e:
+        raise ConfigMismatchError(
+            f"{e} Cannot tell which configuration wrote the results in "
+            f"{output_dir!r}. {_REMEDY}") from e
+    if not saved:
+        return False
+    old = saved.get(FINGERPRINT_KEY) if isinstance(saved, Mapping) else None
+    if not isinstance(old, Mapping) or not isinstance(old.get("fields"),
+                                                      Mapping):
+        raise ConfigMismatchError(
+            f"{path!r} holds results without a configuration fingerprint "
+            "(written by an earlier version of tfp_bnn_adv, or by hand), so "
+            f"they cannot be told apart from this {fp['study']} run's. "
+            + _REMEDY)
+    if old.get("study") != fp["study"]:
+        raise ConfigMismatchError(
+            f"{output_dir!r} holds results of the {old.get('study')!r} study; "
+            f"this is a {fp['study']!r} run. {_REMEDY}")
+    diff = fingerprint_diff(old["fields"], fp["fields"])
+    if old.get("version") != fp["version"]:
+        diff.insert(0, ("fingerprint version", old.get("version"),
+                        fp["version"]))
+    if diff:
+        lines = "\n".join(f"  {key}: {_shown(a)} (saved) -> {_shown(b)} (now)"
+                          for key, a, b in diff)
+        raise ConfigMismatchError(
+            f"{output_dir!r} holds results of another {fp['study']} "
+            f"configuration; refusing to mix them with this run's. "
+            f"{len(diff)} field{'s differ' if len(diff) > 1 else ' differs'}:"
+            f"\n{lines}\n{_REMEDY}")
+    return True
 
 
 class UnconvergedPosteriorError(RuntimeError):

@@ -18,6 +18,10 @@ Every HMC posterior's function-space diagnostics (on the held-out test
 points) are saved as soon as it is fitted; the study stops there, before
 measuring it, if it did not converge, unless ``allow_unconverged`` is set,
 and then its rows, curves and panels are marked ``(UNCONVERGED)``.
+
+The study's :func:`fingerprint` is stored in ``results.json``; a rerun in the
+same directory with another configuration is refused, naming what differs,
+unless ``overwrite`` deletes the earlier results.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import InferenceSettings
 from tfp_bnn_adv.studies.training import fit_posterior
 
-__all__ = ["GradientStudyConfig", "run_gradient_study", "gradient_sizes",
-           "sample_subsets"]
+__all__ = ["GradientStudyConfig", "run_gradient_study", "fingerprint",
+           "gradient_sizes", "sample_subsets"]
+
+# Everything the study writes besides results.json, figures/, tensorboard/.
+_OWNED = ("gradients.csv", "gradients.md")
 
 # Published mean |<grad L>| on MNIST for 1, 10, 100 samples (PAPER.md).
 PAPER_MNIST = {"hmc": {1: 0.574, 10: 0.045, 100: 0.011},
@@ -64,7 +71,7 @@ class GradientStudyConfig:
       keras_model: optional path of a ``.keras`` model to use on images
         instead of the MLP.
       sample_counts: posterior sample counts for the average.
-      num_test: test points the gradient is measured on.
+      num_test: test points the gradient is measured on (``None``: all).
       include_deterministic: add an SGD network of each architecture.
       sgd: its training settings on images.
       data_dir, data_source: where image data comes from.
@@ -92,7 +99,7 @@ class GradientStudyConfig:
         method="vi", epochs=10, learning_rate=1e-3, vi_samples=500)
     keras_model: str | None = None
     sample_counts: tuple = (1, 10, 100, 500)
-    num_test: int = 1000
+    num_test: int | None = 1000
     include_deterministic: bool = True
     sgd: InferenceSettings = InferenceSettings(method="sgd", epochs=10,
                                                learning_rate=1e-3)
@@ -143,10 +150,70 @@ class GradientStudyConfig:
         bad = [m for m in self.image_methods if m not in ("hmc", "vi")]
         if bad:
             raise ValueError(f"image_methods may hold 'hmc' and 'vi', got {bad}.")
-        if self.num_test < 1:
-            raise ValueError(f"num_test must be >= 1, got {self.num_test}.")
+        if self.num_test is not None and (
+                isinstance(self.num_test, bool) or not isinstance(
+                    self.num_test, (int, np.integer)) or self.num_test < 1):
+            raise ValueError(f"num_test must be an int >= 1 or None (all), "
+                             f"got {self.num_test!r}.")
         if self.keras_model is not None and not os.path.exists(self.keras_model):
             raise ValueError(f"keras_model file {self.keras_model!r} not found.")
+
+
+def fingerprint(config: GradientStudyConfig,
+                image_ensembles: dict | None = None) -> dict[str, Any]:
+    """The study's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+
+    Fields: the half-moons grid (``moons_widths``, ``moons_train_sizes``,
+    ``moons_depth``, ``moons_noise``) and its HMC settings (SGD's with
+    ``include_deterministic``), ``sample_counts``, ``num_test``, ``seed``,
+    ``max_rhat`` (the UNCONVERGED marks depend on it) and, when the image
+    part runs, its data set (name, directory, source), ``image_num_train``
+    and either ``image_ensembles`` as ``method -> ensemble_sha256`` or what
+    fits them: ``image_methods``, ``image_hidden``, the SHA-256 of
+    ``keras_model`` and the settings of each method fitted.  Every
+    settings' ``seed`` is left out (the study's ``seed`` replaces it), as is
+    ``allow_unconverged``.
+
+    Raises:
+      FileNotFoundError: for a ``keras_model`` that does not exist.
+    """
+    drop = ("seed",)
+    fields: dict[str, Any] = dict(
+        moons_widths=list(config.moons_widths),
+        moons_train_sizes=list(config.moons_train_sizes),
+        moons_depth=config.moons_depth, moons_noise=config.moons_noise,
+        moons_hmc=common.settings_fields(config.moons_hmc, drop),
+        sample_counts=sorted(set(config.sample_counts)),
+        num_test=config.num_test,
+        include_deterministic=config.include_deterministic,
+        seed=config.seed, max_rhat=config.max_rhat)
+    if config.include_deterministic:
+        fields["moons_sgd"] = common.settings_fields(config.moons_sgd, drop)
+    inputs = {}
+    methods = tuple(image_ensembles or ()) or (
+        config.image_methods if config.image_dataset else ())
+    if not methods:
+        fields["image_dataset"] = None
+        return common.fingerprint("gradient_study", fields)
+    fields["image_data"] = common.data_fields(
+        config.image_dataset, config.data_dir, config.data_source)
+    fields["image_num_train"] = config.image_num_train
+    if image_ensembles:
+        fields["image_ensembles"] = {m: common.ensemble_sha256(e)
+                                     for m, e in image_ensembles.items()}
+    else:
+        fields.update(image_methods=list(methods),
+                      image_hidden=list(config.image_hidden))
+        if config.keras_model:
+            fields["keras_model"] = common.file_sha256(config.keras_model)
+            inputs["keras_model"] = os.path.abspath(config.keras_model)
+        if "hmc" in methods:
+            fields["image_hmc"] = common.settings_fields(config.image_hmc, drop)
+        if "vi" in methods:
+            fields["image_vi"] = common.settings_fields(config.image_vi, drop)
+        if config.include_deterministic:
+            fields["sgd"] = common.settings_fields(config.sgd, drop)
+    return common.fingerprint("gradient_study", fields, inputs)
 
 
 def sample_subsets(num_samples: int, k: int, max_subsets: int) -> np.ndarray:
@@ -311,7 +378,8 @@ def _plot_vs_axis(out, values: dict, xlabel: str, stem: str, title: str):
 
 
 def run_gradient_study(config: GradientStudyConfig, output_dir: str,
-                       image_ensembles: dict | None = None) -> dict[str, Any]:
+                       image_ensembles: dict | None = None, *,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Runs the vanishing-gradient study; writes results, table and figures.
 
     Args:
@@ -321,6 +389,8 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
       image_ensembles: optional ``method -> PosteriorEnsemble`` already fitted
         on ``config.image_dataset`` (e.g. by the quickstart); measured instead
         of fitting ``config.image_methods`` and the SGD comparison.
+      overwrite: delete earlier results in ``output_dir`` (of any
+        configuration) and start afresh.
 
     Returns:
       The results dict: keys like
@@ -334,11 +404,16 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
 
     Raises:
       ValueError: for a bad configuration.
+      ConfigMismatchError: when ``output_dir`` holds results of another
+        configuration (see :func:`fingerprint`), unless ``overwrite``;
+        before anything is fitted or written.
       UnconvergedPosteriorError: for an unconverged HMC posterior without
         ``config.allow_unconverged``, right after its diagnostics are saved.
     """
     config.validate()
-    out = common.StudyOutput(output_dir, "gradient_study")
+    out = common.StudyOutput(output_dir, "gradient_study",
+                             fingerprint=fingerprint(config, image_ensembles),
+                             overwrite=overwrite, owned=_OWNED)
     rows: list = []
     results: dict[str, Any] = {}
     curves: dict[str, tuple] = {}

@@ -11,6 +11,14 @@ while SGD networks show the reverse trend.
 The sweep resumes: each finished model's result is written atomically to
 ``runs/<run id>.json`` and skipped when the sweep runs again, so an
 interrupted sweep of hundreds of models loses at most the one in flight.
+What a run's result depends on besides its own axes (data, attack, radii,
+the methods' base settings: :func:`fingerprint`) is stored in
+``results.json`` and in every run file; a rerun with other such settings is
+refused, naming what differs, unless ``overwrite`` deletes the earlier
+sweep.  The axes themselves (methods, widths, depths, training lengths,
+seeds) may change between runs: each run's id names its axes, so finished
+runs are reused, and the summary and ``results.json`` hold exactly the runs
+of the current sweep.
 
 Each run keeps its posterior's diagnostics (HMC: function-space R-hat/ESS on
 the held-out test points; VI: the loss trace and its plateau).  The summary
@@ -25,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -39,9 +48,14 @@ from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import InferenceSettings
 from tfp_bnn_adv.studies.training import fit_posterior
 
-__all__ = ["RobustnessAccuracyConfig", "run_robustness_accuracy", "run_ids"]
+__all__ = ["RobustnessAccuracyConfig", "run_robustness_accuracy", "run_ids",
+           "fingerprint"]
 
 _ATTACKS = ("fgsm", "pgd")
+# Everything the sweep writes besides results.json, figures/, tensorboard/.
+_OWNED = ("runs", "sweep.csv", "sweep.md")
+# The first component of every per-run key of results.json.
+_RUN_KEY = re.compile(r"^(?:sgd|hmc|vi|ensemble)-d\d+-w\d+-L\d+-s\d+/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +74,7 @@ class RobustnessAccuracyConfig:
       eps_default: radii for methods without their own entry.
       attack: ``"fgsm"`` or ``"pgd"``; gradient: ``"expected"`` or
         ``"predictive"``.
-      num_train, num_test: data subset sizes (``None``: all training data).
+      num_train, num_test: data subset sizes (``None``: all).
       hmc, vi, sgd: base settings of each method.
       keras_model: optional ``.keras`` model file used instead of the MLPs
         (then ``widths``/``depths`` are ignored).
@@ -82,7 +96,7 @@ class RobustnessAccuracyConfig:
     attack: str = "fgsm"
     gradient: str = "expected"
     num_train: int | None = None
-    num_test: int = 1000
+    num_test: int | None = 1000
     hmc: InferenceSettings = InferenceSettings(
         method="hmc", num_chains=4, num_results=200)
     vi: InferenceSettings = InferenceSettings(method="vi", learning_rate=1e-3,
@@ -141,11 +155,56 @@ class RobustnessAccuracyConfig:
                                  for v in values):
                 raise ValueError(f"{name} must be a non-empty tuple of ints >= "
                                  f"1, got {values!r}.")
+        for name in ("num_train", "num_test"):
+            value = getattr(self, name)
+            if value is not None and (
+                    isinstance(value, bool) or not isinstance(
+                        value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (all), "
+                                 f"got {value!r}.")
         if self.dataset not in data_lib.DATASET_NAMES:
             raise ValueError(f"dataset must be one of {data_lib.DATASET_NAMES}, "
                              f"got {self.dataset!r}.")
         if self.keras_model is not None and not os.path.exists(self.keras_model):
             raise ValueError(f"keras_model file {self.keras_model!r} not found.")
+
+
+def fingerprint(config: RobustnessAccuracyConfig) -> dict[str, Any]:
+    """The sweep's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+
+    Fields: what every run's result depends on besides the run's own axes:
+    the data set (name, directory and source, or half-moons size),
+    ``num_train``, ``num_test``, ``eps``, ``eps_default``, ``attack``,
+    ``gradient``, the SHA-256 of ``keras_model`` and the base settings
+    ``hmc``, ``vi`` and ``sgd`` (without the fields each run sets: ``seed``,
+    HMC's ``num_burnin_steps``, VI's and SGD's ``epochs``).  Not in it: the
+    axes (``methods``, ``widths``, ``depths``, ``training_lengths``,
+    ``hmc_lengths``, ``seeds``), which the run ids name, and ``max_rhat``
+    and ``allow_unconverged``: the summary re-judges every run from its
+    saved diagnostics.
+
+    Raises:
+      FileNotFoundError: for a ``keras_model`` that does not exist.
+    """
+    fields = dict(
+        common.data_fields(config.dataset, config.data_dir, config.data_source,
+                           config.half_moons_n),
+        num_train=config.num_train, num_test=config.num_test,
+        eps=[[m, list(radii)] for m, radii in config.eps],
+        eps_default=list(config.eps_default), attack=config.attack,
+        gradient=config.gradient,
+        hmc=common.settings_fields(config.hmc.replace(method="hmc"), (
+            "method", "seed", "num_burnin_steps")),
+        vi=common.settings_fields(config.vi.replace(method="vi"), (
+            "method", "seed", "epochs")),
+        # The deep ensemble's base is SGD's, with its member count.
+        sgd=common.settings_fields(config.sgd.replace(method="ensemble"), (
+            "method", "seed", "epochs")))
+    inputs = {}
+    if config.keras_model:
+        fields["keras_model"] = common.file_sha256(config.keras_model)
+        inputs["keras_model"] = os.path.abspath(config.keras_model)
+    return common.fingerprint("robustness_accuracy", fields, inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,14 +284,16 @@ def _one_run(config, ds, run: _Run, x, y, out) -> dict[str, Any]:
     return result
 
 
-def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
-                            ) -> dict[str, Any]:
+def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str,
+                            *, overwrite: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the sweep; writes per-run JSON, a CSV and figures.
 
     Args:
       config: a :class:`RobustnessAccuracyConfig`.
       output_dir: receives ``runs/<id>.json`` (one per model, the resume
         state), ``results.json``, ``sweep.csv`` / ``.md`` and ``figures/``.
+      overwrite: delete an earlier sweep in ``output_dir`` (its runs too, of
+        any configuration) and start afresh.
 
     Returns:
       Results: per run ``<run id>/test/accuracy``,
@@ -243,17 +304,40 @@ def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
 
     Raises:
       ValueError: for a bad configuration.
+      ConfigMismatchError: when ``output_dir`` holds a sweep of other
+        settings (see :func:`fingerprint`), or a run file of other settings,
+        unless ``overwrite``; before anything is fitted.
       UnconvergedPosteriorError: when an HMC run is unconverged and
         ``config.allow_unconverged`` is not set; every run and
         ``results.json`` are saved first.
     """
     config.validate()
-    out = common.StudyOutput(output_dir, "robustness_accuracy")
+    fp = fingerprint(config)
+    out = common.StudyOutput(output_dir, "robustness_accuracy", fingerprint=fp,
+                             overwrite=overwrite, owned=_OWNED)
     runs_dir = out.path("runs")
     os.makedirs(runs_dir, exist_ok=True)
     runs = _runs(config)
-    todo = [r for r in runs
-            if not os.path.exists(os.path.join(runs_dir, f"{r.run_id}.json"))]
+    done = {}
+    for run in runs:
+        path = os.path.join(runs_dir, f"{run.run_id}.json")
+        if not os.path.exists(path):
+            continue
+        done[run.run_id] = files.read_json(path)
+        if not isinstance(done[run.run_id], dict) or (
+                done[run.run_id].get("fingerprint") != fp["sha256"]):
+            raise common.ConfigMismatchError(
+                f"{path!r} was written by another configuration of the sweep "
+                "(or an earlier version of tfp_bnn_adv) than the one "
+                f"{out.path('results.json')!r} records; refusing to mix "
+                "them. Delete it, or pass --overwrite (overwrite=True) to "
+                "start the sweep afresh.")
+    # Runs of an earlier sweep's axes stay in runs/ (to be reused if those
+    # axes come back) but leave results.json, which shows this sweep only.
+    current = {f"{r.run_id}/" for r in runs}
+    out.drop([k for k in out.results
+              if (m := _RUN_KEY.match(k)) and m.group(0) not in current])
+    todo = [r for r in runs if r.run_id not in done]
     logging.info("Robustness-accuracy sweep: %d models, %d already done.",
                  len(runs), len(runs) - len(todo))
     if todo:
@@ -264,22 +348,23 @@ def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str
                                        source=config.data_source)
         if config.num_train is not None and config.num_train < len(ds.train_x):
             ds = ds.subset(num_train=config.num_train, seed=0)
-        n_test = min(config.num_test, len(ds.test_x))
-        x, y = ds.test_x[:n_test], ds.test_y[:n_test]
+        x, y = ds.test_x[:config.num_test], ds.test_y[:config.num_test]
         progress = common.Progress("robustness_accuracy", len(todo))
         for run in todo:
             result = _one_run(config, ds, run, x, y, out)
+            result["fingerprint"] = fp["sha256"]
             files.write_json(os.path.join(runs_dir, f"{run.run_id}.json"), result)
+            done[run.run_id] = result
             label = common.mark(run.run_id, result["converged"] is False)
             progress.step(f"{label}: accuracy {result['test_accuracy']:.3f}"
                           f", robustness " + ", ".join(
                               f"{e}: {v['softmax_robustness']:.3f}"
                               for e, v in result["robustness"].items()))
-    return _summarise(config, out, runs, len(runs) - len(todo))
+    return _summarise(config, out, [done[r.run_id] for r in runs],
+                      len(runs) - len(todo))
 
 
-def _summarise(config, out, runs, num_skipped):
-    done = [files.read_json(out.path("runs", f"{r.run_id}.json")) for r in runs]
+def _summarise(config, out, done, num_skipped):
     tag = f"{config.attack}/{config.gradient}"
     results: dict[str, Any] = {"num_models": len(done),
                                "num_skipped": num_skipped}
