@@ -38,6 +38,7 @@ import numpy as np
 from tfp_bnn_adv import attacks
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import metrics
+from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.studies import common
 
@@ -365,7 +366,13 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     results["figures"] = [_plot(out, acc_header, acc_rows, col_names)]
     results["table_markdown"] = md
     results["unconverged"] = unconverged
-    out.update({"figures": results["figures"], "unconverged": unconverged})
+    # Where each attack ran: deterministic attacks may take either path by
+    # timing (float rounding apart, the same result); stochastic ones never.
+    results["compile_paths"] = {
+        "deterministic": str(xla.resolve_jit(None)),
+        "stochastic": xla.path_name(xla.stochastic_jit(None))}
+    out.update({"figures": results["figures"], "unconverged": unconverged,
+                "compile_paths": results["compile_paths"]})
     logging.info("Attack table written to %s", output_dir)
     return results
 
