@@ -8,11 +8,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
+import tf_keras  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.inference import hmc  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.inference import vi  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import training  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies.training import InferenceSettings  # pylint: disable=wrong-import-position
@@ -46,6 +48,7 @@ def test_every_method_fills_an_ensemble(settings, num_samples, tmp_path):
         assert ens.metadata["converged"] == diag["converged"]
     if settings.method == "vi":
         assert (tmp_path / "vi_posterior.npz").exists()
+        assert (tmp_path / vi.CHECKPOINT_FILE).exists()
         trace = diag["loss_trace"]
         assert len(trace) == 3 and diag["final_loss"] == trace[-1]
         # Three epochs: windows of one epoch, the last against the second.
@@ -53,6 +56,49 @@ def test_every_method_fills_an_ensemble(settings, num_samples, tmp_path):
         assert diag["relative_change"] == pytest.approx(change)
         assert diag["plateaued"] == (change < 0.01)
         assert ens.metadata["diagnostics"] == diag
+
+
+def test_vi_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    ds = data.half_moons(200, seed=2)
+    model = models.mlp((2,), 2, (8,))
+    settings = InferenceSettings(method="vi", epochs=4, batch_size=32,
+                                 learning_rate=1e-2, vi_samples=3, seed=5)
+    reference, _ = fit_posterior(model, ds.train_x, ds.train_y, settings,
+                                 checkpoint_dir=str(tmp_path / "reference"))
+    ckpt = str(tmp_path / "resumed")
+    fit_posterior(model, ds.train_x, ds.train_y, settings.replace(epochs=2),
+                  checkpoint_dir=ckpt)
+    keras_fit, first_epochs = tf_keras.Model.fit, []
+
+    def recording_fit(self, *args, **kwargs):
+        first_epochs.append(kwargs.get("initial_epoch", 0))
+        return keras_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf_keras.Model, "fit", recording_fit)
+    resumed, info = fit_posterior(model, ds.train_x, ds.train_y, settings,
+                                  checkpoint_dir=ckpt)
+    assert first_epochs == [2]  # epochs 3 and 4 only
+    assert (tmp_path / "resumed" / vi.CHECKPOINT_FILE).exists()
+    assert len(info["diagnostics"]["loss_trace"]) == 4
+    for a, b in zip(resumed.params, reference.params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("method", ["hmc", "vi"])
+def test_a_checkpoint_dir_that_is_a_file_is_refused_up_front(
+        method, tmp_path, monkeypatch):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(hmc, "sample", no_work)
+    monkeypatch.setattr(vi, "fit", no_work)
+    ds = data.half_moons(50, seed=1)
+    with pytest.raises(ValueError, match=f"checkpoint_dir '{path}' exists"):
+        fit_posterior(models.mlp((2,), 2, (4,)), ds.train_x, ds.train_y,
+                      InferenceSettings(method=method), checkpoint_dir=str(path))
 
 
 def test_hmc_settings_and_probe_set_reach_the_sampler(monkeypatch):

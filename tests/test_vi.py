@@ -20,6 +20,8 @@ import tensorflow_probability as tfp
 from tfp_bnn_adv import data
 from tfp_bnn_adv import files
 from tfp_bnn_adv import models
+from tfp_bnn_adv import seeds
+from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.gradients import expected_loss_gradient
 from tfp_bnn_adv.inference import vi
@@ -193,6 +195,25 @@ def test_sampling_is_deterministic_in_its_seed():
         p7, post.predict_proba_flipout(x, num_samples=20, seed=8))
 
 
+def test_ensemble_draws_are_the_same_with_and_without_xla():
+    post = _random_posterior(_small_cnn(), seed=2)
+    seed = [3, 9]
+    ens = post.sample_ensemble(4, seed=seed)
+    per_param = tf.unstack(seeds.split(seed, len(ens.params)))
+
+    @tf.function(jit_compile=True)
+    def xla_eps(shape, s):
+        return seeds.normal(shape, s)
+
+    for p, m, sd, s in zip(ens.params, post.posterior_loc(),
+                           post.posterior_scale(), per_param):
+        eps = xla_eps([4] + list(m.shape), s).numpy()
+        # Equal up to the last bit of log/cos, which XLA and Eigen may round
+        # differently; tf.random.stateless_normal differs entirely.
+        np.testing.assert_allclose(p.numpy(), m + sd * eps, rtol=1e-5,
+                                   atol=1e-6)
+
+
 @pytest.mark.parametrize("make_model, scale_range, bias_scale_range", [
     (lambda: models.mlp((2, 3), 4, hidden=(16, 16)), (0.1, 0.5), None),
     (_small_cnn, (0.1, 0.5), None),
@@ -310,13 +331,107 @@ def test_same_seed_same_posterior_and_validation_split(moons):
     a = vi.fit(model, ds.train_x, ds.train_y, seed=5, **kwargs)
     b = vi.fit(model, ds.train_x, ds.train_y, seed=5, **kwargs)
     c = vi.fit(model, ds.train_x, ds.train_y, seed=6, **kwargs)
-    for ma, mb in zip(a.posterior_loc(), b.posterior_loc()):
-        np.testing.assert_allclose(ma, mb, rtol=0, atol=1e-6)
+    # Bit for bit: every draw is a stateless function of the seed.
+    assert a.history == b.history
+    for get in ("posterior_loc", "posterior_untransformed_scale"):
+        for ma, mb in zip(getattr(a, get)(), getattr(b, get)()):
+            np.testing.assert_array_equal(ma, mb)
     assert max(np.abs(ma - mc).max()
                for ma, mc in zip(a.posterior_loc(), c.posterior_loc())) > 1e-2
     # The KL is divided by the points actually trained on.
     assert a.settings["num_train"] == 300 and a.settings["validation_size"] == 100
     assert len(a.history["val_loss"]) == 3 == a.settings["epochs_run"]
+
+
+def _graph_op_types(function) -> set:
+    """Op types of every traced graph of a tf.function, nested ones included."""
+    types = set()
+    for concrete in function._list_all_concrete_functions():  # pylint: disable=protected-access
+        graph_def = concrete.graph.as_graph_def()
+        types.update(node.op for node in graph_def.node)
+        for fn in graph_def.library.function:
+            types.update(node.op for node in fn.node_def)
+    return types
+
+
+def _stateful_random(types) -> set:
+    return {t for t in types if t.startswith(
+        ("Random", "Stateful", "TruncatedNormal", "Multinomial"))}
+
+
+@pytest.mark.parametrize("estimator", vi.ESTIMATORS)
+def test_training_and_prediction_draw_no_stateful_random_numbers(estimator):
+    # Stateful RNG ops restart their stream in every new process (and every
+    # retrace), so a resumed run would replay the first epochs' noise; all
+    # noise must come from stateless seeds (Flipout signs, Gaussian
+    # perturbations, dropout masks).
+    model = keras.Sequential([
+        keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dropout(0.25),
+        keras.layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(24, 6, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+    post = vi.fit(model, x, y, epochs=1, batch_size=8, validation_split=0.25,
+                  estimator=estimator, seed=0, verbose=0)
+    post.predict_proba_flipout(x[:4], num_samples=2, seed=0)
+    vmodel = post.variational_model
+    for name in ("train_function", "test_function", "predict_fn"):
+        fn = (post._predict_fn if name == "predict_fn"  # pylint: disable=protected-access
+              else getattr(vmodel, name))
+        types = _graph_op_types(fn)
+        assert not _stateful_random(types), (name, _stateful_random(types))
+        assert "StatelessRandomUniformFullIntV2" in types  # it did draw
+
+
+def test_dropout_and_flipout_noise_change_from_step_to_step():
+    # The per-step seeds really vary: with a vanishing learning rate and KL
+    # the weights stay put, so one-step epochs differ in loss by their
+    # noise (dropout at rate 0.5 and Flipout) alone; a seed fixed across
+    # steps would repeat the loss to the last digits.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 32)
+    loss = vi.fit(model, x, y, epochs=3, batch_size=32, learning_rate=1e-9,
+                  init_scale=0.3, kl_weight=1e-9, seed=3, verbose=0
+                  ).history["loss"]
+    assert min(abs(a - b) for a, b in
+               ((loss[0], loss[1]), (loss[1], loss[2]), (loss[0], loss[2]))) > 1e-2
+
+
+def test_default_compile_path_is_the_stochastic_one(monkeypatch):
+    # Never timed: "auto" is TF's kernels on a CPU-only host and XLA with an
+    # accelerator, like every stochastic computation of the package.
+    monkeypatch.delenv("TFP_BNN_ADV_JIT", raising=False)
+    x, y = np.zeros((8, 2), np.float32), np.array([0, 1] * 4)
+    model = models.mlp((2,), 2, hidden=(4,))
+    post = vi.fit(model, x, y, epochs=1, verbose=0)
+    assert post.settings["jit_compile"] is xla.stochastic_jit("auto")
+    monkeypatch.setenv("TFP_BNN_ADV_JIT", "default")
+    assert vi.fit(model, x, y, epochs=1, verbose=0).settings[
+        "compile_path"] == "default"
+
+
+def test_compile_path_is_an_argument_recorded_in_the_settings():
+    ds = data.half_moons(n=200, seed=3)
+    model = models.mlp((2,), 2, hidden=(8,))
+    kwargs = dict(epochs=2, batch_size=40, learning_rate=1e-2, seed=1,
+                  verbose=0)
+    default = vi.fit(model, ds.train_x, ds.train_y, jit_compile=False, **kwargs)
+    assert default.settings["jit_compile"] is False
+    assert default.settings["compile_path"] == "default"
+    assert default.variational_model.jit_compile is False
+    compiled = vi.fit(model, ds.train_x, ds.train_y, jit_compile=True, **kwargs)
+    assert compiled.settings["jit_compile"] is True
+    assert compiled.settings["compile_path"] == "xla"
+    # The noise is drawn with the same ops on both paths (seeds.normal,
+    # seeds.bits), so the two posteriors differ by float rounding only;
+    # with TensorFlow's own samplers they would differ at the first step.
+    for a, b in zip(default.posterior_loc() + default.posterior_scale(),
+                    compiled.posterior_loc() + compiled.posterior_scale()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_early_stopping_on_validation_loss(moons):
@@ -359,16 +474,45 @@ def test_save_load_round_trip(tmp_path, moons):
     loaded = vi.VIPosterior.load(path)
     assert loaded.settings == post.settings and loaded.history == post.history
     assert loaded.network.param_shapes == post.network.param_shapes
+    # Bit for bit (format 1 stored softplus(rho), whose inverse was off by
+    # up to ~5e-9).
+    for get in ("posterior_loc", "posterior_scale",
+                "posterior_untransformed_scale"):
+        for a, b in zip(getattr(loaded, get)(), getattr(post, get)()):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(loaded.sample_ensemble(3, seed=2).params,
+                    post.sample_ensemble(3, seed=2).params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(
+        loaded.predict_proba_flipout(ds.test_x[:20], 5, 1),
+        post.predict_proba_flipout(ds.test_x[:20], 5, 1))
+
+
+def test_load_reads_format_version_1(tmp_path):
+    post = _random_posterior(models.mlp((2,), 2, hidden=(4,)), seed=0)
+    arrays, meta = files.load_arrays(_saved(post, tmp_path))
+    # A version-1 file as today's main wrote it: scale_i = softplus(rho_i).
+    arrays = {k.replace("untransformed_scale", "scale"): v
+              for k, v in arrays.items()}
+    for i, sd in enumerate(post.posterior_scale()):
+        arrays[f"scale_{i}"] = sd
+    meta["format_version"] = 1
+    files.save_arrays(str(tmp_path / "v1.npz"), arrays, meta)
+    loaded = vi.VIPosterior.load(str(tmp_path / "v1.npz"))
     for a, b in zip(loaded.posterior_loc(), post.posterior_loc()):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(loaded.posterior_scale(), post.posterior_scale()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    for a, b in zip(loaded.sample_ensemble(3, seed=2).params,
-                    post.sample_ensemble(3, seed=2).params):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loaded.predict_proba_flipout(ds.test_x[:20], 5, 1),
-                               post.predict_proba_flipout(ds.test_x[:20], 5, 1),
-                               atol=1e-5)
+    arrays["scale_0"] = -arrays["scale_0"]
+    files.save_arrays(str(tmp_path / "negative.npz"), arrays, meta)
+    with pytest.raises(ValueError, match="scale for"):
+        vi.VIPosterior.load(str(tmp_path / "negative.npz"))
+
+
+def _saved(post, tmp_path):
+    path = str(tmp_path / "post.npz")
+    post.save(path)
+    return path
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -394,16 +538,16 @@ def test_load_rejects_bad_files(tmp_path):
         vi.VIPosterior.load(ens_path)
 
     arrays, meta = files.load_arrays(good)
-    del arrays["scale_1"]
+    del arrays["untransformed_scale_1"]
     files.save_arrays(str(tmp_path / "missing_array.npz"), arrays, meta)
-    with pytest.raises(ValueError, match="scale_0"):
+    with pytest.raises(ValueError, match="untransformed_scale_0"):
         vi.VIPosterior.load(str(tmp_path / "missing_array.npz"))
 
     arrays, meta = files.load_arrays(good)
-    arrays["scale_0"] = -arrays["scale_0"]
-    files.save_arrays(str(tmp_path / "negative.npz"), arrays, meta)
-    with pytest.raises(ValueError, match="scale for"):
-        vi.VIPosterior.load(str(tmp_path / "negative.npz"))
+    arrays["untransformed_scale_0"][0, 0] = np.nan
+    files.save_arrays(str(tmp_path / "nan.npz"), arrays, meta)
+    with pytest.raises(ValueError, match="untransformed_scale for"):
+        vi.VIPosterior.load(str(tmp_path / "nan.npz"))
 
     arrays, meta = files.load_arrays(good)
     arrays["loc_0"] = arrays["loc_0"][:, :2]
@@ -411,11 +555,12 @@ def test_load_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         vi.VIPosterior.load(str(tmp_path / "shape.npz"))
 
-    arrays, meta = files.load_arrays(good)
-    meta["format_version"] = vi.FORMAT_VERSION + 1
-    files.save_arrays(str(tmp_path / "newer.npz"), arrays, meta)
-    with pytest.raises(ValueError, match="format version"):
-        vi.VIPosterior.load(str(tmp_path / "newer.npz"))
+    for version in (vi.FORMAT_VERSION + 1, "2", 0):
+        arrays, meta = files.load_arrays(good)
+        meta["format_version"] = version
+        files.save_arrays(str(tmp_path / "version.npz"), arrays, meta)
+        with pytest.raises(ValueError, match="format version"):
+            vi.VIPosterior.load(str(tmp_path / "version.npz"))
 
 
 # ----------------------------------------------------------------- bad input
@@ -433,6 +578,9 @@ def test_load_rejects_bad_files(tmp_path):
     (dict(estimator="local"), ValueError, "estimator"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(verbose=3), ValueError, "verbose"),
+    (dict(jit_compile="yes"), ValueError, "jit_compile"),
+    (dict(checkpoint_dir=3), TypeError, "checkpoint_dir"),
+    (dict(checkpoint_dir=""), ValueError, "checkpoint_dir"),
     (dict(validation_split=1.0), ValueError, "validation_split"),
     (dict(early_stopping_patience=2), ValueError, "validation data"),
     (dict(early_stopping_patience=0, validation_split=0.2), ValueError,

@@ -14,8 +14,9 @@ The variational model, layer by layer:
   ``estimator="reparameterization"``);
 * ``Conv2D`` -> ``tfp.layers.Convolution2DFlipout`` (or
   ``Convolution2DReparameterization``);
-* pooling, ``Flatten``, ``Reshape``, ``Activation``, ``ReLU``, ``LeakyReLU``
-  and ``Dropout`` -> the ``tf_keras`` layer of the same name and settings.
+* pooling, ``Flatten``, ``Reshape``, ``Activation``, ``ReLU`` and
+  ``LeakyReLU`` -> the ``tf_keras`` layer of the same name and settings;
+* ``Dropout`` -> inverted dropout of the same rate with stateless masks.
   Activations are the user's own Keras 3 activation functions, so the
   variational model computes exactly what the Keras model and the
   :class:`Network` compute.
@@ -41,18 +42,42 @@ mini-batches is ``-ELBO / N``; ``kl_weight = 1`` is the ELBO itself.  The KL
 term enters through ``model.losses``, which ``tf_keras`` ``compile``/``fit``
 add to the loss in the compiled training step.
 
-Determinism: the initial ``loc`` and every :meth:`VIPosterior.sample_ensemble`
-draw are stateless functions of their seeds.  The ``tfp.layers`` draw their
-noise with TensorFlow's stateful RNG, so :func:`fit` and
-:meth:`VIPosterior.predict_proba_flipout` seed the global RNGs
-(``tf_keras.utils.set_random_seed``: Python, NumPy and TensorFlow) and give
-every layer a fixed op seed; on the same machine and TensorFlow build, the
-same seed gives the same trained posterior.
+Randomness: every draw is a stateless function of ``seed``, so the same
+seed gives the same trained posterior in any process, and an interrupted
+run resumed from its checkpoint gives the posterior of an uninterrupted one,
+bit for bit (on one platform, TensorFlow build and compile path).  The
+initial ``loc`` comes from the Keras initialisers drawn statelessly; epoch
+``e`` visits the training points in the order of a NumPy generator seeded
+with ``(seed, e)``; and the layers' noise (Flipout signs, the Gaussian
+perturbations, dropout masks), which ``tfp.layers`` draw from TensorFlow's
+stateful RNG, is drawn instead with :func:`tfp_bnn_adv.seeds.normal`,
+:func:`~tfp_bnn_adv.seeds.bits` and :func:`~tfp_bnn_adv.seeds.uniform` from
+a seed per forward pass: ``fold_in(fold_in(seed, TRAIN), t)`` at training
+step ``t`` (Adam's iteration count, part of the checkpoint), and a seed of
+the epoch and batch for validation passes.  Those draws are the same with
+and without XLA, and the compile path is a function of the ``jit_compile``
+argument and the platform (:func:`tfp_bnn_adv.xla.stochastic_jit`: TF's
+kernels on a CPU-only host, as ``tf_keras`` by default), recorded in the
+settings; nothing is timed.  What can still differ between the two paths,
+or between machines, is float rounding.
+
+Checkpoints: with a ``checkpoint_dir``, :func:`fit` writes the variational
+parameters (``loc`` and the raw ``rho``), Adam's moments and iteration
+count, the history and the early-stopping state atomically after every
+epoch; a call with the same arguments continues from the last epoch
+written (a larger ``epochs`` extends a finished run).  A checkpoint of a
+different configuration (architecture, data, settings or seed) is refused
+with a message naming the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
+import threading
 import time
 import warnings
 from typing import Sequence
@@ -60,24 +85,36 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python import random as tfp_random
+from tensorflow_probability.python.random import random_ops as tfp_random_ops
+import tf_keras
 
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
 from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "CHECKPOINT_FILE"]
 
 ESTIMATORS = ("flipout", "reparameterization")
 # Small enough that the initial posterior acts almost like the Keras network
 # it starts from (logit noise ~1e-2 x input norm), large enough that the
 # softplus gradient of the scale is not vanishingly small.
 DEFAULT_INIT_SCALE = 1e-2
-FORMAT_VERSION = 1
+# Version 2 stores the raw softplus parameter rho (version 1 stored
+# softplus(rho), which does not invert exactly); both are read.
+FORMAT_VERSION = 2
 _FORMAT_NAME = "tfp_bnn_adv.VIPosterior"
 _PARAM_LAYERS = ("Dense", "Conv2D")
+CHECKPOINT_FILE = "vi_checkpoint.npz"
+_CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
+_CHECKPOINT_VERSION = 1
+# Streams folded into the seed: training steps, validation passes.
+_TRAIN_STREAM, _VALIDATION_STREAM = 1, 2
 
 
 # --------------------------------------------------------------------------
@@ -107,6 +144,135 @@ def _check_estimator(estimator) -> str:
 
 
 # --------------------------------------------------------------------------
+# Stateless noise for the variational layers.
+# --------------------------------------------------------------------------
+# Held while tfp's Rademacher sampler is redirected (see _Noise.scope).
+_PATCH_LOCK = threading.RLock()
+
+
+class _Noise:
+    """Hands the variational layers stateless seeds while a pass is traced.
+
+    A training or validation step, or one pass of
+    :meth:`VIPosterior.predict_proba_flipout`, opens a :meth:`scope` with the
+    pass's seed; the ``k``-th draw traced inside it uses ``fold_in(seed, k)``.
+    The layers trace in a fixed order, so every draw is a function of the
+    pass's seed alone.  Gaussian draws come in through the layers'
+    ``*_posterior_tensor_fn`` (:meth:`sample`), dropout masks through
+    :class:`_StatelessDropout`, and Flipout's random signs, which the
+    ``tfp.layers`` draw with ``tfp.random.rademacher`` and an op seed, by
+    redirecting that function while the scope is open (in the thread that
+    opened it; others keep the original).  Outside a scope, e.g. a direct
+    call of the variational model, draws fall back to TensorFlow's stateful
+    RNG, as ``tfp.layers`` do by default.
+
+    Args:
+      seed: the posterior's int seed (the base of its streams).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._seed = None
+        self._count = 0
+        self._owner = None
+
+    def stream(self, index: int) -> tf.Tensor:
+        """The base seed of stream ``index`` (training, validation)."""
+        return seeds_lib.fold_in(self.seed, index)
+
+    @contextlib.contextmanager
+    def scope(self, seed):
+        with _PATCH_LOCK:
+            outer = (self._seed, self._count, self._owner,
+                     tfp_random.rademacher)
+            self._seed, self._count = seed, 0
+            self._owner = threading.get_ident()
+            tfp_random.rademacher = self._rademacher
+            try:
+                yield
+            finally:
+                (self._seed, self._count, self._owner,
+                 tfp_random.rademacher) = outer
+
+    def take(self):
+        """The next draw's stateless seed, or ``None`` outside a scope."""
+        if self._seed is None or self._owner != threading.get_ident():
+            return None
+        self._count += 1
+        return seeds_lib.fold_in(self._seed, self._count - 1)
+
+    def sample(self, dist) -> tf.Tensor:
+        """A draw of a (possibly ``Independent``) ``Normal``: loc + scale * eps."""
+        seed = self.take()
+        if seed is None:
+            return dist.sample()
+        normal = (dist.distribution
+                  if isinstance(dist, tfp.distributions.Independent) else dist)
+        loc = tf.convert_to_tensor(normal.loc)
+        scale = tf.convert_to_tensor(normal.scale)
+        return loc + scale * seeds_lib.normal(tf.shape(loc), seed,
+                                              dtype=loc.dtype)
+
+    def _rademacher(self, shape, dtype=tf.float32, seed=None, name=None):
+        stateless = self.take()
+        if stateless is None:
+            return tfp_random_ops.rademacher(shape, dtype=dtype, seed=seed,
+                                             name=name)
+        with tf.name_scope(name or "stateless_rademacher"):
+            low_bit = tf.bitwise.bitwise_and(seeds_lib.bits(shape, stateless), 1)
+            return tf.cast(low_bit, dtype) * 2 - 1
+
+
+class _StatelessDropout(tf_keras.layers.Layer):
+    """Inverted dropout whose mask is a :class:`_Noise` draw."""
+
+    def __init__(self, rate: float, noise: _Noise, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self._noise = noise
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        seed = self._noise.take()
+        shape = tf.shape(inputs)
+        if seed is None:
+            u = tf.random.uniform(shape, dtype=inputs.dtype)
+        else:
+            u = seeds_lib.uniform(shape, seed, dtype=inputs.dtype)
+        return tf.where(u >= self.rate, inputs / (1.0 - self.rate),
+                        tf.zeros_like(inputs))
+
+
+class _VariationalModel(tf_keras.Sequential):
+    """A ``tf_keras.Sequential`` whose steps draw noise from stateless seeds.
+
+    Training step ``t`` (Adam's iteration count, restored with a checkpoint)
+    uses ``fold_in(stream(TRAIN), t)``; validation batch ``b`` after the
+    epoch that ended at step ``t`` uses
+    ``fold_in(fold_in(stream(VALIDATION), t), b)``.
+    """
+
+    def __init__(self, layers, noise: _Noise, name=None):
+        super().__init__(layers, name=name)
+        self.vi_noise = noise
+
+    def train_step(self, data):
+        seed = seeds_lib.fold_in(self.vi_noise.stream(_TRAIN_STREAM),
+                                 self.optimizer.iterations)
+        with self.vi_noise.scope(seed):
+            return super().train_step(data)
+
+    def test_step(self, data):
+        seed = seeds_lib.fold_in(
+            seeds_lib.fold_in(self.vi_noise.stream(_VALIDATION_STREAM),
+                              self.optimizer.iterations),
+            self._test_counter)
+        with self.vi_noise.scope(seed):
+            return super().test_step(data)
+
+
+# --------------------------------------------------------------------------
 # The variational model.
 # --------------------------------------------------------------------------
 def _flatten_layers(model) -> list:
@@ -132,9 +298,6 @@ def _mean_field_normal_fn(untransformed_scale: float):
     (:meth:`VIPosterior._assign`), which keeps the Keras-initialiser draw
     stateless and in the Network's layout.
     """
-    import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
-    import tf_keras  # pylint: disable=g-import-not-at-top
-
     def fn(dtype, shape, name, trainable, add_variable_fn):
         loc = add_variable_fn(name=name + "_loc", shape=shape,
                               initializer=tf_keras.initializers.Zeros(),
@@ -153,7 +316,6 @@ def _mean_field_normal_fn(untransformed_scale: float):
 
 def _prior_fn(prior_scale: float):
     """A ``tfp.layers`` prior builder: independent ``N(0, prior_scale^2)``."""
-    import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
 
     def fn(dtype, shape, name, trainable, add_variable_fn):
         del name, trainable, add_variable_fn  # the prior has no variables
@@ -167,7 +329,6 @@ def _prior_fn(prior_scale: float):
 
 def _divergence_fn(weight: float):
     """Analytic ``KL(q || p)`` times ``weight`` (``kl_weight / N``)."""
-    import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
 
     def fn(posterior, prior, sample):
         del sample  # the Normal-Normal KL is exact, no Monte Carlo needed
@@ -182,19 +343,16 @@ def _build_variational_model(network: Network, *, estimator: str,
     """The ``tf_keras`` variational counterpart of ``network.keras_model``.
 
     Returns:
-      ``(model, variational_layers)``: a built ``tf_keras.Sequential`` that
-      maps ``[B, *input_shape]`` to logits ``[B, C]``, and its ``tfp.layers``
-      in the Network's parameter order.
+      ``(model, variational_layers)``: a built :class:`_VariationalModel`
+      that maps ``[B, *input_shape]`` to logits ``[B, C]``, and its
+      ``tfp.layers`` in the Network's parameter order.
     """
-    import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
-    import tf_keras  # pylint: disable=g-import-not-at-top
-
     flipout = estimator == "flipout"
     layers = _flatten_layers(network.keras_model)
-    layer_seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(
-        len(layers), dtype=np.uint32) % (2**31)]
+    noise = _Noise(seed)
     common = dict(
         kernel_posterior_fn=_mean_field_normal_fn(0.0),
+        kernel_posterior_tensor_fn=noise.sample,
         kernel_prior_fn=_prior_fn(prior_scale),
         kernel_divergence_fn=_divergence_fn(kl_weight / num_train),
     )
@@ -212,13 +370,12 @@ def _build_variational_model(network: Network, *, estimator: str,
             kwargs = dict(common)
             if layer.use_bias:
                 kwargs.update(bias_posterior_fn=_mean_field_normal_fn(0.0),
+                              bias_posterior_tensor_fn=noise.sample,
                               bias_prior_fn=_prior_fn(prior_scale),
                               bias_divergence_fn=_divergence_fn(
                                   kl_weight / num_train))
             else:
                 kwargs.update(bias_posterior_fn=None, bias_prior_fn=None)
-            if flipout:
-                kwargs["seed"] = layer_seeds[k]
             if cls == "Dense":
                 make = (tfp.layers.DenseFlipout if flipout
                         else tfp.layers.DenseReparameterization)
@@ -253,8 +410,7 @@ def _build_variational_model(network: Network, *, estimator: str,
             new = tf_keras.layers.LeakyReLU(alpha=layer.negative_slope,
                                             name=layer.name)
         elif cls == "Dropout":
-            new = tf_keras.layers.Dropout(layer.rate, seed=layer_seeds[k],
-                                          name=layer.name)
+            new = _StatelessDropout(layer.rate, noise, name=layer.name)
         else:
             # Network.from_keras accepts exactly the layers handled above.
             raise ValueError(f"Layer {layer.name!r} ({cls}) has no variational "
@@ -264,7 +420,8 @@ def _build_variational_model(network: Network, *, estimator: str,
         # tfp.layers create their variables through the deprecated
         # Layer.add_variable; the warning is TFP's, not the user's.
         warnings.filterwarnings("ignore", message=".*add_variable.*")
-        model = tf_keras.Sequential(out, name=network.keras_model.name + "_vi")
+        model = _VariationalModel(out, noise,
+                                  name=network.keras_model.name + "_vi")
     return model, variational
 
 
@@ -295,14 +452,17 @@ class VIPosterior:
 
     Every parameter tensor ``i`` of the Network (kernel then bias per layer)
     has a posterior ``N(loc[i], scale[i]**2)`` per scalar, of shape
-    ``network.param_shapes[i]``.  Build one with :func:`fit`, directly from
-    ``loc``/``scale`` lists, or with :meth:`load`.
+    ``network.param_shapes[i]``, with ``scale = softplus(rho)`` held as the
+    raw ("untransformed") ``rho``.  Build one with :func:`fit`, directly from
+    ``loc`` and ``scale`` (or ``rho``) lists, or with :meth:`load`.
 
     Args:
       network: the :class:`Network` (or a Keras 3 model to import).
       loc: list of float arrays, ``loc[i]`` of shape ``param_shapes[i]``.
       scale: list of float arrays of the same shapes, every entry finite and
-        ``> 0``.
+        ``> 0`` (stored as ``softplus^-1(scale)``, exact to rounding).
+      untransformed_scale: instead of ``scale``, the raw ``rho`` (finite
+        float arrays of the same shapes), stored exactly.
       estimator: ``"flipout"`` or ``"reparameterization"`` (the layers' own
         gradient estimator, used by :func:`fit` and
         :meth:`predict_proba_flipout`).
@@ -310,11 +470,14 @@ class VIPosterior:
         every weight and bias.
       kl_weight: multiplier of ``KL / num_train`` in the training loss.
       num_train: ``N``, the number of training points the KL is divided by.
-      seed: int seeding the layers' op-level RNG seeds.
+      seed: int, the base of the seeds of the layers' noise in training.
 
     Attributes:
       network: the :class:`Network`.
-      variational_model: the ``tf_keras`` model of ``tfp.layers`` (logits out).
+      variational_model: the ``tf_keras`` model of ``tfp.layers`` (logits
+        out).  Called directly, outside :func:`fit` and
+        :meth:`predict_proba_flipout`, its layers draw their noise with
+        TensorFlow's stateful RNG.
       settings: JSON-able dict of the settings above plus, after :func:`fit`,
         the training settings.
       history: dict ``metric -> list`` per epoch (``loss``, ``accuracy``, and
@@ -330,22 +493,36 @@ class VIPosterior:
       >>> post.posterior_scale()[0].shape              # first kernel's scale
     """
 
-    def __init__(self, network, loc: Sequence, scale: Sequence, *,
+    def __init__(self, network, loc: Sequence, scale: Sequence | None = None,
+                 *, untransformed_scale: Sequence | None = None,
                  estimator: str = "flipout", prior_scale: float = 1.0,
                  kl_weight: float = 1.0, num_train: int = 1, seed: int = 0):
         if not isinstance(network, Network):
             network = Network.from_keras(network)
+        if (scale is None) == (untransformed_scale is None):
+            raise ValueError("Give exactly one of scale and untransformed_scale.")
         loc = [t.numpy() for t in network.check_params(loc, stacked=False,
                                                        name="loc")]
-        scale = [t.numpy() for t in network.check_params(scale, stacked=False,
-                                                         name="scale")]
-        for i, (m, s) in enumerate(zip(loc, scale)):
-            name = network.param_specs[i].name
+        names = [spec.name for spec in network.param_specs]
+        for name, m in zip(names, loc):
             if not np.all(np.isfinite(m)):
                 raise ValueError(f"loc for {name!r} holds NaN or infinite values.")
-            if not np.all(np.isfinite(s)) or np.any(s <= 0):
-                raise ValueError(f"scale for {name!r} must be finite and > 0 "
-                                 f"everywhere; its minimum is {s.min()!r}.")
+        if scale is not None:
+            scale = [t.numpy() for t in network.check_params(
+                scale, stacked=False, name="scale")]
+            for name, sd in zip(names, scale):
+                if not np.all(np.isfinite(sd)) or np.any(sd <= 0):
+                    raise ValueError(f"scale for {name!r} must be finite and > 0 "
+                                     f"everywhere; its minimum is {sd.min()!r}.")
+            rho = [tfp.math.softplus_inverse(tf.constant(sd)).numpy()
+                   for sd in scale]
+        else:
+            rho = [t.numpy() for t in network.check_params(
+                untransformed_scale, stacked=False, name="untransformed_scale")]
+            for name, r in zip(names, rho):
+                if not np.all(np.isfinite(r)):
+                    raise ValueError(f"untransformed_scale for {name!r} holds "
+                                     "NaN or infinite values.")
         self.network = network
         self.settings = {
             "estimator": _check_estimator(estimator),
@@ -359,15 +536,15 @@ class VIPosterior:
             network, estimator=estimator, prior_scale=self.settings["prior_scale"],
             kl_weight=self.settings["kl_weight"],
             num_train=self.settings["num_train"], seed=self.settings["seed"])
-        self._assign(loc, scale)
+        self._assign(loc, rho)
+        self._predict_fn = None
 
-    def _assign(self, loc, scale) -> None:
-        import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
-        for dist, m, s in zip(_posteriors(self._layers), loc, scale):
+    def _assign(self, loc, rho) -> None:
+        """Sets ``loc`` and the raw ``rho`` of every posterior, exactly."""
+        for dist, m, r in zip(_posteriors(self._layers), loc, rho):
             normal = dist.distribution
             normal.loc.assign(m)
-            normal.scale.pretransformed_input.assign(
-                tfp.math.softplus_inverse(tf.constant(s, tf.float32)))
+            normal.scale.pretransformed_input.assign(r)
 
     # ------------------------------------------------------------- the posterior
     def posterior_loc(self) -> list[np.ndarray]:
@@ -379,9 +556,13 @@ class VIPosterior:
         return [tf.convert_to_tensor(dist.distribution.scale).numpy()
                 for dist in _posteriors(self._layers)]
 
+    def posterior_untransformed_scale(self) -> list[np.ndarray]:
+        """The raw parameters ``rho`` (``scale = softplus(rho)``), same layout."""
+        return [dist.distribution.scale.pretransformed_input.numpy()
+                for dist in _posteriors(self._layers)]
+
     def kl_divergence(self) -> float:
         """``KL(q || p)`` summed over every weight and bias (not divided by N)."""
-        import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
         return float(sum(tfp.distributions.kl_divergence(q, p).numpy()
                          for q, p in zip(_posteriors(self._layers),
                                          _priors(self._layers))))
@@ -390,8 +571,9 @@ class VIPosterior:
         """Draws ``S`` full weight sets from the posterior.
 
         Every parameter tensor is drawn at once as
-        ``loc + scale * stateless_normal([S, *shape])``, an exact draw from
-        the mean-field posterior; the same seed gives the same ensemble.
+        ``loc + scale * seeds.normal([S, *shape])``, an exact draw from the
+        mean-field posterior; the same seed gives the same ensemble, with or
+        without XLA (:func:`tfp_bnn_adv.seeds.normal`).
 
         Args:
           num_samples: ``S >= 1``.
@@ -412,14 +594,13 @@ class VIPosterior:
         for dist, s in zip(dists, tf.unstack(seeds_lib.split(seed, len(dists)))):
             loc = tf.convert_to_tensor(dist.distribution.loc)
             scale = tf.convert_to_tensor(dist.distribution.scale)
-            eps = tf.random.stateless_normal([num_samples] + loc.shape.as_list(),
-                                             s, dtype=tf.float32)
+            eps = seeds_lib.normal([num_samples] + loc.shape.as_list(), s)
             params.append(loc + scale * eps)
         metadata = {"method": "vi", "settings": dict(self.settings),
                     "sample_seed": [int(v) for v in seed.numpy()]}
         return PosteriorEnsemble(self.network, params, metadata=metadata)
 
-    def predict_proba_flipout(self, x, num_samples: int = 100, seed: int = 0, *,
+    def predict_proba_flipout(self, x, num_samples: int = 100, seed=0, *,
                               batch_size: int = 512) -> np.ndarray:
         """The variational layers' own Monte Carlo posterior predictive.
 
@@ -432,9 +613,10 @@ class VIPosterior:
         Args:
           x: inputs ``[B, *input_shape]``.
           num_samples: number of passes ``M >= 1``.
-          seed: int; seeds the global RNGs (``tf_keras.utils.set_random_seed``:
-            Python, NumPy, TensorFlow) before the passes, so the same seed
-            gives the same result.
+          seed: int or shape-[2] stateless seed; pass ``i`` over the ``j``-th
+            chunk of ``batch_size`` inputs draws its noise from
+            ``fold_in(fold_in(seed, j), i)``, so the same seed (and batch
+            size) gives the same result.
           batch_size: inputs per forward pass.
 
         Returns:
@@ -443,30 +625,31 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad argument.
         """
-        import tf_keras  # pylint: disable=g-import-not-at-top
         num_samples = check_positive_int(num_samples, "num_samples")
         batch_size = check_positive_int(batch_size, "batch_size")
-        seed = _check_seed_int(seed)
+        seed = seeds_lib.stateless(seed)
         x, _ = self.network.check_inputs(x)
-        model = self.variational_model
+        if self._predict_fn is None:
+            model, classes = self.variational_model, self.network.num_classes
 
-        def passes(xb):
-            def body(i, total):
-                return i + 1, total + tf.nn.softmax(model(xb, training=False))
+            def passes(xb, chunk_seed, m):
+                def body(i, total):
+                    with model.vi_noise.scope(seeds_lib.fold_in(chunk_seed, i)):
+                        logits = model(xb, training=False)
+                    return i + 1, total + tf.nn.softmax(logits)
 
-            init = tf.zeros([tf.shape(xb)[0], self.network.num_classes])
-            # One pass at a time: concurrent passes would take their stateful
-            # noise in a racy order, and the result would not be repeatable.
-            return tf.while_loop(lambda i, _: i < num_samples, body,
-                                 (tf.constant(0), init),
-                                 parallel_iterations=1)[1] / num_samples
+                init = tf.zeros([tf.shape(xb)[0], classes])
+                total = tf.while_loop(lambda i, _: i < m, body,
+                                      (tf.constant(0), init))[1]
+                return total / tf.cast(m, tf.float32)
 
-        # A fresh function per call: its stateful RNG ops are created after
-        # the seeding, so the same seed replays the same noise.
-        tf_keras.utils.set_random_seed(seed)
-        fn = tf.function(passes, autograph=False)
-        return np.concatenate([fn(x[i:i + batch_size]).numpy()
-                               for i in range(0, x.shape[0], batch_size)])
+            self._predict_fn = tf.function(passes, autograph=False,
+                                           reduce_retracing=True)
+        m = tf.constant(num_samples)
+        return np.concatenate([
+            self._predict_fn(x[i:i + batch_size],
+                             seeds_lib.fold_in(seed, i // batch_size), m).numpy()
+            for i in range(0, x.shape[0], batch_size)])
 
     def __repr__(self) -> str:
         return (f"VIPosterior(estimator={self.settings['estimator']!r}, "
@@ -476,12 +659,14 @@ class VIPosterior:
     def save(self, path: str) -> None:
         """Saves to one ``.npz`` file, atomically, with no pickle.
 
-        Stores ``loc_i`` and ``scale_i`` float32 arrays per parameter tensor,
-        the Keras model's JSON config, the settings and the history.
+        Stores ``loc_i`` and ``untransformed_scale_i`` (the raw ``rho``)
+        float32 arrays per parameter tensor, so :meth:`load` rebuilds the
+        exact same posterior, and the Keras model's JSON config, the settings
+        and the history.
         """
-        loc, scale = self.posterior_loc(), self.posterior_scale()
-        arrays = {f"loc_{i}": m for i, m in enumerate(loc)}
-        arrays.update({f"scale_{i}": s for i, s in enumerate(scale)})
+        arrays = {f"loc_{i}": m for i, m in enumerate(self.posterior_loc())}
+        arrays.update({f"untransformed_scale_{i}": r for i, r in
+                       enumerate(self.posterior_untransformed_scale())})
         meta = {"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "network": self.network.get_config(),
                 "param_names": [s.name for s in self.network.param_specs],
@@ -493,43 +678,54 @@ class VIPosterior:
     def load(cls, path: str) -> "VIPosterior":
         """Loads a posterior written by :meth:`save`.
 
+        Files of format version 2 hold the raw ``rho`` and load bit for bit;
+        version 1 files (``scale_i = softplus(rho)``) still load, with
+        ``rho = softplus^-1(scale)`` exact to rounding.
+
         Raises:
           FileNotFoundError: if ``path`` does not exist.
           ValueError: if the file is corrupt, not a VIPosterior, from a newer
             format, or its arrays or settings do not fit its architecture.
         """
         arrays, meta = files.load_arrays(path)
-        if meta.get("format") != _FORMAT_NAME:
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
+            found = meta.get("format") if isinstance(meta, dict) else meta
             raise ValueError(f"{path!r} is not a saved VIPosterior "
-                             f"(format={meta.get('format')!r}).")
-        if not isinstance(meta.get("format_version"), int) or (
-                meta["format_version"] > FORMAT_VERSION):
-            raise ValueError(f"{path!r} has format version "
-                             f"{meta.get('format_version')!r}; this tfp_bnn_adv "
-                             f"reads up to {FORMAT_VERSION}.")
+                             f"(format={found!r:.80}).")
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or not (
+                1 <= version <= FORMAT_VERSION):
+            raise ValueError(f"{path!r} has format version {version!r:.40}; "
+                             f"this tfp_bnn_adv reads versions 1 to "
+                             f"{FORMAT_VERSION}.")
         try:
             network = Network.from_config(meta["network"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path!r}: cannot rebuild the architecture: {e}") from e
         n = len(network.param_specs)
-        expected = {f"{k}_{i}" for k in ("loc", "scale") for i in range(n)}
+        second = "scale" if version == 1 else "untransformed_scale"
+        expected = {f"{k}_{i}" for k in ("loc", second) for i in range(n)}
         if set(arrays) != expected:
             raise ValueError(f"{path!r}: expected arrays loc_0..loc_{n - 1} and "
-                             f"scale_0..scale_{n - 1}, found {sorted(arrays)}.")
+                             f"{second}_0..{second}_{n - 1}, found "
+                             f"{sorted(arrays)}.")
         settings = meta.get("settings")
         if not isinstance(settings, dict):
             raise ValueError(f"{path!r}: settings missing or not a dict.")
         known = ("estimator", "prior_scale", "kl_weight", "num_train", "seed")
+        loc = [arrays[f"loc_{i}"] for i in range(n)]
+        second_arrays = [arrays[f"{second}_{i}"] for i in range(n)]
         try:
-            post = cls(network, [arrays[f"loc_{i}"] for i in range(n)],
-                       [arrays[f"scale_{i}"] for i in range(n)],
+            post = cls(network, loc, **{second: second_arrays},
                        **{k: settings[k] for k in known})
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path!r}: arrays or settings do not fit the "
                              f"architecture: {e}") from e
         post.settings.update(settings)
-        post.history = {str(k): list(v) for k, v in
-                        dict(meta.get("history") or {}).items()}
+        history = meta.get("history") or {}
+        if not isinstance(history, dict):
+            raise ValueError(f"{path!r}: history is not a dict.")
+        post.history = {str(k): list(v) for k, v in history.items()}
         return post
 
 
@@ -561,18 +757,272 @@ def _check_validation(validation_split, validation_data, patience, network):
     return float(validation_split), validation_data, patience
 
 
+def _check_checkpoint_dir(checkpoint_dir) -> str | None:
+    if checkpoint_dir is None:
+        return None
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path or None, got "
+                        f"{checkpoint_dir!r}.")
+    path = os.fspath(checkpoint_dir)
+    if not path:
+        raise ValueError("checkpoint_dir must be a non-empty path or None, got "
+                         "''.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"checkpoint_dir {path!r} exists and is not a "
+                         "directory.")
+    return path
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _architecture_digest(network: Network) -> str:
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "name"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    # Keras numbers layer names per process ("dense_3"), so names are left
+    # out: the same architecture resumes in a new process.
+    return _digest(strip(network.get_config()))
+
+
+def _array_digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class _EarlyStopping:
+    """``tf_keras.callbacks.EarlyStopping(monitor="val_loss",
+    restore_best_weights=True)`` with its state in the open, for checkpoints.
+
+    As Keras does: the first epoch's weights are kept even if its loss is
+    not finite, an epoch improves when its loss is below the best, training
+    stops once ``wait >= patience`` (never after the first epoch), and the
+    best weights are restored at the end, whether it stopped early or not.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = None
+        self.wait = 0
+        self.stopped = False
+        self.best_weights = None  # (loc, rho)
+
+    def update(self, epoch: int, val_loss: float, post: "VIPosterior") -> bool:
+        """Records an epoch's validation loss; whether to stop."""
+        if self.best_weights is None:
+            self.best_weights = _raw_params(post)
+            self.best_epoch = epoch
+        self.wait += 1
+        if val_loss < self.best:
+            self.best, self.best_epoch, self.wait = val_loss, epoch, 0
+            self.best_weights = _raw_params(post)
+            return False
+        self.stopped = self.wait >= self.patience and epoch > 0
+        return self.stopped
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch,
+                "wait": self.wait, "stopped": self.stopped}
+
+    def restore_state(self, state: dict, best_weights) -> None:
+        self.best = float(state["best"])
+        self.best_epoch = state["best_epoch"]
+        self.wait = int(state["wait"])
+        self.stopped = bool(state["stopped"])
+        self.best_weights = best_weights
+
+
+def _raw_params(post: "VIPosterior") -> tuple[list, list]:
+    return post.posterior_loc(), post.posterior_untransformed_scale()
+
+
+class _Checkpoint:
+    """The per-epoch checkpoint of one :func:`fit` configuration."""
+
+    def __init__(self, directory: str, fields: dict):
+        self.path = os.path.join(directory, CHECKPOINT_FILE)
+        self.fields = fields
+        self.digest = _digest(fields)
+
+    def save(self, post, optimizer, epochs_done: int, history: dict,
+             stopping: _EarlyStopping | None, seconds: float) -> None:
+        loc, rho = _raw_params(post)
+        arrays = {f"loc_{i}": m for i, m in enumerate(loc)}
+        arrays.update({f"untransformed_scale_{i}": r for i, r in enumerate(rho)})
+        arrays.update({f"optimizer_{j}": v.numpy()
+                       for j, v in enumerate(optimizer.variables)})
+        if stopping is not None and stopping.best_weights is not None:
+            best_loc, best_rho = stopping.best_weights
+            arrays.update({f"best_loc_{i}": m for i, m in enumerate(best_loc)})
+            arrays.update({f"best_untransformed_scale_{i}": r
+                           for i, r in enumerate(best_rho)})
+        files.save_arrays(self.path, arrays, {
+            "format": _CHECKPOINT_FORMAT,
+            "format_version": _CHECKPOINT_VERSION,
+            "config": self.fields, "digest": self.digest,
+            "epochs_done": epochs_done, "history": history,
+            "num_optimizer_variables": len(optimizer.variables),
+            "early_stopping": None if stopping is None else stopping.state(),
+            "train_seconds": seconds})
+
+    def load(self, post, optimizer, stopping: _EarlyStopping | None):
+        """Restores a checkpoint into ``post`` and ``optimizer`` (built).
+
+        Returns:
+          ``(epochs_done, history, train_seconds)``, or ``None`` without a
+          checkpoint file.
+
+        Raises:
+          ValueError: for a checkpoint of another configuration or format,
+            or a corrupt one (missing, misshapen or non-finite arrays).
+        """
+        if not os.path.exists(self.path):
+            return None
+        arrays, meta = files.load_arrays(self.path)
+        if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path!r} is not a VI checkpoint.")
+        if meta.get("format_version") != _CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{self.path!r} is a VI checkpoint of format version "
+                f"{meta.get('format_version')!r:.40}; this tfp_bnn_adv writes "
+                f"version {_CHECKPOINT_VERSION}. Delete it (or use another "
+                "checkpoint_dir) to start afresh.")
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{self.path!r}: its configuration is missing; the "
+                             "checkpoint is corrupt.")
+        for field in sorted(set(saved) | set(self.fields)):
+            if saved.get(field) != self.fields.get(field):
+                raise ValueError(
+                    f"The checkpoint in {os.path.dirname(self.path)!r} comes "
+                    f"from a different configuration: {field} is "
+                    f"{saved.get(field)!r:.80} there but "
+                    f"{self.fields.get(field)!r:.80} now. Use another "
+                    "checkpoint_dir or delete it to start afresh; runs are "
+                    "never mixed.")
+        try:
+            epochs_done = int(meta["epochs_done"])
+            history = {str(k): [float(v) for v in vals]
+                       for k, vals in dict(meta["history"]).items()}
+            seconds = float(meta["train_seconds"])
+            es_state = meta["early_stopping"]
+            if (stopping is None) != (es_state is None):
+                raise ValueError("early-stopping state does not match")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path!r}: corrupt checkpoint metadata "
+                             f"({e}).") from e
+
+        def take(prefix, templates):
+            out = []
+            for i, t in enumerate(templates):
+                a = arrays.get(f"{prefix}_{i}")
+                if a is None or a.shape != t.shape or a.dtype != t.dtype:
+                    raise ValueError(
+                        f"{self.path!r}: array {prefix}_{i} is missing or has "
+                        f"the wrong shape or dtype; expected {t.shape} "
+                        f"{t.dtype}. The checkpoint is corrupt.")
+                if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                    raise ValueError(f"{self.path!r}: array {prefix}_{i} holds "
+                                     "NaN or infinite values. The checkpoint "
+                                     "is corrupt.")
+                out.append(a)
+            return out
+
+        loc_t, rho_t = _raw_params(post)
+        opt_t = [v.numpy() for v in optimizer.variables]
+        if meta.get("num_optimizer_variables") != len(opt_t):
+            raise ValueError(f"{self.path!r}: expected {len(opt_t)} optimizer "
+                             "variables. The checkpoint is corrupt.")
+        loc = take("loc", loc_t)
+        rho = take("untransformed_scale", rho_t)
+        opt = take("optimizer", opt_t)
+        if stopping is not None:
+            best = None
+            if "best_loc_0" in arrays:
+                best = (take("best_loc", loc_t),
+                        take("best_untransformed_scale", rho_t))
+            stopping.restore_state(es_state, best)
+        post._assign(loc, rho)  # pylint: disable=protected-access
+        for var, value in zip(optimizer.variables, opt):
+            var.assign(value)
+        return epochs_done, history, seconds
+
+
+def _epoch_batches(x, y, batch_size: int, seed: int, start: int, stop: int):
+    """The mini-batches of epochs ``start..stop-1`` as one ``tf.data`` stream.
+
+    Epoch ``e`` visits the points in the order of
+    ``np.random.default_rng((seed, e)).permutation(N)``, a function of the
+    seed and the epoch alone, so a resumed run sees the batches an
+    uninterrupted one would.
+    """
+    n = x.shape[0]
+    features, labels = tf.constant(x), tf.constant(y)
+
+    def order(epoch):
+        return np.random.default_rng((seed, int(epoch))).permutation(n)
+
+    # (Dataset.from_generator would do, but doubles the CPU time per step.)
+    return (tf.data.Dataset.range(start, stop)
+            .map(lambda e: tf.reshape(tf.numpy_function(order, [e], tf.int64),
+                                      [n]))
+            .flat_map(lambda idx: tf.data.Dataset.from_tensor_slices(
+                idx).batch(batch_size))
+            .map(lambda idx: (tf.gather(features, idx), tf.gather(labels, idx)))
+            .prefetch(2))
+
+
+class _EpochEnd(tf_keras.callbacks.Callback):
+    """After each epoch: the history, early stopping and the checkpoint."""
+
+    def __init__(self, post, optimizer, history: dict,
+                 stopping: _EarlyStopping | None, checkpoint: _Checkpoint | None,
+                 seconds: float):
+        super().__init__()
+        self.post, self.optimizer, self.history = post, optimizer, history
+        self.stopping, self.checkpoint = stopping, checkpoint
+        self.seconds = seconds
+        self._tic = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._tic = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._tic
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        stop = self.stopping is not None and self.stopping.update(
+            epoch, self.history["val_loss"][-1], self.post)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.post, self.optimizer, epoch + 1,
+                                 self.history, self.stopping, self.seconds)
+        if stop:
+            self.model.stop_training = True
+
+
 def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
         learning_rate: float = 1e-3, prior_scale: float = 1.0,
         init_scale: float = DEFAULT_INIT_SCALE, kl_weight: float = 1.0,
         estimator: str = "flipout", validation_split: float = 0.0,
         validation_data=None, early_stopping_patience: int | None = None,
-        seed: int = 0, verbose: int = 1) -> VIPosterior:
+        seed: int = 0, jit_compile=None, checkpoint_dir=None,
+        verbose: int = 1) -> VIPosterior:
     """Mean-field VI of a Keras classifier with ``tfp.layers`` and Keras fit.
 
     Minimises the per-datapoint negative ELBO
     ``mean_b[-log p(y_b | x_b, w)] + kl_weight * KL(q || p) / N``
     (``N`` = number of training points after the validation split; see the
-    module docstring) with Adam, in a compiled ``tf_keras`` training step.
+    module docstring) with Adam, in a compiled ``tf_keras`` training step,
+    one ``tf_keras`` ``fit`` epoch at a time.
 
     Args:
       model: a built Keras 3 classifier (or a :class:`Network`) made of the
@@ -593,30 +1043,49 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       validation_data: alternatively, a pair ``(x_val, y_val)``.  Never pass
         the test set: early stopping on it leaks it into training.
       early_stopping_patience: if set, stop when ``val_loss`` has not improved
-        for this many epochs and restore the best posterior.
+        for this many epochs, and end with the posterior of the best epoch.
       seed: int; the initial ``loc`` (stateless draw from the Keras
-        initialisers), the validation split, shuffling and the layers' noise.
+        initialisers), the validation split, the order of every epoch and
+        the layers' noise (see the module docstring).
+      jit_compile: ``True`` (XLA), ``False`` (TF's kernels), ``"auto"`` or
+        ``None`` (the ``TFP_BNN_ADV_JIT`` default): the compile path of the
+        training step, resolved without timing by
+        :func:`tfp_bnn_adv.xla.stochastic_jit` (``"auto"`` is XLA with a
+        GPU or TPU and TF's kernels on a CPU-only host, ``tf_keras``' own
+        default).  ``tf_keras`` falls back to TF's kernels where XLA is
+        unavailable; the path taken is ``settings["jit_compile"]`` and
+        ``settings["compile_path"]``.
+      checkpoint_dir: a directory (created if missing) for the per-epoch
+        checkpoint :data:`CHECKPOINT_FILE`; ``None`` writes none.  A call
+        with the same arguments resumes after the last epoch written, and a
+        larger ``epochs`` extends a finished run; the result is the one an
+        uninterrupted run gives, bit for bit.
       verbose: Keras progress display: 0 silent, 1 progress bar, 2 one line
         per epoch.
 
     Returns:
       The trained :class:`VIPosterior`; its ``history`` holds ``loss``,
       ``accuracy`` (and ``val_*``) per epoch, its ``settings`` every argument
-      above plus ``epochs_run`` and ``train_seconds``.
+      above (but ``checkpoint_dir`` and ``verbose``) plus ``epochs_run``,
+      ``train_seconds`` (summed over resumed runs; informative only) and,
+      with early stopping, ``best_epoch``.
 
     Raises:
       TypeError / ValueError: naming the argument, for a bad argument,
-        unsupported layer (named with its class), or bad inputs/labels; all
-        before any training.
+        unsupported layer (named with its class), bad inputs/labels, or a
+        ``checkpoint_dir`` that is a file; all before any training.
+      ValueError: for a checkpoint of a different configuration, naming the
+        differing field, a corrupt one, or one with more epochs than
+        ``epochs``; before any training.
 
     Example:
       >>> ds = data.half_moons(1000)
       >>> model = models.mlp((2,), 2, hidden=(64,))
       >>> post = vi.fit(model, ds.train_x, ds.train_y, epochs=100,
-      ...               batch_size=64, learning_rate=1e-2, verbose=0)
+      ...               batch_size=64, learning_rate=1e-2, verbose=0,
+      ...               checkpoint_dir="/tmp/vi_ckpt")   # Ctrl-C, rerun: resumes
       >>> post.sample_ensemble(100, seed=1).accuracy(ds.test_x, ds.test_y)
     """
-    import tf_keras  # pylint: disable=g-import-not-at-top
     epochs = check_positive_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     learning_rate = _check_positive_float(learning_rate, "learning_rate")
@@ -625,6 +1094,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     _check_positive_float(kl_weight, "kl_weight")
     _check_estimator(estimator)
     seed = _check_seed_int(seed)
+    use_xla = xla.stochastic_jit(jit_compile)
+    checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
     network = model if isinstance(model, Network) else Network.from_keras(model)
@@ -645,39 +1116,93 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
         x, y = x[order[num_val:]], y[order[num_val:]]
     elif validation_data is not None:
         validation_data = tuple(t.numpy() for t in validation_data)
+    if checkpoint_dir is not None:
+        try:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} cannot be "
+                             f"created: {e}") from e
 
-    tf_keras.utils.set_random_seed(seed)
     loc = network.init_params(seed)
     scale = [np.full(s, init_scale, np.float32) for s in network.param_shapes]
     post = VIPosterior(network, loc, scale, estimator=estimator,
                        prior_scale=prior_scale, kl_weight=kl_weight,
                        num_train=x.shape[0], seed=seed)
     vmodel = post.variational_model
+    # Adam's own XLA switch is on by default with a GPU only; off, the whole
+    # step follows the one argument.
+    optimizer = tf_keras.optimizers.Adam(learning_rate=learning_rate,
+                                         jit_compile=False)
     vmodel.compile(
-        optimizer=tf_keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    callbacks = []
-    if patience is not None:
-        callbacks.append(tf_keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True))
+        metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=use_xla)
+    use_xla = bool(vmodel.jit_compile)
+    # Built now, so that its variables exist to checkpoint and restore.
+    optimizer.build(vmodel.trainable_variables)
+    stopping = None if patience is None else _EarlyStopping(patience)
+
+    history: dict[str, list] = {}
+    start_epoch, seconds = 0, 0.0
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fields = json.loads(json.dumps({
+            "architecture": _architecture_digest(network),
+            "train_data": _array_digest(x, y),
+            "validation_data": (None if validation_data is None
+                                else _array_digest(*validation_data)),
+            "estimator": estimator, "prior_scale": float(prior_scale),
+            "init_scale": init_scale, "kl_weight": float(kl_weight),
+            "batch_size": batch_size, "learning_rate": learning_rate,
+            "validation_split": validation_split,
+            "early_stopping_patience": patience, "seed": seed,
+            "jit_compile": use_xla}))
+        checkpoint = _Checkpoint(checkpoint_dir, fields)
+        restored = checkpoint.load(post, optimizer, stopping)
+        if restored is not None:
+            start_epoch, history, seconds = restored
+            if start_epoch > epochs:
+                raise ValueError(
+                    f"The checkpoint in {checkpoint_dir!r} has {start_epoch} "
+                    f"epochs, more than epochs={epochs}; pass epochs >= "
+                    f"{start_epoch} or use another checkpoint_dir.")
+            logging.info("VI: resuming from %s after epoch %d/%d.",
+                         checkpoint.path, start_epoch, epochs)
     logging.info("VI (%s): %d training points, %d parameters, up to %d epochs "
                  "of batch %d.", estimator, x.shape[0], network.num_params,
                  epochs, batch_size)
-    start = time.perf_counter()
-    hist = vmodel.fit(x, y, batch_size=batch_size, epochs=epochs,
-                      validation_data=validation_data, shuffle=True,
-                      callbacks=callbacks, verbose=verbose)
-    seconds = time.perf_counter() - start
-    post.history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    if start_epoch < epochs and not (stopping is not None and stopping.stopped):
+        recorder = _EpochEnd(post, optimizer, history, stopping, checkpoint,
+                             seconds)
+        try:
+            vmodel.fit(_epoch_batches(x, y, batch_size, seed, start_epoch, epochs),
+                       epochs=epochs, initial_epoch=start_epoch,
+                       steps_per_epoch=-(-x.shape[0] // batch_size),
+                       validation_data=validation_data, callbacks=[recorder],
+                       verbose=verbose)
+        except KeyboardInterrupt:
+            logging.warning(
+                "VI: interrupted after %d epochs%s.", len(history.get("loss", [])),
+                f"; they are saved in {checkpoint_dir!r}: run again with the "
+                "same arguments to resume" if checkpoint_dir else
+                ", saved nowhere (no checkpoint_dir)")
+            raise
+        seconds = recorder.seconds
+    if stopping is not None and stopping.best_weights is not None:
+        post._assign(*stopping.best_weights)  # pylint: disable=protected-access
+    post.history = history
     post.settings.update({
         "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "init_scale": init_scale,
         "validation_split": validation_split,
         "validation_size": 0 if validation_data is None else len(validation_data[1]),
         "early_stopping_patience": patience,
-        "epochs_run": len(post.history.get("loss", [])),
+        "jit_compile": use_xla, "compile_path": xla.path_name(use_xla),
+        "epochs_run": len(history.get("loss", [])),
         "train_seconds": seconds})
+    if stopping is not None:
+        post.settings["best_epoch"] = stopping.best_epoch
     logging.info("VI done in %.1f s, %d epochs: final loss %.4f.", seconds,
                  post.settings["epochs_run"], post.history["loss"][-1])
     return post

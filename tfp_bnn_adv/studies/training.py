@@ -208,8 +208,10 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
       train_x: inputs ``[N, *input_shape]``.
       train_y: int labels ``[N]``.
       settings: the method and its settings.
-      checkpoint_dir: HMC checkpoints (resumable runs); VI saves its
-        variational posterior there too.
+      checkpoint_dir: a directory for HMC's and VI's checkpoints (a rerun
+        with the same arguments resumes where it stopped); VI also saves
+        its variational posterior there (``vi_posterior.npz``).  An
+        existing file is refused before any work.
       verbose: Keras progress output for VI/SGD.
       probe_x: optional held-out inputs ``[P, *input_shape]`` (never training
         points) on which HMC's function-space R-hat/ESS are computed; at most
@@ -229,10 +231,18 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
       ensembles carry the same dict in ``metadata["diagnostics"]``.
 
     Raises:
-      ValueError: for ``probe_y`` without ``probe_x``, and whatever the
-        method raises for bad settings or inputs.
+      ValueError: for ``probe_y`` without ``probe_x``, a ``checkpoint_dir``
+        that is an existing file, and whatever the method raises for bad
+        settings or inputs; all before any training.
     """
     start = time.perf_counter()
+    if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a path or None, got "
+                            f"{checkpoint_dir!r}.")
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} "
+                             "exists and is not a directory.")
     s = settings
     probe_x, probe_y = _probe(probe_x, probe_y)
     info: dict[str, Any] = {"settings": s.relevant()}
@@ -257,7 +267,8 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
         from tfp_bnn_adv.inference import vi  # pylint: disable=g-import-not-at-top
         post = vi.fit(model, train_x, train_y, epochs=s.epochs,
                       batch_size=s.batch_size, learning_rate=s.learning_rate,
-                      prior_scale=s.prior_scale, seed=s.seed, verbose=verbose)
+                      prior_scale=s.prior_scale, seed=s.seed,
+                      checkpoint_dir=checkpoint_dir or None, verbose=verbose)
         if checkpoint_dir:
             post.save(os.path.join(checkpoint_dir, "vi_posterior.npz"))
         ens = post.sample_ensemble(s.vi_samples, seed=s.seed + 1)
