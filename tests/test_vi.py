@@ -634,3 +634,24 @@ def test_posterior_methods_reject_bad_arguments():
         vi.VIPosterior(net, loc, scale)
     with pytest.raises(ValueError, match="loc has 3 tensors"):
         vi.VIPosterior(net, loc[:3], scale)
+
+
+@pytest.mark.parametrize("tail", ["dense_softmax_dropout",
+                                  "activation_softmax_flatten"])
+def test_softmax_before_trailing_identity_layers_is_not_applied(tail):
+    """The variational model outputs logits when the Keras model's softmax
+    is followed by Dropout or Flatten: rows of probabilities would sum to 1
+    and be positive; logits of a freshly initialised net do not."""
+    if tail == "dense_softmax_dropout":
+        head = [keras.layers.Dense(3, activation="softmax"),
+                keras.layers.Dropout(0.0)]
+    else:
+        head = [keras.layers.Dense(3), keras.layers.Activation("softmax"),
+                keras.layers.Flatten()]
+    model = keras.Sequential([keras.Input((2,)),
+                              keras.layers.Dense(8, activation="relu")] + head)
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32) * 3
+    y = (x[:, 0] > 0).astype(np.int32)
+    post = vi.fit(model, x, y, epochs=1, seed=0, verbose=0)
+    out = post.variational_model(x, training=False).numpy()
+    assert np.min(out) < 0 or not np.allclose(out.sum(axis=-1), 1.0, atol=1e-3)

@@ -360,9 +360,14 @@ def _build_variational_model(network: Network, *, estimator: str,
     variational = []
     for k, layer in enumerate(layers):
         cls = type(layer).__name__
-        last = k == len(layers) - 1
         activation = getattr(layer, "activation", None)
-        if last and network.stripped_output_activation is not None:
+        # The softmax the Network stripped (not always in the last layer:
+        # Dropout, Flatten, Reshape or a linear Activation may follow it).
+        stripped = network.stripped_output_activation is not None and (
+            layer.name == network.stripped_output_layer if
+            network.stripped_output_layer is not None
+            else k == len(layers) - 1)
+        if stripped:
             if cls == "Activation":
                 continue
             activation = None
