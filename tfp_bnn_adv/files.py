@@ -9,6 +9,7 @@ and always loaded with ``allow_pickle=False``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -188,3 +189,33 @@ def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                          f"be a JSON object, got a {type(metadata).__name__}; "
                          "the file was not written by tfp_bnn_adv.")
     return arrays, metadata
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of a JSON-able object, independent of dict key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def config_digest(config: Any) -> str:
+    """:func:`json_digest` of a Keras config without its layer names.
+
+    Keras numbers layer names per process (``"dense_3"``), so names are
+    left out: the same architecture gives the same digest in a new process.
+    """
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "name"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return json_digest(strip(config))
+
+
+def array_digest(*arrays) -> str:
+    """SHA-256 of arrays' shapes, dtypes and bytes (for fingerprints)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

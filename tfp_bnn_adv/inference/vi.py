@@ -73,7 +73,6 @@ with a message naming the difference.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -778,29 +777,12 @@ def _check_checkpoint_dir(checkpoint_dir) -> str | None:
     return path
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+_digest = files.json_digest
+_array_digest = files.array_digest
 
 
 def _architecture_digest(network: Network) -> str:
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k != "name"}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-    # Keras numbers layer names per process ("dense_3"), so names are left
-    # out: the same architecture resumes in a new process.
-    return _digest(strip(network.get_config()))
-
-
-def _array_digest(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(repr((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    return files.config_digest(network.get_config())
 
 
 class _EarlyStopping:

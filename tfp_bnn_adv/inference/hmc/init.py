@@ -10,13 +10,13 @@ different ones.
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.inference.hmc.target import log_prior
@@ -81,14 +81,7 @@ def sgd_init(network: Network, x, y, *, num_chains, prior_scale, seed, steps,
             for p, s in zip(fitted, noise_seeds)]
 
 
-def array_hash(*arrays) -> str:
-    """SHA-256 of arrays' shapes, dtypes and bytes (for fingerprints)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(repr((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+array_hash = files.array_digest
 
 
 def check_explicit_init(network: Network, num_chains: int, init):

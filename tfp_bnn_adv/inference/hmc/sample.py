@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Any, Callable
 
@@ -13,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import distribute
+from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
@@ -29,16 +28,7 @@ __all__ = ["sample"]
 
 
 def _architecture_hash(network: Network) -> str:
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k != "name"}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-    # Keras numbers layer names per process ("dense_3"), so names are left
-    # out: the same architecture resumes in a new process.
-    cfg = strip(network.get_config())
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+    return files.config_digest(network.get_config())
 
 
 def _has_checkpoint(checkpoint_dir) -> bool:
