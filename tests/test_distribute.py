@@ -51,7 +51,7 @@ def test_get_strategy_names_and_errors():
 
 def test_configure_logical_cpus_checks():
     assert len(distribute.configure_logical_cpus(2)) == 2  # already so: no-op
-    with pytest.raises(ValueError, match="count must be an int"):
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         distribute.configure_logical_cpus(0)
     with pytest.raises(ValueError, match="already initialised 2"):
         distribute.configure_logical_cpus(3)

@@ -68,7 +68,7 @@ def test_slicing_thinning_and_concatenation(setup):
         ens[6]  # pylint: disable=pointless-statement
     with pytest.raises(IndexError, match="selects no samples"):
         ens[6:]  # pylint: disable=pointless-statement
-    with pytest.raises(ValueError, match="every must be an int >= 1"):
+    with pytest.raises(ValueError, match="every must be >= 1, got 0"):
         ens.thin(0)
 
 

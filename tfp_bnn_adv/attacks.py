@@ -42,7 +42,6 @@ chosen by a timing, so a seed gives the same ``x_adv`` on every run.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 
 from absl import logging
@@ -52,11 +51,11 @@ import tensorflow as tf
 from tfp_bnn_adv import chunking
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import seeds
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
-from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.ensemble import check_ensemble
 from tfp_bnn_adv.ensemble import predict_proba_graph
 from tfp_bnn_adv.gradients import loss_gradient_graph
-from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["fgsm", "pgd", "random_attack", "square_attack", "NORMS",
            "GRADIENTS", "RANDOM_KINDS"]
@@ -73,38 +72,15 @@ _SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 # --------------------------------------------------------------------------
 # Argument checks (all run before any work starts).
 # --------------------------------------------------------------------------
-def _check_ensemble(ensemble) -> None:
-    if not isinstance(ensemble, PosteriorEnsemble):
-        raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
-                        f"{type(ensemble).__name__}.")
-
-
-def _check_nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
-    return float(value)
-
-
 def _check_eps(eps) -> float:
     if eps is None:
         raise TypeError("eps is required: the radius of the threat ball, "
                         "e.g. eps=0.25 for [0, 1] pixels.")
-    return _check_nonnegative(eps, "eps")
+    return validate.nonnegative_real(eps, "eps")
 
 
 def _check_norm(norm) -> float:
-    if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or (
-            norm not in NORMS):
-        raise ValueError(f"norm must be np.inf or 2, got {norm!r}.")
-    return float(norm)
-
-
-def _check_choice(value, choices, name: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-    return value
+    return float(validate.choice(norm, NORMS, "norm"))
 
 
 def _check_clip(clip):
@@ -115,13 +91,10 @@ def _check_clip(clip):
     except (TypeError, ValueError):
         raise TypeError(f"clip must be None or a pair (low, high), got "
                         f"{clip!r}.") from None
-    for v in (lo, hi):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or (
-                not math.isfinite(v)):
-            raise TypeError(f"clip must hold two finite numbers, got {clip!r}.")
+    lo, hi = validate.real(lo, "clip[0]"), validate.real(hi, "clip[1]")
     if not lo < hi:
         raise ValueError(f"clip must satisfy low < high, got {clip!r}.")
-    return float(lo), float(hi)
+    return lo, hi
 
 
 def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile,
@@ -533,10 +506,10 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
     Example:
       >>> x_adv = fgsm(ens, x_test, y_test, eps=0.1, gradient="predictive")
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     eps = _check_eps(eps)
     norm = _check_norm(norm)
-    gradient = _check_choice(gradient, GRADIENTS, "gradient")
+    gradient = validate.choice(gradient, GRADIENTS, "gradient")
     clip = _check_clip(clip)
     seed = seeds.stateless(seed)
     return _run_gradient_attack(
@@ -589,16 +562,16 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
       >>> x_adv = pgd(ens, x_test, y_test, eps=0.25, steps=40, restarts=3,
       ...             gradient="expected")
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     eps = _check_eps(eps)
     norm = _check_norm(norm)
-    steps = check_positive_int(steps, "steps")
-    restarts = check_positive_int(restarts, "restarts")
+    steps = validate.positive_int(steps, "steps")
+    restarts = validate.positive_int(restarts, "restarts")
     step_size = (2.5 * eps / steps if step_size is None else
-                 _check_nonnegative(step_size, "step_size"))
+                 validate.nonnegative_real(step_size, "step_size"))
     if not isinstance(random_start, bool):
         raise TypeError(f"random_start must be a bool, got {random_start!r}.")
-    gradient = _check_choice(gradient, GRADIENTS, "gradient")
+    gradient = validate.choice(gradient, GRADIENTS, "gradient")
     clip = _check_clip(clip)
     seed = seeds.stateless(seed)
     return _run_gradient_attack(
@@ -642,10 +615,10 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     Example:
       >>> x_adv = random_attack(ens, x_test, y_test, eps=0.25)
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     eps = _check_eps(eps)
-    kind = _check_choice(kind, RANDOM_KINDS, "kind")
-    trials = check_positive_int(trials, "trials")
+    kind = validate.choice(kind, RANDOM_KINDS, "kind")
+    trials = validate.positive_int(trials, "trials")
     clip = _check_clip(clip)
     seed = seeds.stateless(seed)
     x, y, idx, batch, chunk, strategy = _prepare(
@@ -710,12 +683,11 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
     Example:
       >>> x_adv = square_attack(ens, x_test, y_test, eps=0.1, max_queries=5000)
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     eps = _check_eps(eps)
-    max_queries = check_positive_int(max_queries, "max_queries")
-    if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or (
-            not 0.0 < p_init <= 1.0):
-        raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}.")
+    max_queries = validate.positive_int(max_queries, "max_queries")
+    p_init = validate.real(p_init, "p_init", minimum=0.0, maximum=1.0,
+                           min_open=True)
     clip = _check_clip(clip)
     seed = seeds.stateless(seed)
     if not isinstance(return_queries, bool):

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfp_bnn_adv import validate
+
 __all__ = ["auto_chunk_size", "fold_sample_chunks", "map_sample_chunks",
            "map_batches", "check_chunk_size", "DEFAULT_MEMORY_BUDGET"]
 
@@ -25,14 +27,13 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 
 def check_chunk_size(chunk_size, name: str = "chunk_size") -> int | None:
-    """Validates ``chunk_size``: None or an int >= 1."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= 1 or None, got {chunk_size!r}.")
-    if chunk_size < 1:
-        raise ValueError(f"{name} must be >= 1, got {chunk_size!r}.")
-    return int(chunk_size)
+    """Validates a sample-chunk size: ``None`` (pick one) or an int >= 1.
+
+    Raises:
+      TypeError: if it is neither ``None`` nor an int.
+      ValueError: if it is < 1.
+    """
+    return validate.optional_positive_int(chunk_size, name)
 
 
 def auto_chunk_size(network, num_samples: int, batch_size: int,

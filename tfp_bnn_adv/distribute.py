@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 import tensorflow as tf
 
+from tfp_bnn_adv import validate
+
 __all__ = ["STRATEGIES", "MATMUL_PRECISIONS", "get_strategy",
            "current_strategy", "num_replicas", "configure_logical_cpus",
            "sharded_call", "round_up_to_replicas", "matmul_precision",
@@ -55,11 +57,11 @@ def configure_logical_cpus(count: int) -> list[str]:
       The logical CPU device names.
 
     Raises:
-      ValueError: for a bad ``count``, or if TensorFlow already initialised
+      TypeError: if ``count`` is not an int.
+      ValueError: if ``count < 1``, or if TensorFlow already initialised
         its devices with a different number of logical CPUs.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1, got {count!r}.")
+    count = validate.positive_int(count, "count")
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
     if not (current and len(current) == count):
@@ -104,8 +106,7 @@ def get_strategy(name: str = "default", tpu: str | None = None,
       >>> get_strategy("mirrored").num_replicas_in_sync
       2
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}.")
+    validate.choice(name, STRATEGIES, "strategy")
     if name != "tpu" and tpu:
         raise ValueError(f"tpu={tpu!r} is only used with strategy='tpu', got "
                          f"strategy={name!r}.")
@@ -271,10 +272,7 @@ def check_matmul_precision(precision: str) -> str:
     Raises:
       ValueError: naming the value, if it is not one of the choices.
     """
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
-                         f"got {precision!r}.")
-    return precision
+    return validate.choice(precision, MATMUL_PRECISIONS, "matmul_precision")
 
 
 @contextlib.contextmanager

@@ -14,10 +14,12 @@ import tensorflow as tf
 
 from tfp_bnn_adv import chunking
 from tfp_bnn_adv import files
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.network import Network
 
-__all__ = ["PosteriorEnsemble", "FORMAT_VERSION", "predict_proba_graph"]
+__all__ = ["PosteriorEnsemble", "FORMAT_VERSION", "predict_proba_graph",
+           "check_ensemble"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "tfp_bnn_adv.PosteriorEnsemble"
@@ -95,9 +97,7 @@ class PosteriorEnsemble:
             a diverged sampler or optimiser, or values beyond the float32
             range).
         """
-        if not isinstance(network, Network):
-            raise TypeError(f"network must be a tfp_bnn_adv Network, got "
-                            f"{type(network).__name__}.")
+        validate.instance(network, Network, "network")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping or None, got "
                             f"{type(metadata).__name__}.")
@@ -193,9 +193,7 @@ class PosteriorEnsemble:
 
     def thin(self, every: int) -> "PosteriorEnsemble":
         """Keeps every ``every``-th sample (``every >= 1``)."""
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}.")
-        return self[::every]
+        return self[::validate.positive_int(every, "every")]
 
     def __repr__(self) -> str:
         method = self.metadata.get("method", "?")
@@ -207,7 +205,7 @@ class PosteriorEnsemble:
         """Validated batch size and sample-chunk size for ``n`` inputs."""
         if batch_size is None:
             batch_size = min(n, DEFAULT_BATCH_SIZE)
-        batch_size = chunking.check_chunk_size(batch_size, "batch_size")
+        batch_size = validate.positive_int(batch_size, "batch_size")
         chunk_size = chunking.check_chunk_size(chunk_size)
         if chunk_size is None:
             chunk_size = chunking.auto_chunk_size(
@@ -345,3 +343,11 @@ class PosteriorEnsemble:
                     "computes in.")
         return cls(network, params, metadata=user_meta)
 
+
+def check_ensemble(value, name: str = "ensemble") -> PosteriorEnsemble:
+    """``value`` if it is a :class:`PosteriorEnsemble`, else a TypeError.
+
+    The one type check of every public function that takes an ensemble
+    (gradients, attacks, metrics).
+    """
+    return validate.instance(value, PosteriorEnsemble, name)

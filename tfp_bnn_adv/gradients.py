@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfp_bnn_adv import chunking
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import xla
-from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.ensemble import check_ensemble
 
 __all__ = ["expected_loss_gradient", "predictive_loss_gradient",
            "per_sample_loss_gradients", "loss_gradient_graph",
@@ -135,9 +135,7 @@ def per_sample_gradient_graph(network, params, x, y, chunk_size: int):
 
 
 def _prepare(ensemble, x, y, chunk_size, batch_size, strategy):
-    if not isinstance(ensemble, PosteriorEnsemble):
-        raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
-                        f"{type(ensemble).__name__}.")
+    check_ensemble(ensemble)
     x, y = ensemble.network.check_inputs(x, y)
     chunking.check_chunk_size(chunk_size)
     if y is None:

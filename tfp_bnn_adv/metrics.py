@@ -36,7 +36,7 @@ import numpy as np
 
 from tfp_bnn_adv import gradients
 from tfp_bnn_adv.attacks import GRADIENTS
-from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.ensemble import check_ensemble
 
 __all__ = ["clean_accuracy", "adversarial_accuracy", "adversarial_robustness",
            "softmax_robustness", "attack_success_rate", "gradient_norm_stats",
@@ -218,12 +218,6 @@ def gradient_norm_stats(grad) -> dict:
     return out
 
 
-def _check_ensemble(ensemble) -> None:
-    if not isinstance(ensemble, PosteriorEnsemble):
-        raise TypeError(f"ensemble must be a PosteriorEnsemble, got "
-                        f"{type(ensemble).__name__}.")
-
-
 def _check_key_part(value, name: str) -> str:
     if not isinstance(value, str) or not value or "/" in value:
         raise ValueError(f"{name} must be a non-empty string without '/', got "
@@ -265,7 +259,7 @@ def evaluate_attack(ensemble, x, y, x_adv, *, attack_name: str,
       >>> evaluate_attack(ens, x, y, x_adv, attack_name="pgd",
       ...                 gradient="expected")["test/adv_robustness/pgd/expected"]
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     attack = _check_key_part(attack_name, "attack_name")
     if gradient is not None:
         if gradient not in GRADIENTS:
@@ -313,7 +307,7 @@ def gradient_metrics(ensemble, x, y=None, *, prefix: str = "test",
     Example:
       >>> gradient_metrics(ens, x_test, y_test)["test/grad_norm/expected/mean_abs"]
     """
-    _check_ensemble(ensemble)
+    check_ensemble(ensemble)
     prefix = _check_key_part(prefix, "prefix")
     kwargs = dict(batch_size=batch_size, chunk_size=chunk_size,
                   jit_compile=jit_compile)
