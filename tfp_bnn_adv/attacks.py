@@ -31,10 +31,10 @@ Randomness is stateless: the same ``seed`` gives the same ``x_adv``.  Random
 starts and random-attack noise come from one stream per example (seed,
 restart or trial, example index), so they do not depend on ``batch_size``;
 the sample draws of ``gradient="sample"`` and the Square Attack's proposals
-come from one stream per batch, so they do.  Random floats are built from
-integer draws because TensorFlow's and XLA's float samplers differ.  The
-random attack, the Square Attack and ``gradient="sample"`` are stochastic
-code in the sense of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"``
+come from one stream per batch, so they do.  Every draw goes through
+:mod:`tfp_bnn_adv.seeds`, which builds floats from Philox integer bits
+because TensorFlow's and XLA's float samplers differ.  The random attack,
+the Square Attack and ``gradient="sample"`` are stochastic code in the sense of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"``
 path is fixed by the platform (XLA on GPU/TPU, TF's kernels on CPU), never
 chosen by a timing, so a seed gives the same ``x_adv`` on every run.
 """
@@ -153,25 +153,6 @@ def _clip_args(clip):
 # --------------------------------------------------------------------------
 # Graph building blocks: pure and traceable, for the compiled batch functions.
 # --------------------------------------------------------------------------
-# One random-number policy (tfp_bnn_adv.seeds): Philox integer bits,
-# identical under XLA and TF's kernels, shaped by ordinary arithmetic.
-_fold = seeds.fold_in
-
-
-def _split(seed, n: int):
-    return tf.unstack(seeds.split(seed, n))
-
-
-def _uniform(shape, seed):
-    """float32 uniform on ``[0, 1)`` with 24 random bits."""
-    return seeds.uniform(shape, seed)
-
-
-def _integers(shape, seed, maxval):
-    """int32 uniform on ``[0, maxval)``."""
-    return seeds.integers(shape, seed, maxval)
-
-
 def _per_example(fn, seed, idx, shape, dtype=tf.float32):
     """Stacks ``fn(example_seed) -> [*shape]`` over the batch.
 
@@ -179,7 +160,7 @@ def _per_example(fn, seed, idx, shape, dtype=tf.float32):
     does not depend on the batch it lands in.  (A ``tf.map_fn``: ``pfor``
     has no converter for stateless samplers and would loop anyway.)
     """
-    return tf.map_fn(lambda i: fn(_fold(seed, i)), idx,
+    return tf.map_fn(lambda i: fn(seeds.fold_in(seed, i)), idx,
                      fn_output_signature=tf.TensorSpec(shape, dtype))
 
 
@@ -227,11 +208,11 @@ def _random_start(x0, eps, norm, seed, idx):
     shape = x0.shape[1:]
     size = int(np.prod(shape))
     if norm == np.inf:
-        u = _per_example(lambda s: _uniform(shape, s), seed, idx, shape)
+        u = _per_example(lambda s: seeds.uniform(shape, s), seed, idx, shape)
         return x0 + eps * (2.0 * u - 1.0)
     # Uniform in the L2 ball: a Gaussian direction (Box-Muller) and a radius
     # eps * u^(1/d).
-    u = _per_example(lambda s: _uniform([2 * size + 1], s), seed, idx,
+    u = _per_example(lambda s: seeds.uniform([2 * size + 1], s), seed, idx,
                      [2 * size + 1])
     u1, u2, u3 = 1.0 - u[:, :size], u[:, size:2 * size], u[:, 2 * size]
     z = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
@@ -249,7 +230,7 @@ def _loss_gradient(network, params, x, y, gradient, chunk, seed):
     if gradient != "sample":
         return loss_gradient_graph(network, params, x, y, gradient, chunk)[0]
     s = params[0].shape[0]
-    pick = _integers([1], seed, s)
+    pick = seeds.integers([1], seed, s)
     one = [tf.gather(p, pick) for p in params]
     return loss_gradient_graph(network, one, x, y, "expected", 1)[0]
 
@@ -301,10 +282,10 @@ def _pgd_graph(network, params, x0, y, idx, seed, eps, step_size, steps,
     """PGD on one batch: ``restarts`` runs of ``steps`` projected steps."""
 
     def run(r):
-        run_seed = _fold(seed, r)
-        start_seed, sample_seed = _split(run_seed, 2)
+        run_seed = seeds.fold_in(seed, r)
+        start_seed, sample_seed = tf.unstack(seeds.split(run_seed, 2))
         # One stream per batch for the sample draws, keyed by its first row.
-        sample_seed = _fold(sample_seed, idx[0])
+        sample_seed = seeds.fold_in(sample_seed, idx[0])
         x = x0
         if random_start:
             x = _project(x0, _random_start(x0, eps, norm, start_seed, idx), eps,
@@ -312,7 +293,7 @@ def _pgd_graph(network, params, x0, y, idx, seed, eps, step_size, steps,
 
         def body(t, x):
             g = _loss_gradient(network, params, x, y, gradient, chunk,
-                               _fold(sample_seed, t))
+                               seeds.fold_in(sample_seed, t))
             x = x + step_size * _step_direction(g, norm)
             return t + 1, _project(x0, x, eps, norm, lo, hi, has_clip)
 
@@ -329,13 +310,13 @@ def _random_graph(network, params, x0, y, idx, seed, eps, lo, hi, *, kind,
     shape = x0.shape[1:]
 
     def run(t):
-        trial_seed = _fold(seed, t)
+        trial_seed = seeds.fold_in(seed, t)
         if kind == "ternary":
-            u = _per_example(lambda s: _integers(shape, s, 3), trial_seed,
+            u = _per_example(lambda s: seeds.integers(shape, s, 3), trial_seed,
                              idx, shape, tf.int32)
             u = tf.cast(u - 1, tf.float32)
         else:
-            u = 2.0 * _per_example(lambda s: _uniform(shape, s), trial_seed,
+            u = 2.0 * _per_example(lambda s: seeds.uniform(shape, s), trial_seed,
                                    idx, shape) - 1.0
         return _project(x0, x0 + eps * u, eps, np.inf, lo, hi, has_clip)
 
@@ -368,8 +349,8 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
     height, width, channels = layout
     batch = tf.shape(x0)[0]
     img0 = tf.reshape(x0, [-1, height, width, channels])
-    seed = _fold(seed, idx[0])
-    init_seed, loop_seed = _split(seed, 2)
+    seed = seeds.fold_in(seed, idx[0])
+    init_seed, loop_seed = tf.unstack(seeds.split(seed, 2))
 
     def margin(img):
         # One query: p(y) - max_{c != y} p(c) of the posterior predictive;
@@ -385,7 +366,8 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
 
     # Vertical stripes: one random sign per column and channel.
     m_clean = margin(img0)
-    stripes = perturb(2 * _integers([batch, 1, width, channels], init_seed, 2) - 1)
+    stripes = perturb(
+        2 * seeds.integers([batch, 1, width, channels], init_seed, 2) - 1)
     todo = m_clean >= 0  # already misclassified examples are left alone
     m_init = margin(stripes)
     x_best = tf.where(todo[:, None, None, None], stripes, img0)
@@ -402,13 +384,14 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
         return tf.reduce_any(active(m_best, queries))
 
     def body(i, x_best, m_best, queries):
-        s_pos, s_sign, s_flip = _split(_fold(loop_seed, i), 3)
+        s_pos, s_sign, s_flip = tf.unstack(
+            seeds.split(seeds.fold_in(loop_seed, i), 3))
         done = tf.cast(queries - 1, tf.float32) * 10000.0 / budget
         halvings = tf.add_n([tf.cast(done > t, tf.float32)
                              for t in _SQUARE_HALVINGS])
         side = _square_side(p_init * tf.pow(0.5, halvings), height, width)
         side_h = tf.minimum(side, height)
-        pos = _uniform([batch, 2], s_pos)
+        pos = seeds.uniform([batch, 2], s_pos)
         top = tf.cast(pos[:, 0] * tf.cast(height - side_h + 1, tf.float32),
                       tf.int32)
         left = tf.cast(pos[:, 1] * tf.cast(width - side + 1, tf.float32),
@@ -416,14 +399,14 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
         top, left = top[:, None, None, None], left[:, None, None, None]
         window = ((rows >= top) & (rows < top + side_h[:, None, None, None]) &
                   (cols >= left) & (cols < left + side[:, None, None, None]))
-        v = 2 * _integers([batch, 1, 1, channels], s_sign, 2) - 1
+        v = 2 * seeds.integers([batch, 1, 1, channels], s_sign, 2) - 1
         cand = tf.where(window, perturb(v), x_best)
         # A proposal equal to the current point would waste a query, so it
         # is redrawn without one, as in the paper's reference code: flip the
         # signs of a random subset of channels (all of them if the draw
         # picks none), which for one channel is exactly the other sign.
         same = tf.reduce_all(tf.equal(cand, x_best), axis=[1, 2, 3])
-        flip = _integers([batch, 1, 1, channels], s_flip, 2)
+        flip = seeds.integers([batch, 1, 1, channels], s_flip, 2)
         flip = tf.where(tf.reduce_any(flip > 0, axis=-1, keepdims=True),
                         flip, tf.ones_like(flip))
         v = tf.where(same[:, None, None, None], v * (1 - 2 * flip), v)
