@@ -248,11 +248,7 @@ class PosteriorEnsemble:
         """
         x, _ = self.network.check_inputs(x)
         batch_size, chunk = self.batch_and_chunk(x.shape[0], batch_size, chunk_size)
-        net = self.network
-        fn = self.network.cached_function(("proba", chunk, jit_compile), lambda: xla.compile_fn(
-            lambda p, xb: predict_proba_graph(net, p, xb, chunk), jit_compile,
-            "predict_proba"))
-        return chunking.map_batches(lambda xb: fn(self.params, xb), [x], batch_size)
+        return predict_proba_checked(self, x, batch_size, chunk, jit_compile)
 
     def predict(self, x, **kwargs) -> np.ndarray:
         """Predicted classes ``argmax_c p(c | x, D)``, int64 ``[B]``."""
@@ -342,6 +338,26 @@ class PosteriorEnsemble:
                     f"float32 range (+-{float(f32_max):.3g}) the ensemble "
                     "computes in.")
         return cls(network, params, metadata=user_meta)
+
+
+def predict_proba_checked(ensemble: PosteriorEnsemble, x: tf.Tensor,
+                          batch_size: int, chunk: int, jit_compile
+                          ) -> np.ndarray:
+    """:meth:`PosteriorEnsemble.predict_proba` of inputs already checked.
+
+    For callers that validated ``x`` (``Network.check_inputs``) and chose
+    ``batch_size`` and ``chunk`` (:meth:`PosteriorEnsemble.batch_and_chunk`)
+    themselves, so neither is done twice.
+
+    Returns:
+      float32 numpy array ``[B, C]``.
+    """
+    net = ensemble.network
+    fn = net.cached_function(("proba", chunk, jit_compile), lambda: xla.compile_fn(
+        lambda p, xb: predict_proba_graph(net, p, xb, chunk), jit_compile,
+        "predict_proba"))
+    return chunking.map_batches(lambda xb: fn(ensemble.params, xb), [x],
+                                batch_size)
 
 
 def check_ensemble(value, name: str = "ensemble") -> PosteriorEnsemble:

@@ -20,6 +20,8 @@ sample axis to bound memory, and compile with XLA (see :mod:`tfp_bnn_adv.xla`).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -27,10 +29,12 @@ from tfp_bnn_adv import chunking
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
+from tfp_bnn_adv.ensemble import predict_proba_checked
 
 __all__ = ["expected_loss_gradient", "predictive_loss_gradient",
            "per_sample_loss_gradients", "loss_gradient_graph",
-           "per_sample_gradient_graph", "GRADIENT_KINDS"]
+           "per_sample_gradient_graph", "prepare_inputs", "PreparedInputs",
+           "GRADIENT_KINDS"]
 
 GRADIENT_KINDS = ("expected", "predictive")
 # A finite stand-in for -inf in the running maximum: exp(_NEG - m) == 0.
@@ -134,38 +138,95 @@ def per_sample_gradient_graph(network, params, x, y, chunk_size: int):
     return chunking.map_sample_chunks(params, chunk_size, fn)
 
 
-def _prepare(ensemble, x, y, chunk_size, batch_size, strategy):
-    check_ensemble(ensemble)
-    x, y = ensemble.network.check_inputs(x, y)
-    chunking.check_chunk_size(chunk_size)
-    if y is None:
-        y = tf.constant(ensemble.predict(x, batch_size=batch_size), tf.int32)
-    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+class PreparedInputs(NamedTuple):
+    """The checked inputs of one gradient or attack call.
+
+    Attributes:
+      x: float32 tensor ``[B, *input_shape]``.
+      y: int32 tensor ``[B]``: the labels given, or the ensemble's own
+        predictions.
+      batch: rows per compiled call, a multiple of the replica count.
+      chunk: posterior samples per chunk inside the call.
+      strategy: the ``tf.distribute.Strategy`` to shard over, or ``None``.
+    """
+    x: tf.Tensor
+    y: tf.Tensor
+    batch: int
+    chunk: int
+    strategy: Any
+
+
+def prepare_inputs(ensemble, x, y, *, batch_size, chunk_size, jit_compile,
+                   strategy, clip=None) -> PreparedInputs:
+    """Checks a call's inputs once: the one preparation of gradients and
+    attacks.
+
+    ``x`` and ``y`` are validated once (``Network.check_inputs``), the batch
+    and chunk sizes chosen once (:meth:`PosteriorEnsemble.batch_and_chunk`),
+    and missing labels predicted from the checked ``x`` with the caller's
+    ``jit_compile`` and chunk size; every replica then gets an equal shard
+    of each batch.
+
+    Args:
+      ensemble: a checked :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      x: inputs ``[B, *input_shape]``.
+      y: int labels ``[B]``, or ``None`` for the ensemble's predictions.
+      batch_size, chunk_size: ``None`` or ints >= 1.
+      jit_compile: see :func:`tfp_bnn_adv.xla.compile_fn`.
+      strategy: a ``tf.distribute.Strategy`` or ``None`` (the open scope's).
+      clip: ``None``, or a checked ``(low, high)`` that ``x`` must lie in.
+
+    Returns:
+      A :class:`PreparedInputs`.
+
+    Raises:
+      TypeError/ValueError: naming the argument, for a bad strategy, ``x``,
+        ``y``, ``batch_size`` or ``chunk_size``, or ``x`` outside ``clip``.
+    """
     strategy = distribute.current_strategy(strategy)
-    # Every replica gets an equal shard of each batch.
-    batch = distribute.round_up_to_replicas(batch, strategy)
-    return x, y, batch, chunk, strategy
+    x, y = ensemble.network.check_inputs(x, y)
+    if clip is not None:
+        lo, hi = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+        if lo < clip[0] or hi > clip[1]:
+            raise ValueError(
+                f"x has values in [{lo:g}, {hi:g}], outside clip={clip}; "
+                "rescale x into the data range or pass clip=None.")
+    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+    if y is None:
+        y = tf.constant(np.argmax(predict_proba_checked(
+            ensemble, x, batch, chunk, jit_compile), axis=-1), tf.int32)
+    return PreparedInputs(x, y, distribute.round_up_to_replicas(batch, strategy),
+                          chunk, strategy)
 
 
-def _map(strategy, fn, ensemble, x, y, batch, batch_axis=None):
+def _map(fn, ensemble, inputs: PreparedInputs, batch_axis=None):
     """``fn(params, xb, yb)`` over fixed-size batches, each sharded."""
     return chunking.map_batches(
         lambda xb, yb: distribute.sharded_call(
-            strategy, fn, [ensemble.params, xb, yb], [1, 2], batch_axis),
-        [x, y], batch, batch_axis=batch_axis,
-        multiple_of=distribute.num_replicas(strategy))
+            inputs.strategy, fn, [ensemble.params, xb, yb], [1, 2], batch_axis),
+        [inputs.x, inputs.y], inputs.batch, batch_axis=batch_axis,
+        multiple_of=distribute.num_replicas(inputs.strategy))
 
 
 def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile,
                        strategy):
-    x, y, batch, chunk, strategy = _prepare(ensemble, x, y, chunk_size,
-                                            batch_size, strategy)
-    net = ensemble.network
-    fn = ensemble.network.cached_function(
-        ("grad", kind, chunk, jit_compile), lambda: xla.compile_fn(
-            lambda p, xb, yb: loss_gradient_graph(net, p, xb, yb, kind, chunk)[0],
-            jit_compile, f"{kind}_loss_gradient"))
-    return _map(strategy, fn, ensemble, x, y, batch)
+    """``kind`` is ``"expected"``, ``"predictive"`` or ``"per_sample"``."""
+    check_ensemble(ensemble)
+    inputs = prepare_inputs(ensemble, x, y, batch_size=batch_size,
+                            chunk_size=chunk_size, jit_compile=jit_compile,
+                            strategy=strategy)
+    net, chunk = ensemble.network, inputs.chunk
+    if kind == "per_sample":
+        def graph(p, xb, yb):
+            return per_sample_gradient_graph(net, p, xb, yb, chunk)[0]
+        name, batch_axis = "per_sample_loss_gradients", [1]
+    else:
+        def graph(p, xb, yb):
+            return loss_gradient_graph(net, p, xb, yb, kind, chunk)[0]
+        name, batch_axis = f"{kind}_loss_gradient", None
+    fn = net.cached_function(("grad", kind, chunk, jit_compile),
+                             lambda: xla.compile_fn(graph, jit_compile, name))
+    return _map(fn, ensemble, inputs, batch_axis)
 
 
 def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
@@ -227,11 +288,5 @@ def per_sample_loss_gradients(ensemble, x, y=None, *, chunk_size=None,
     Returns:
       float32 numpy array ``[S, B, *input_shape]``.
     """
-    x, y, batch, chunk, strategy = _prepare(ensemble, x, y, chunk_size,
-                                            batch_size, strategy)
-    net = ensemble.network
-    fn = ensemble.network.cached_function(
-        ("grad", "per_sample", chunk, jit_compile), lambda: xla.compile_fn(
-            lambda p, xb, yb: per_sample_gradient_graph(net, p, xb, yb, chunk)[0],
-            jit_compile, "per_sample_loss_gradients"))
-    return _map(strategy, fn, ensemble, x, y, batch, batch_axis=[1])
+    return _ensemble_gradient("per_sample", ensemble, x, y, chunk_size,
+                              batch_size, jit_compile, strategy)
