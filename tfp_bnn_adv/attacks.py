@@ -34,15 +34,18 @@ the sample draws of ``gradient="sample"`` and the Square Attack's proposals
 come from one stream per batch, so they do.  Every draw goes through
 :mod:`tfp_bnn_adv.seeds`, which builds floats from Philox integer bits
 because TensorFlow's and XLA's float samplers differ.  The random attack,
-the Square Attack and ``gradient="sample"`` are stochastic code in the sense of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"``
-path is fixed by the platform (XLA on GPU/TPU, TF's kernels on CPU), never
-chosen by a timing, so a seed gives the same ``x_adv`` on every run.
+the Square Attack and ``gradient="sample"`` are stochastic code in the sense
+of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"`` path is fixed by the
+platform (XLA on GPU/TPU, TF's kernels on CPU), never chosen by a timing, so
+a seed gives the same ``x_adv`` on every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -56,9 +59,10 @@ from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
 from tfp_bnn_adv.ensemble import predict_proba_graph
 from tfp_bnn_adv.gradients import loss_gradient_graph
+from tfp_bnn_adv.gradients import prepare_inputs
 
-__all__ = ["fgsm", "pgd", "random_attack", "square_attack", "NORMS",
-           "GRADIENTS", "RANDOM_KINDS"]
+__all__ = ["fgsm", "pgd", "random_attack", "square_attack",
+           "square_attack_with_queries", "NORMS", "GRADIENTS", "RANDOM_KINDS"]
 
 NORMS = (np.inf, 2)
 GRADIENTS = ("expected", "predictive", "sample")
@@ -97,38 +101,61 @@ def _check_clip(clip):
     return lo, hi
 
 
-def _prepare(ensemble, x, y, clip, batch_size, chunk_size, jit_compile,
-             strategy):
-    """Validated ``(x, y, idx, batch, chunk, strategy)``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AttackOptions:
+    """The checked settings every attack call shares.
 
-    Labels default to the ensemble's predictions; the batch is rounded up to
-    a multiple of the strategy's replicas, which each take an equal shard.
+    ``clip`` is ``None`` or ``(low, high)``; ``seed`` a stateless int32
+    ``[2]`` seed; the rest as the public attacks take them.
     """
-    strategy = distribute.current_strategy(strategy)
-    x, y = ensemble.network.check_inputs(x, y)
-    if clip is not None:
-        lo, hi = float(tf.reduce_min(x)), float(tf.reduce_max(x))
-        if lo < clip[0] or hi > clip[1]:
-            raise ValueError(
-                f"x has values in [{lo:g}, {hi:g}], outside clip={clip}; "
-                "rescale x into the data range or pass clip=None.")
-    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
-    if y is None:
-        y = tf.constant(ensemble.predict(x, batch_size=batch, chunk_size=chunk,
-                                         jit_compile=jit_compile), tf.int32)
-    idx = tf.range(x.shape[0], dtype=tf.int32)
-    return (x, y, idx, distribute.round_up_to_replicas(batch, strategy), chunk,
-            strategy)
+    eps: float
+    clip: tuple[float, float] | None
+    seed: tf.Tensor
+    batch_size: int | None
+    chunk_size: int | None
+    jit_compile: Any
+    strategy: Any
+
+    @property
+    def has_clip(self) -> bool:
+        return self.clip is not None
+
+    def clip_args(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(low, high)`` as float32 scalars (zeros without a clip)."""
+        lo, hi = self.clip if self.clip is not None else (0.0, 0.0)
+        return tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
 
 
-def _stream(name, fn, ensemble, arrays, batch, scalars, strategy):
+@dataclasses.dataclass(frozen=True)
+class _GradientSteps:
+    """What makes a gradient attack FGSM or PGD (checked)."""
+    norm: float
+    steps: int
+    step_size: float
+    random_start: bool
+    restarts: int
+    gradient: str
+
+
+def _prepare(ensemble, x, y, options: _AttackOptions):
+    """The call's checked inputs (:func:`tfp_bnn_adv.gradients.prepare_inputs`)
+    and the global index of every example, int32 ``[B]``."""
+    inputs = prepare_inputs(
+        ensemble, x, y, batch_size=options.batch_size,
+        chunk_size=options.chunk_size, jit_compile=options.jit_compile,
+        strategy=options.strategy, clip=options.clip)
+    return inputs, tf.range(inputs.x.shape[0], dtype=tf.int32)
+
+
+def _stream(name, fn, ensemble, inputs, idx, scalars):
     """Runs the compiled ``fn`` over fixed-size batches, logging progress.
 
     Each batch is split across the strategy's replicas and gathered in
     order.  Example ``i``'s random streams fold in its global index, so
     sharding does not change them.
     """
-    total = -(-int(arrays[0].shape[0]) // batch)
+    arrays, strategy = [inputs.x, inputs.y, idx], inputs.strategy
+    total = -(-int(arrays[0].shape[0]) // inputs.batch)
     start, done = time.perf_counter(), [0]
 
     def run(*batch_arrays):
@@ -141,13 +168,8 @@ def _stream(name, fn, ensemble, arrays, batch, scalars, strategy):
                      time.perf_counter() - start)
         return out
 
-    return chunking.map_batches(run, arrays, batch,
+    return chunking.map_batches(run, arrays, inputs.batch,
                                 multiple_of=distribute.num_replicas(strategy))
-
-
-def _clip_args(clip):
-    lo, hi = clip if clip is not None else (0.0, 0.0)
-    return tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
 
 
 # --------------------------------------------------------------------------
@@ -426,25 +448,23 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
 # --------------------------------------------------------------------------
 # Public attacks.
 # --------------------------------------------------------------------------
-def _run_gradient_attack(name, ensemble, x, y, eps, *, norm, steps, step_size,
-                         random_start, restarts, gradient, clip, seed,
-                         batch_size, chunk_size, jit_compile, strategy):
-    x, y, idx, batch, chunk, strategy = _prepare(
-        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
-    net = ensemble.network
-    has_clip = clip is not None
-    key = ("attack", "pgd", norm, gradient, random_start, restarts, chunk,
-           has_clip, jit_compile)
+def _run_gradient_attack(name, ensemble, x, y, options: _AttackOptions,
+                         steps: _GradientSteps):
+    inputs, idx = _prepare(ensemble, x, y, options)
+    net, chunk, has_clip = ensemble.network, inputs.chunk, options.has_clip
+    key = ("attack", "pgd", steps.norm, steps.gradient, steps.random_start,
+           steps.restarts, chunk, has_clip, options.jit_compile)
     fn = net.cached_function(key, lambda: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _pgd_graph(
-            net, p, xb, yb, ib, *scalars, norm=norm, gradient=gradient,
-            random_start=random_start, restarts=restarts, chunk=chunk,
-            has_clip=has_clip), jit_compile, "gradient_attack",
-        stochastic=gradient == "sample"))
-    scalars = (seed, tf.constant(eps, tf.float32),
-               tf.constant(step_size, tf.float32), tf.constant(steps, tf.int32),
-               *_clip_args(clip))
-    return _stream(name, fn, ensemble, [x, y, idx], batch, scalars, strategy)
+            net, p, xb, yb, ib, *scalars, norm=steps.norm,
+            gradient=steps.gradient, random_start=steps.random_start,
+            restarts=steps.restarts, chunk=chunk, has_clip=has_clip),
+        options.jit_compile, "gradient_attack",
+        stochastic=steps.gradient == "sample"))
+    scalars = (options.seed, tf.constant(options.eps, tf.float32),
+               tf.constant(steps.step_size, tf.float32),
+               tf.constant(steps.steps, tf.int32), *options.clip_args())
+    return _stream(name, fn, ensemble, inputs, idx, scalars)
 
 
 def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
@@ -494,12 +514,12 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
     norm = _check_norm(norm)
     gradient = validate.choice(gradient, GRADIENTS, "gradient")
     clip = _check_clip(clip)
-    seed = seeds.stateless(seed)
+    options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
+                             chunk_size, jit_compile, strategy)
     return _run_gradient_attack(
-        "fgsm", ensemble, x, y, eps, norm=norm, steps=1, step_size=eps,
-        random_start=False, restarts=1, gradient=gradient, clip=clip,
-        seed=seed, batch_size=batch_size, chunk_size=chunk_size,
-        jit_compile=jit_compile, strategy=strategy)
+        "fgsm", ensemble, x, y, options,
+        _GradientSteps(norm=norm, steps=1, step_size=eps, random_start=False,
+                       restarts=1, gradient=gradient))
 
 
 def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
@@ -556,12 +576,13 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
         raise TypeError(f"random_start must be a bool, got {random_start!r}.")
     gradient = validate.choice(gradient, GRADIENTS, "gradient")
     clip = _check_clip(clip)
-    seed = seeds.stateless(seed)
+    options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
+                             chunk_size, jit_compile, strategy)
     return _run_gradient_attack(
-        "pgd", ensemble, x, y, eps, norm=norm, steps=steps,
-        step_size=step_size, random_start=random_start, restarts=restarts,
-        gradient=gradient, clip=clip, seed=seed, batch_size=batch_size,
-        chunk_size=chunk_size, jit_compile=jit_compile, strategy=strategy)
+        "pgd", ensemble, x, y, options,
+        _GradientSteps(norm=norm, steps=steps, step_size=step_size,
+                       random_start=random_start, restarts=restarts,
+                       gradient=gradient))
 
 
 def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
@@ -603,20 +624,19 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     kind = validate.choice(kind, RANDOM_KINDS, "kind")
     trials = validate.positive_int(trials, "trials")
     clip = _check_clip(clip)
-    seed = seeds.stateless(seed)
-    x, y, idx, batch, chunk, strategy = _prepare(
-        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
-    net = ensemble.network
-    has_clip = clip is not None
+    options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
+                             chunk_size, jit_compile, strategy)
+    inputs, idx = _prepare(ensemble, x, y, options)
+    net, chunk, has_clip = ensemble.network, inputs.chunk, options.has_clip
     key = ("attack", "random", kind, trials, chunk, has_clip, jit_compile)
     fn = net.cached_function(key, lambda: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _random_graph(
             net, p, xb, yb, ib, *scalars, kind=kind, trials=trials,
             chunk=chunk, has_clip=has_clip), jit_compile, "random_attack",
         stochastic=True))
-    scalars = (seed, tf.constant(eps, tf.float32), *_clip_args(clip))
-    return _stream("random_attack", fn, ensemble, [x, y, idx], batch, scalars,
-                   strategy)
+    scalars = (options.seed, tf.constant(eps, tf.float32),
+               *options.clip_args())
+    return _stream("random_attack", fn, ensemble, inputs, idx, scalars)
 
 
 def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
@@ -651,13 +671,13 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
       batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
-      return_queries: also return the queries each example used.
+      return_queries: the old spelling of :func:`square_attack_with_queries`:
+        ``True`` returns its pair ``(x_adv, queries)`` instead of ``x_adv``.
 
     Returns:
       float32 numpy array ``[B, *input_shape]`` with
-      ``||x_adv - x||_inf <= eps``; with ``return_queries``, the pair
-      ``(x_adv, queries)`` with int32 ``queries`` ``[B]`` (0 for examples
-      misclassified before the attack).
+      ``||x_adv - x||_inf <= eps`` (with ``return_queries``, the pair of
+      :func:`square_attack_with_queries`).
 
     Raises:
       TypeError/ValueError: naming the argument, for a bad ``eps``,
@@ -666,35 +686,65 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
     Example:
       >>> x_adv = square_attack(ens, x_test, y_test, eps=0.1, max_queries=5000)
     """
+    if not isinstance(return_queries, bool):
+        raise TypeError(f"return_queries must be a bool, got {return_queries!r}.")
+    x_adv, queries = square_attack_with_queries(
+        ensemble, x, y, eps, max_queries=max_queries, p_init=p_init, clip=clip,
+        seed=seed, batch_size=batch_size, chunk_size=chunk_size,
+        jit_compile=jit_compile, strategy=strategy)
+    return (x_adv, queries) if return_queries else x_adv
+
+
+def square_attack_with_queries(ensemble, x, y=None, eps=None, *,
+                               max_queries=1000, p_init=0.3, clip=(0.0, 1.0),
+                               seed=0, batch_size=None, chunk_size=None,
+                               jit_compile=None, strategy=None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`square_attack`, also returning the queries each example used.
+
+    Args:
+      ensemble, x, y, eps, max_queries, p_init, clip, seed, batch_size,
+        chunk_size, jit_compile, strategy: as in :func:`square_attack`.
+
+    Returns:
+      ``(x_adv, queries)``: float32 ``[B, *input_shape]`` with
+      ``||x_adv - x||_inf <= eps``, and int32 ``[B]``, the forward passes
+      each example used (0 for examples misclassified before the attack).
+
+    Raises:
+      TypeError/ValueError: as :func:`square_attack`.
+
+    Example:
+      >>> x_adv, queries = square_attack_with_queries(ens, x_test, y_test,
+      ...                                             eps=0.1)
+      >>> queries.mean()        # mean queries per example
+    """
     check_ensemble(ensemble)
     eps = _check_eps(eps)
     max_queries = validate.positive_int(max_queries, "max_queries")
     p_init = validate.real(p_init, "p_init", minimum=0.0, maximum=1.0,
                            min_open=True)
     clip = _check_clip(clip)
-    seed = seeds.stateless(seed)
-    if not isinstance(return_queries, bool):
-        raise TypeError(f"return_queries must be a bool, got {return_queries!r}.")
+    options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
+                             chunk_size, jit_compile, strategy)
     net = ensemble.network
     if len(net.input_shape) > 3:
         raise ValueError(f"square_attack needs inputs of rank 1 to 3; the "
                          f"network's input shape is {net.input_shape}.")
-    x, y, idx, batch, chunk, strategy = _prepare(
-        ensemble, x, y, clip, batch_size, chunk_size, jit_compile, strategy)
+    inputs, idx = _prepare(ensemble, x, y, options)
     if eps == 0.0:  # every proposal would equal x: skip the query loop
-        x_adv, queries = x.numpy(), np.zeros(x.shape[0], np.int32)
-    else:
-        layout = _image_layout(net.input_shape)
-        has_clip = clip is not None
-        key = ("attack", "square", chunk, has_clip, jit_compile)
-        fn = net.cached_function(key, lambda: xla.compile_fn(
-            lambda p, xb, yb, ib, *scalars: _square_graph(
-                net, p, xb, yb, ib, *scalars, layout=layout, chunk=chunk,
-                has_clip=has_clip), jit_compile, "square_attack",
-            stochastic=True))
-        scalars = (seed, tf.constant(eps, tf.float32),
-                   tf.constant(max_queries, tf.int32),
-                   tf.constant(p_init, tf.float32), *_clip_args(clip))
-        x_adv, queries = _stream("square_attack", fn, ensemble, [x, y, idx],
-                                 batch, scalars, strategy)
-    return (x_adv, queries) if return_queries else x_adv
+        return inputs.x.numpy(), np.zeros(inputs.x.shape[0], np.int32)
+    layout = _image_layout(net.input_shape)
+    chunk, has_clip = inputs.chunk, options.has_clip
+    key = ("attack", "square", chunk, has_clip, jit_compile)
+    fn = net.cached_function(key, lambda: xla.compile_fn(
+        lambda p, xb, yb, ib, *scalars: _square_graph(
+            net, p, xb, yb, ib, *scalars, layout=layout, chunk=chunk,
+            has_clip=has_clip), jit_compile, "square_attack",
+        stochastic=True))
+    scalars = (options.seed, tf.constant(eps, tf.float32),
+               tf.constant(max_queries, tf.int32),
+               tf.constant(p_init, tf.float32), *options.clip_args())
+    x_adv, queries = _stream("square_attack", fn, ensemble, inputs, idx,
+                             scalars)
+    return x_adv, queries
