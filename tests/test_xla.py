@@ -1,6 +1,9 @@
-"""compile_fn: both compilation paths agree; auto mode measures and caches."""
+"""compile_fn: both compilation paths agree; auto mode measures and caches;
+cached_function keeps built functions per owner, weakly and bounded."""
 
+import gc
 import os
+import weakref
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -78,3 +81,50 @@ def test_auto_choice_is_remembered_across_processes(tmp_path, monkeypatch):
     third = xla.compile_fn(_fn, jit_compile="auto", name="remember")
     third(a, a)
     assert np.isfinite(next(iter(third.choices.values()))[1])
+
+
+# --------------------------------------------------------------------------
+# The cache of built functions.
+# --------------------------------------------------------------------------
+class _Owner:
+    """A stand-in for a Network: hashable by identity, weakly referenceable."""
+
+
+def test_cached_function_builds_once_per_owner_and_key():
+    owner, other, built = _Owner(), _Owner(), []
+
+    def build(proxy):
+        built.append(proxy)
+        return object()
+
+    first = xla.cached_function(owner, ("a", 1), build)
+    assert xla.cached_function(owner, ("a", 1), build) is first
+    assert xla.cached_function(owner, ("a", 2), build) is not first
+    assert xla.cached_function(other, ("a", 1), build) is not first
+    assert len(built) == 3
+    # build gets a weak proxy, so what it builds cannot keep the owner alive.
+    assert isinstance(built[0], weakref.ProxyType)
+
+
+def test_cached_function_is_weakly_keyed_and_bounded():
+    owner = _Owner()
+    ref = weakref.ref(owner)
+    # A built value that holds the proxy (as a compiled closure would).
+    for i in range(xla.CACHE_SIZE + 5):
+        xla.cached_function(owner, i, lambda proxy: [proxy])
+    assert len(xla._CACHES[owner]) == xla.CACHE_SIZE
+    # The least recently used went first; a recalled entry moves to the end.
+    assert list(xla._CACHES[owner])[0] == 5
+    xla.cached_function(owner, 5, lambda proxy: None)
+    assert list(xla._CACHES[owner])[-1] == 5
+    assert not hasattr(owner, "_compiled") and not vars(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+
+
+def test_cached_function_without_weak_references_builds_every_call():
+    calls = []
+    for _ in range(2):
+        xla.cached_function(3, "k", lambda owner: calls.append(owner))
+    assert calls == [3, 3]

@@ -24,8 +24,9 @@ How it runs: the data stream through fixed-size batches, the last one padded
 (:func:`tfp_bnn_adv.chunking.map_batches`), and each batch is attacked by one
 compiled function (PGD's steps and restarts, the random trials and the Square
 Attack's queries are ``tf.while_loop``s inside it), compiled once per network
-and configuration (:meth:`Network.cached_function`).  ``eps``, step sizes,
-step and query counts are tensors, so sweeping them does not recompile.
+and configuration (:func:`tfp_bnn_adv.xla.cached_function`).  ``eps``, step
+sizes, step and query counts are tensors, so sweeping them does not
+recompile.
 
 Randomness is stateless: the same ``seed`` gives the same ``x_adv``.  Random
 starts and random-attack noise come from one stream per example (seed,
@@ -451,10 +452,10 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
 def _run_gradient_attack(name, ensemble, x, y, options: _AttackOptions,
                          steps: _GradientSteps):
     inputs, idx = _prepare(ensemble, x, y, options)
-    net, chunk, has_clip = ensemble.network, inputs.chunk, options.has_clip
+    chunk, has_clip = inputs.chunk, options.has_clip
     key = ("attack", "pgd", steps.norm, steps.gradient, steps.random_start,
            steps.restarts, chunk, has_clip, options.jit_compile)
-    fn = net.cached_function(key, lambda: xla.compile_fn(
+    fn = xla.cached_function(ensemble.network, key, lambda net: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _pgd_graph(
             net, p, xb, yb, ib, *scalars, norm=steps.norm,
             gradient=steps.gradient, random_start=steps.random_start,
@@ -627,9 +628,9 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     inputs, idx = _prepare(ensemble, x, y, options)
-    net, chunk, has_clip = ensemble.network, inputs.chunk, options.has_clip
+    chunk, has_clip = inputs.chunk, options.has_clip
     key = ("attack", "random", kind, trials, chunk, has_clip, jit_compile)
-    fn = net.cached_function(key, lambda: xla.compile_fn(
+    fn = xla.cached_function(ensemble.network, key, lambda net: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _random_graph(
             net, p, xb, yb, ib, *scalars, kind=kind, trials=trials,
             chunk=chunk, has_clip=has_clip), jit_compile, "random_attack",
@@ -727,17 +728,17 @@ def square_attack_with_queries(ensemble, x, y=None, eps=None, *,
     clip = _check_clip(clip)
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
-    net = ensemble.network
-    if len(net.input_shape) > 3:
+    input_shape = ensemble.network.input_shape
+    if len(input_shape) > 3:
         raise ValueError(f"square_attack needs inputs of rank 1 to 3; the "
-                         f"network's input shape is {net.input_shape}.")
+                         f"network's input shape is {input_shape}.")
     inputs, idx = _prepare(ensemble, x, y, options)
     if eps == 0.0:  # every proposal would equal x: skip the query loop
         return inputs.x.numpy(), np.zeros(inputs.x.shape[0], np.int32)
-    layout = _image_layout(net.input_shape)
+    layout = _image_layout(input_shape)
     chunk, has_clip = inputs.chunk, options.has_clip
     key = ("attack", "square", chunk, has_clip, jit_compile)
-    fn = net.cached_function(key, lambda: xla.compile_fn(
+    fn = xla.cached_function(ensemble.network, key, lambda net: xla.compile_fn(
         lambda p, xb, yb, ib, *scalars: _square_graph(
             net, p, xb, yb, ib, *scalars, layout=layout, chunk=chunk,
             has_clip=has_clip), jit_compile, "square_attack",

@@ -226,9 +226,9 @@ class PosteriorEnsemble:
         """
         x, _ = self.network.check_inputs(x)
         batch_size, _ = self.batch_and_chunk(x.shape[0], batch_size, None)
-        net = self.network
-        fn = self.network.cached_function(("logits", jit_compile), lambda: xla.compile_fn(
-            lambda p, xb: net.apply_stack(p, xb), jit_compile, "logits"))
+        fn = xla.cached_function(
+            self.network, ("logits", jit_compile), lambda net: xla.compile_fn(
+                lambda p, xb: net.apply_stack(p, xb), jit_compile, "logits"))
         return chunking.map_batches(lambda xb: fn(self.params, xb), [x],
                                     batch_size, batch_axis=[1])
 
@@ -352,10 +352,11 @@ def predict_proba_checked(ensemble: PosteriorEnsemble, x: tf.Tensor,
     Returns:
       float32 numpy array ``[B, C]``.
     """
-    net = ensemble.network
-    fn = net.cached_function(("proba", chunk, jit_compile), lambda: xla.compile_fn(
-        lambda p, xb: predict_proba_graph(net, p, xb, chunk), jit_compile,
-        "predict_proba"))
+    fn = xla.cached_function(
+        ensemble.network, ("proba", chunk, jit_compile),
+        lambda net: xla.compile_fn(
+            lambda p, xb: predict_proba_graph(net, p, xb, chunk), jit_compile,
+            "predict_proba"))
     return chunking.map_batches(lambda xb: fn(ensemble.params, xb), [x],
                                 batch_size)
 

@@ -215,18 +215,23 @@ def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile
     inputs = prepare_inputs(ensemble, x, y, batch_size=batch_size,
                             chunk_size=chunk_size, jit_compile=jit_compile,
                             strategy=strategy)
-    net, chunk = ensemble.network, inputs.chunk
-    if kind == "per_sample":
-        def graph(p, xb, yb):
-            return per_sample_gradient_graph(net, p, xb, yb, chunk)[0]
-        name, batch_axis = "per_sample_loss_gradients", [1]
-    else:
-        def graph(p, xb, yb):
-            return loss_gradient_graph(net, p, xb, yb, kind, chunk)[0]
-        name, batch_axis = f"{kind}_loss_gradient", None
-    fn = net.cached_function(("grad", kind, chunk, jit_compile),
-                             lambda: xla.compile_fn(graph, jit_compile, name))
-    return _map(fn, ensemble, inputs, batch_axis)
+    chunk = inputs.chunk
+
+    def build(net):
+        if kind == "per_sample":
+            return xla.compile_fn(
+                lambda p, xb, yb: per_sample_gradient_graph(
+                    net, p, xb, yb, chunk)[0],
+                jit_compile, "per_sample_loss_gradients")
+        return xla.compile_fn(
+            lambda p, xb, yb: loss_gradient_graph(net, p, xb, yb, kind,
+                                                  chunk)[0],
+            jit_compile, f"{kind}_loss_gradient")
+
+    fn = xla.cached_function(ensemble.network,
+                             ("grad", kind, chunk, jit_compile), build)
+    return _map(fn, ensemble, inputs,
+                [1] if kind == "per_sample" else None)
 
 
 def expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,

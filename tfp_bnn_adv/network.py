@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import xla
 
 __all__ = ["Network", "SUPPORTED_LAYERS", "UNSCALED_LIMIT",
            "UnscaledInputWarning", "check_positive_int", "check_positive_float",
@@ -611,7 +612,6 @@ class Network:
         self.num_classes = int(num_classes)
         self.stripped_output_activation = stripped_output_activation
         self.stripped_output_layer = stripped_output_layer
-        self._compiled: dict = {}
 
     # ---------------------------------------------------------------- import
     @classmethod
@@ -727,11 +727,13 @@ class Network:
         """A compiled function of this network, built once per ``key``.
 
         Compiled functions take the parameters as arguments, so every
-        ensemble of this network (slices included) shares them.
+        ensemble of this network (slices included) shares them.  A thin
+        delegate to :func:`tfp_bnn_adv.xla.cached_function`, which owns the
+        cache (weakly keyed by this network, bounded); prefer that function,
+        whose builder gets a weak proxy of the network: a ``builder`` here
+        that holds the network keeps it alive for the process.
         """
-        if key not in self._compiled:
-            self._compiled[key] = builder()
-        return self._compiled[key]
+        return xla.cached_function(self, key, lambda _: builder())
 
     # -------------------------------------------------------------- parameters
     def init_params(self, seed, num_samples: int | None = None) -> list[tf.Tensor]:

@@ -41,18 +41,23 @@ across paths.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
 import platform
+import threading
 import time
 from typing import Any, Callable
+import weakref
 
 from absl import logging
 import tensorflow as tf
 
+from tfp_bnn_adv import files
+
 __all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "path_name",
-           "has_accelerator"]
+           "has_accelerator", "cached_function", "CACHE_SIZE"]
 
 _ENV = "TFP_BNN_ADV_JIT"
 _CACHE_ENV = "TFP_BNN_ADV_JIT_CACHE"
@@ -158,13 +163,75 @@ def _store_choice(key: str, use_xla: bool) -> None:
     path = _cache_path()
     if not path:
         return
-    from tfp_bnn_adv import files  # pylint: disable=g-import-not-at-top
     choices = _load_choices()
     choices[key] = use_xla
     try:
         files.write_json(path, choices)
     except OSError as e:
         logging.warning("Cannot write XLA choice cache %s: %s", path, e)
+
+
+# ---------------------------------------------------------------------------
+# Built functions, cached per owner (a Network, a function).
+# ---------------------------------------------------------------------------
+# Entries kept per owner; the least recently used goes first.  A study uses a
+# handful of configurations per network, far fewer than this.
+CACHE_SIZE = 64
+_CACHES: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = (
+    weakref.WeakKeyDictionary())
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_function(owner, key, build: Callable[[Any], Any]):
+    """``build(owner)``, built once per ``(owner, key)`` and then recalled.
+
+    The cache belongs to this module, not to ``owner``: it is keyed weakly
+    by ``owner`` (by identity for a ``Network``), so its entries go when
+    ``owner`` goes, and it holds at most :data:`CACHE_SIZE` entries per
+    owner, dropping the least recently used.  ``key`` must name
+    everything ``build`` depends on besides ``owner`` (a hashable tuple).
+
+    ``build`` receives a weak proxy of ``owner``: what it builds may keep
+    that proxy, never ``owner`` itself, or the entry would keep its own key
+    alive.  (An ``owner`` that cannot be weakly referenced or hashed is not
+    cached: ``build(owner)`` runs on every call.)
+
+    A recalled entry computes what a fresh build computes.  An evicted one
+    is rebuilt (and retraced); with ``jit_compile="auto"`` a rebuilt
+    deterministic function recalls its timed path from the choice file
+    (module docstring), and re-times only where that file is disabled.
+
+    Args:
+      owner: the object the built value belongs to.
+      key: hashable; distinguishes what is built for one owner.
+      build: ``(weak proxy of owner) -> value``.
+
+    Returns:
+      The cached or newly built value.
+
+    Example:
+      >>> fn = cached_function(net, ("logits", None), lambda net: compile_fn(
+      ...     lambda p, x: net.apply_stack(p, x)))
+    """
+    try:
+        proxy = weakref.proxy(owner)
+        hash(owner)
+    except TypeError:  # not weakly referenceable, or not hashable
+        return build(owner)
+    with _CACHE_LOCK:
+        entries = _CACHES.get(owner)
+        if entries is None:
+            entries = _CACHES[owner] = collections.OrderedDict()
+        elif key in entries:
+            entries.move_to_end(key)
+            return entries[key]
+    value = build(proxy)
+    with _CACHE_LOCK:
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > CACHE_SIZE:
+            entries.popitem(last=False)
+    return value
 
 
 def _signature(args, kwargs) -> tuple:
