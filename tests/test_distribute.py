@@ -5,7 +5,9 @@ one: a per-chain loop for the log-likelihood, the unsharded attacks and
 gradients, and an HMC run on one device with the same seed.
 """
 
+import gc
 import os
+import weakref
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,6 +22,7 @@ from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import distribute  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import gradients  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
+from tfp_bnn_adv import xla  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.inference import hmc  # pylint: disable=wrong-import-position
 
 
@@ -86,6 +89,24 @@ def test_sharded_call_keeps_order_and_checks_batch(mirrored):
     np.testing.assert_array_equal(out[1].numpy(), (x + 1.0).numpy().T)
     with pytest.raises(ValueError, match="does not split across 2"):
         distribute.sharded_call(mirrored, lambda a: a, [tf.zeros([5])], [0])
+
+
+def test_sharded_call_caches_runners_weakly_outside_the_function(mirrored):
+    def double(a):
+        return 2.0 * a
+
+    ref = weakref.ref(double)
+    for fn in (double, xla.compile_fn(double, False, "double")):
+        for _ in range(2):
+            out = distribute.sharded_call(mirrored, fn, [tf.range(4.0)], [0])
+            np.testing.assert_array_equal(out.numpy(), [0.0, 2.0, 4.0, 6.0])
+        # One runner per function, traced once, and none in its __dict__.
+        (runner,) = xla._CACHES[fn].values()
+        assert runner.experimental_get_tracing_count() == 1
+        assert "_sharded_runners" not in vars(fn)
+    del fn, double
+    gc.collect()
+    assert ref() is None
 
 
 # -------------------------------------------------------- HMC likelihood

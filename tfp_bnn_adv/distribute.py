@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, Callable, Iterator, Sequence
+import weakref
 
 from absl import logging
 import tensorflow as tf
 
 from tfp_bnn_adv import validate
+from tfp_bnn_adv import xla
 
 __all__ = ["STRATEGIES", "MATMUL_PRECISIONS", "get_strategy",
            "current_strategy", "num_replicas", "configure_logical_cpus",
@@ -167,33 +169,42 @@ def round_up_to_replicas(batch_size: int, strategy) -> int:
     return -(-int(batch_size) // r) * r
 
 
-def _runner(strategy, target, batch_args, batch_axis, cache):
+def _runner(strategy, fn, target, batch_args, batch_axis):
     """A ``tf.function`` running ``target`` per replica and gathering.
 
-    Cached in ``cache`` (on the caller's function), so repeated batches of
-    one shape reuse one trace.
+    Cached per ``fn`` (weakly, in :func:`tfp_bnn_adv.xla.cached_function`),
+    so repeated batches of one shape reuse one trace.  ``target`` is ``fn``
+    or the compiled function it selected; the runner reaches both weakly
+    (``target`` belongs to ``fn``), so the cache never keeps ``fn`` alive.
     """
-    key = (strategy, target, batch_args, batch_axis)
-    if key in cache:
-        return cache[key]
+    if target is fn:
+        target_ref, key_ref = None, None
+    else:
+        target_ref = key_ref = weakref.ref(target)
 
-    def replica_fn(shared, shards):
-        shared, shards = list(shared), list(shards)
-        n = len(shared) + len(shards)
-        return target(*[shards.pop(0) if i in batch_args else shared.pop(0)
-                        for i in range(n)])
+    def build(fn_proxy):
+        def replica_fn(shared, shards):
+            shared, shards = list(shared), list(shards)
+            n = len(shared) + len(shards)
+            call = fn_proxy if target_ref is None else target_ref()
+            return call(*[shards.pop(0) if i in batch_args else shared.pop(0)
+                          for i in range(n)])
 
-    @tf.function(autograph=False)
-    def run(shared, shards):
-        result = strategy.run(replica_fn, args=(shared, shards))
-        flat = tf.nest.flatten(result)
-        axes = list(batch_axis or [0] * len(flat))
-        # strategy.gather concatenates in replica order (across hosts too).
-        return tf.nest.pack_sequence_as(
-            result, [strategy.gather(t, axis=ax) for t, ax in zip(flat, axes)])
+        @tf.function(autograph=False)
+        def run(shared, shards):
+            result = strategy.run(replica_fn, args=(shared, shards))
+            flat = tf.nest.flatten(result)
+            axes = list(batch_axis or [0] * len(flat))
+            # strategy.gather concatenates in replica order (across hosts too).
+            return tf.nest.pack_sequence_as(
+                result,
+                [strategy.gather(t, axis=ax) for t, ax in zip(flat, axes)])
 
-    cache[key] = run
-    return run
+        return run
+
+    return xla.cached_function(
+        fn, ("sharded_runner", strategy, key_ref, batch_args, batch_axis),
+        build)
 
 
 def sharded_call(strategy: tf.distribute.Strategy | None, fn: Callable,
@@ -251,10 +262,8 @@ def sharded_call(strategy: tf.distribute.Strategy | None, fn: Callable,
     if select is not None:
         target = select(*[a[:shard] if i in batch_args else a
                           for i, a in enumerate(args)])
-    cache = (fn.__dict__.setdefault("_sharded_runners", {})
-             if hasattr(fn, "__dict__") else {})
-    run = _runner(strategy, target, tuple(batch_args),
-                  None if batch_axis is None else tuple(batch_axis), cache)
+    run = _runner(strategy, fn, target, tuple(batch_args),
+                  None if batch_axis is None else tuple(batch_axis))
     shared = tuple(a for i, a in enumerate(args) if i not in batch_args)
     batch = [args[i] for i in batch_args]
 
