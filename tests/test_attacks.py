@@ -548,6 +548,46 @@ def test_square_attack_on_vectors():
     assert np.all((queries >= 1) & (queries <= 40))
 
 
+def test_square_attack_with_queries_is_return_queries_true(small):
+    ens, x, y = small
+    kw = dict(eps=0.2, max_queries=15, seed=4, jit_compile=JIT)
+    x_adv, queries = attacks.square_attack_with_queries(ens, x, y, **kw)
+    old_x, old_queries = attacks.square_attack(ens, x, y, return_queries=True,
+                                               **kw)
+    np.testing.assert_array_equal(x_adv, old_x)
+    np.testing.assert_array_equal(queries, old_queries)
+    assert queries.dtype == np.int32 and queries.shape == (len(x),)
+    np.testing.assert_array_equal(attacks.square_attack(ens, x, y, **kw), x_adv)
+    with pytest.raises(TypeError, match="return_queries"):
+        attacks.square_attack(ens, x, y, return_queries=1, **kw)
+
+
+@pytest.mark.parametrize("attack", [attacks.fgsm, attacks.random_attack,
+                                    attacks.square_attack])
+def test_inputs_are_checked_once_and_labels_predicted_once(
+        small, monkeypatch, attack):
+    # y=None: x is checked, and batch and chunk chosen, once per call; the
+    # labels are the ensemble's predictions with the caller's settings.
+    ens, x, _ = small
+    net, calls = ens.network, {"check_inputs": 0, "batch_and_chunk": 0}
+    for name, owner in (("check_inputs", net), ("batch_and_chunk", ens)):
+        original = getattr(owner, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    x_adv = attack(ens, x, None, eps=0.2, seed=1, chunk_size=2, batch_size=4,
+                   jit_compile=JIT)
+    assert calls == {"check_inputs": 1, "batch_and_chunk": 1}
+    monkeypatch.undo()
+    y = ens.predict(x, chunk_size=2, batch_size=4, jit_compile=JIT)
+    np.testing.assert_array_equal(
+        x_adv, attack(ens, x, y, eps=0.2, seed=1, chunk_size=2, batch_size=4,
+                      jit_compile=JIT))
+
+
 # --------------------------------------------------------------------------
 # XLA.
 # --------------------------------------------------------------------------
