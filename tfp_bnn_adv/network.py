@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import sys
 from typing import Any, Callable, Sequence
 import warnings
@@ -41,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import validate
 
 __all__ = ["Network", "SUPPORTED_LAYERS", "UNSCALED_LIMIT",
            "UnscaledInputWarning", "check_positive_int", "check_positive_float",
@@ -747,7 +747,7 @@ class Network:
           ``[S, *shape]``).  The same seed gives the same weights.
         """
         if num_samples is not None:
-            check_positive_int(num_samples, "num_samples")
+            validate.positive_int(num_samples, "num_samples")
         seeds = seeds_lib.split(seed, len(self.param_specs))
         out = []
         for spec, s in zip(self.param_specs, tf.unstack(seeds)):
@@ -917,28 +917,9 @@ def _warn_unscaled(name: str, integer: bool, lo: float, hi: float, site) -> None
         "calling line.", UnscaledInputWarning, stacklevel=3)
 
 
-def check_positive_int(value, name: str) -> int:
-    """``value`` as an int >= 1, else a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}.")
-    return int(value)
-
-
-def check_positive_float(value, name: str) -> float:
-    """``value`` (a Python or numpy real) as a finite float > 0.
-
-    Raises:
-      TypeError naming ``name`` if ``value`` is not a real number (bools
-      included); ValueError if it is not finite and > 0.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} "
-                        f"({type(value).__name__}).")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
+# The shared checks under the names attacks, SGD and older callers import.
+check_positive_int = validate.positive_int
+check_positive_float = validate.positive_real
 
 
 def _as_float_tensor(x, name: str) -> tuple[tf.Tensor, tuple[float, float], bool]:

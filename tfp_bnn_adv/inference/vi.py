@@ -91,10 +91,10 @@ import tf_keras
 
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
-from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
            "FORMAT_VERSION", "CHECKPOINT_FILE"]
@@ -114,32 +114,6 @@ _CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
 _CHECKPOINT_VERSION = 1
 # Streams folded into the seed: training steps, validation passes.
 _TRAIN_STREAM, _VALIDATION_STREAM = 1, 2
-
-
-# --------------------------------------------------------------------------
-# Argument checks.
-# --------------------------------------------------------------------------
-def _check_positive_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _check_seed_int(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {seed!r}.")
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed!r}.")
-    return int(seed)
-
-
-def _check_estimator(estimator) -> str:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got "
-                         f"{estimator!r}.")
-    return estimator
 
 
 # --------------------------------------------------------------------------
@@ -529,11 +503,11 @@ class VIPosterior:
                                      "NaN or infinite values.")
         self.network = network
         self.settings = {
-            "estimator": _check_estimator(estimator),
-            "prior_scale": _check_positive_float(prior_scale, "prior_scale"),
-            "kl_weight": _check_positive_float(kl_weight, "kl_weight"),
-            "num_train": check_positive_int(num_train, "num_train"),
-            "seed": _check_seed_int(seed),
+            "estimator": validate.choice(estimator, ESTIMATORS, "estimator"),
+            "prior_scale": validate.positive_real(prior_scale, "prior_scale"),
+            "kl_weight": validate.positive_real(kl_weight, "kl_weight"),
+            "num_train": validate.positive_int(num_train, "num_train"),
+            "seed": validate.seed_int(seed),
         }
         self.history: dict[str, list] = {}
         self.variational_model, self._layers = _build_variational_model(
@@ -591,7 +565,7 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad ``num_samples`` or ``seed``.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
+        num_samples = validate.positive_int(num_samples, "num_samples")
         seed = seeds_lib.stateless(seed)
         dists = _posteriors(self._layers)
         params = []
@@ -629,8 +603,8 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad argument.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
-        batch_size = check_positive_int(batch_size, "batch_size")
+        num_samples = validate.positive_int(num_samples, "num_samples")
+        batch_size = validate.positive_int(batch_size, "batch_size")
         seed = seeds_lib.stateless(seed)
         x, _ = self.network.check_inputs(x)
         if self._predict_fn is None:
@@ -737,15 +711,11 @@ class VIPosterior:
 # Training.
 # --------------------------------------------------------------------------
 def _check_validation(validation_split, validation_data, patience, network):
-    if isinstance(validation_split, bool) or not isinstance(
-            validation_split, (int, float, np.number)) or not (
-                0.0 <= validation_split < 1.0):
-        raise ValueError(f"validation_split must be a number in [0, 1), got "
-                         f"{validation_split!r}.")
+    validation_split = validate.fraction(validation_split, "validation_split")
     if validation_split and validation_data is not None:
         raise ValueError("Give validation_split or validation_data, not both.")
     if patience is not None:
-        patience = check_positive_int(patience, "early_stopping_patience")
+        patience = validate.positive_int(patience, "early_stopping_patience")
         if not validation_split and validation_data is None:
             raise ValueError(
                 "early_stopping_patience needs validation data: set "
@@ -758,7 +728,7 @@ def _check_validation(validation_split, validation_data, patience, network):
         validation_data = network.check_inputs(
             validation_data[0], validation_data[1], x_name="validation_data[0]",
             y_name="validation_data[1]")
-    return float(validation_split), validation_data, patience
+    return validation_split, validation_data, patience
 
 
 def _check_checkpoint_dir(checkpoint_dir) -> str | None:
@@ -1073,14 +1043,14 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       ...               checkpoint_dir="/tmp/vi_ckpt")   # Ctrl-C, rerun: resumes
       >>> post.sample_ensemble(100, seed=1).accuracy(ds.test_x, ds.test_y)
     """
-    epochs = check_positive_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    learning_rate = _check_positive_float(learning_rate, "learning_rate")
-    init_scale = _check_positive_float(init_scale, "init_scale")
-    _check_positive_float(prior_scale, "prior_scale")
-    _check_positive_float(kl_weight, "kl_weight")
-    _check_estimator(estimator)
-    seed = _check_seed_int(seed)
+    epochs = validate.positive_int(epochs, "epochs")
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    learning_rate = validate.positive_real(learning_rate, "learning_rate")
+    init_scale = validate.positive_real(init_scale, "init_scale")
+    validate.positive_real(prior_scale, "prior_scale")
+    validate.positive_real(kl_weight, "kl_weight")
+    validate.choice(estimator, ESTIMATORS, "estimator")
+    seed = validate.seed_int(seed)
     use_xla = xla.stochastic_jit(jit_compile)
     checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
     if verbose not in (0, 1, 2):
