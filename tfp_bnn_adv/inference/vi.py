@@ -108,7 +108,6 @@ DEFAULT_INIT_SCALE = 1e-2
 # softplus(rho), which does not invert exactly); both are read.
 FORMAT_VERSION = 2
 _FORMAT_NAME = "tfp_bnn_adv.VIPosterior"
-_PARAM_LAYERS = ("Dense", "Conv2D")
 CHECKPOINT_FILE = "vi_checkpoint.npz"
 _CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
 _CHECKPOINT_VERSION = 1
@@ -248,22 +247,6 @@ class _VariationalModel(tf_keras.Sequential):
 # --------------------------------------------------------------------------
 # The variational model.
 # --------------------------------------------------------------------------
-def _flatten_layers(model) -> list:
-    """Keras 3 layers in execution order, nested models expanded.
-
-    :meth:`Network.from_keras` has already checked that the model is a chain
-    of supported layers, so this order is the Network's order.
-    """
-    import keras  # pylint: disable=g-import-not-at-top
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out.extend(_flatten_layers(layer))
-        elif type(layer).__name__ != "InputLayer":
-            out.append(layer)
-    return out
-
-
 def _mean_field_normal_fn(untransformed_scale: float):
     """A ``tfp.layers`` posterior builder: ``N(loc, softplus(rho)^2)``.
 
@@ -310,6 +293,16 @@ def _divergence_fn(weight: float):
     return fn
 
 
+def _activation(op):
+    """The activation function of ``op``'s variational layer.
+
+    The Keras layer's own function, so the variational model computes what
+    the Keras model does; none where the Network applies none (also where it
+    stripped the output softmax).
+    """
+    return None if op.activation == "linear" else op.layer.activation
+
+
 def _build_variational_model(network: Network, *, estimator: str,
                              prior_scale: float, kl_weight: float,
                              num_train: int, seed: int):
@@ -321,7 +314,6 @@ def _build_variational_model(network: Network, *, estimator: str,
       ``tfp.layers`` in the Network's parameter order.
     """
     flipout = estimator == "flipout"
-    layers = _flatten_layers(network.keras_model)
     noise = _Noise(seed)
     common = dict(
         kernel_posterior_fn=_mean_field_normal_fn(0.0),
@@ -331,22 +323,12 @@ def _build_variational_model(network: Network, *, estimator: str,
     )
     out = [tf_keras.Input(network.input_shape)]
     variational = []
-    for k, layer in enumerate(layers):
-        cls = type(layer).__name__
-        activation = getattr(layer, "activation", None)
-        # The softmax the Network stripped (not always in the last layer:
-        # Dropout, Flatten, Reshape or a linear Activation may follow it).
-        stripped = network.stripped_output_activation is not None and (
-            layer.name == network.stripped_output_layer if
-            network.stripped_output_layer is not None
-            else k == len(layers) - 1)
-        if stripped:
-            if cls == "Activation":
-                continue
-            activation = None
-        if cls in _PARAM_LAYERS:
+    # Network's import walk already dispatched on the Keras layers: build
+    # from its op records (a stripped output Activation layer has none).
+    for op in network.ops:
+        if op.kind in ("dense", "conv2d"):
             kwargs = dict(common)
-            if layer.use_bias:
+            if op.use_bias:
                 kwargs.update(bias_posterior_fn=_mean_field_normal_fn(0.0),
                               bias_posterior_tensor_fn=noise.sample,
                               bias_prior_fn=_prior_fn(prior_scale),
@@ -354,45 +336,44 @@ def _build_variational_model(network: Network, *, estimator: str,
                                   kl_weight / num_train))
             else:
                 kwargs.update(bias_posterior_fn=None, bias_prior_fn=None)
-            if cls == "Dense":
+            if op.kind == "dense":
                 make = (tfp.layers.DenseFlipout if flipout
                         else tfp.layers.DenseReparameterization)
-                new = make(int(layer.units), activation=activation,
-                           name=layer.name, **kwargs)
+                new = make(op.units, activation=_activation(op),
+                           name=op.name, **kwargs)
             else:
                 make = (tfp.layers.Convolution2DFlipout if flipout
                         else tfp.layers.Convolution2DReparameterization)
-                new = make(int(layer.filters), tuple(layer.kernel_size),
-                           strides=tuple(layer.strides), padding=layer.padding,
-                           dilation_rate=tuple(layer.dilation_rate),
-                           activation=activation, name=layer.name, **kwargs)
+                new = make(op.filters, op.kernel_size, strides=op.strides,
+                           padding=op.padding.lower(),
+                           dilation_rate=op.dilation_rate,
+                           activation=_activation(op), name=op.name,
+                           **kwargs)
             variational.append(new)
-        elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            make = getattr(tf_keras.layers, cls)
-            new = make(pool_size=tuple(layer.pool_size),
-                       strides=(tuple(layer.strides) if layer.strides is not None
-                                else None),
-                       padding=layer.padding, name=layer.name)
-        elif cls == "Flatten":
-            new = tf_keras.layers.Flatten(name=layer.name)
-        elif cls == "Reshape":
-            new = tf_keras.layers.Reshape(tuple(layer.target_shape),
-                                          name=layer.name)
-        elif cls == "Activation":
-            new = tf_keras.layers.Activation(activation, name=layer.name)
-        elif cls == "ReLU":
+        elif op.kind in ("max_pool2d", "avg_pool2d"):
+            make = (tf_keras.layers.MaxPooling2D if op.kind == "max_pool2d"
+                    else tf_keras.layers.AveragePooling2D)
+            new = make(pool_size=op.pool_size, strides=op.strides,
+                       padding=op.padding.lower(), name=op.name)
+        elif op.kind == "flatten":
+            new = tf_keras.layers.Flatten(name=op.name)
+        elif op.kind == "reshape":
+            new = tf_keras.layers.Reshape(op.out_shape, name=op.name)
+        elif op.kind == "activation":
+            new = tf_keras.layers.Activation(_activation(op), name=op.name)
+        elif op.kind == "relu":
             new = tf_keras.layers.ReLU(
-                max_value=layer.max_value, negative_slope=layer.negative_slope,
-                threshold=layer.threshold, name=layer.name)
-        elif cls == "LeakyReLU":
-            new = tf_keras.layers.LeakyReLU(alpha=layer.negative_slope,
-                                            name=layer.name)
-        elif cls == "Dropout":
-            new = _StatelessDropout(layer.rate, noise, name=layer.name)
+                max_value=op.max_value, negative_slope=op.negative_slope,
+                threshold=op.threshold, name=op.name)
+        elif op.kind == "leaky_relu":
+            new = tf_keras.layers.LeakyReLU(alpha=op.negative_slope,
+                                            name=op.name)
+        elif op.kind == "dropout":
+            new = _StatelessDropout(op.rate, noise, name=op.name)
         else:
-            # Network.from_keras accepts exactly the layers handled above.
-            raise ValueError(f"Layer {layer.name!r} ({cls}) has no variational "
-                             "counterpart in tfp_bnn_adv.inference.vi.")
+            raise ValueError(f"Op {op.name!r} of kind {op.kind!r} has no "
+                             "variational counterpart in "
+                             "tfp_bnn_adv.inference.vi.")
         out.append(new)
     with warnings.catch_warnings():
         # tfp.layers create their variables through the deprecated
