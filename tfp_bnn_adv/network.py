@@ -58,30 +58,15 @@ OP_KINDS = (
     "activation", "relu", "leaky_relu", "dropout",
 )
 
-# Activation functions by their Keras 3 serialised name.  All act element-wise
+# Activation functions by their Keras 3 serialised name, Keras' own (on the
+# TensorFlow backend each is the tf.nn / tf.math op).  All act element-wise
 # except softmax/log_softmax, which act on the last (feature) axis.
-_ELEMENTWISE = {
-    "linear": lambda h: h,
-    "relu": tf.nn.relu,
-    "relu6": tf.nn.relu6,
-    "leaky_relu": lambda h: tf.nn.leaky_relu(h, alpha=0.2),
-    "elu": tf.nn.elu,
-    "selu": tf.nn.selu,
-    "gelu": lambda h: tf.nn.gelu(h, approximate=False),
-    "tanh": tf.math.tanh,
-    "sigmoid": tf.math.sigmoid,
-    "hard_sigmoid": lambda h: tf.nn.relu6(h + 3.0) / 6.0,
-    "softplus": tf.math.softplus,
-    "softsign": tf.math.softsign,
-    "silu": tf.nn.silu,
-    "swish": tf.nn.silu,
-    "exponential": tf.math.exp,
-    "mish": lambda h: h * tf.math.tanh(tf.math.softplus(h)),
-}
-_FEATURE_WISE = {
-    "softmax": tf.nn.softmax,
-    "log_softmax": tf.nn.log_softmax,
-}
+_ELEMENTWISE = {name: keras.activations.get(name) for name in (
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "tanh",
+    "sigmoid", "hard_sigmoid", "softplus", "softsign", "silu", "swish",
+    "exponential", "mish")}
+_FEATURE_WISE = {name: keras.activations.get(name)
+                 for name in ("softmax", "log_softmax")}
 # Output activations that map logits to (log-)probabilities: dropping them
 # leaves logits that give the same softmax.
 _STRIPPABLE_OUTPUT = ("softmax", "log_softmax")
@@ -321,7 +306,9 @@ class _ReLU(_Op):
         self.max_value = None if max_value is None else float(max_value)
 
     def __call__(self, a, params, training, seed):
-        # Same formula as keras.activations.relu, so edge cases agree.
+        # Not keras.activations.relu: for a plain leaky slope or max_value=6
+        # it calls tf.nn.leaky_relu / relu6, whose gradients at the kink
+        # (alpha at 0; 1 at 6 on TF's kernels) differ from this formula's.
         h = a.value
         out = tf.where(h > self.threshold, h, tf.zeros_like(h))
         if self.max_value is not None:
@@ -531,6 +518,11 @@ def _strip_output_activation(ops: list[_Op], num_classes: int, model_name: str
 
 # --------------------------------------------------------------------------
 # Initialisers (stateless).
+#
+# Keras' initialisers use these formulas, but take an int seed and draw with
+# the stateless seed [seed, 0]; init_params splits its seed into arbitrary
+# pairs per tensor and sample, which no int seed reaches, so the draws are
+# written out here.
 # --------------------------------------------------------------------------
 _VARIANCE_SCALING = {
     "GlorotUniform": (1.0, "fan_avg", "uniform"),
