@@ -144,7 +144,7 @@ class _Noise:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._seed = None
+        self._pass_seed = None
         self._count = 0
         self._owner = None
 
@@ -155,23 +155,23 @@ class _Noise:
     @contextlib.contextmanager
     def scope(self, seed):
         with _PATCH_LOCK:
-            outer = (self._seed, self._count, self._owner,
+            outer = (self._pass_seed, self._count, self._owner,
                      tfp_random.rademacher)
-            self._seed, self._count = seed, 0
+            self._pass_seed, self._count = seed, 0
             self._owner = threading.get_ident()
             tfp_random.rademacher = self._rademacher
             try:
                 yield
             finally:
-                (self._seed, self._count, self._owner,
+                (self._pass_seed, self._count, self._owner,
                  tfp_random.rademacher) = outer
 
     def take(self):
         """The next draw's stateless seed, or ``None`` outside a scope."""
-        if self._seed is None or self._owner != threading.get_ident():
+        if self._pass_seed is None or self._owner != threading.get_ident():
             return None
         self._count += 1
-        return seeds_lib.fold_in(self._seed, self._count - 1)
+        return seeds_lib.fold_in(self._pass_seed, self._count - 1)
 
     def sample(self, dist) -> tf.Tensor:
         """A draw of a (possibly ``Independent``) ``Normal``: loc + scale * eps."""
@@ -491,7 +491,7 @@ class VIPosterior:
             "seed": validate.seed_int(seed),
         }
         self.history: dict[str, list] = {}
-        self.variational_model, self._layers = _build_variational_model(
+        self.variational_model, self._param_layers = _build_variational_model(
             network, estimator=estimator, prior_scale=self.settings["prior_scale"],
             kl_weight=self.settings["kl_weight"],
             num_train=self.settings["num_train"], seed=self.settings["seed"])
@@ -500,7 +500,7 @@ class VIPosterior:
 
     def _assign(self, loc, rho) -> None:
         """Sets ``loc`` and the raw ``rho`` of every posterior, exactly."""
-        for dist, m, r in zip(_posteriors(self._layers), loc, rho):
+        for dist, m, r in zip(_posteriors(self._param_layers), loc, rho):
             normal = dist.distribution
             normal.loc.assign(m)
             normal.scale.pretransformed_input.assign(r)
@@ -508,23 +508,23 @@ class VIPosterior:
     # ------------------------------------------------------------- the posterior
     def posterior_loc(self) -> list[np.ndarray]:
         """Posterior means, float32 arrays of shapes ``network.param_shapes``."""
-        return [dist.distribution.loc.numpy() for dist in _posteriors(self._layers)]
+        return [dist.distribution.loc.numpy() for dist in _posteriors(self._param_layers)]
 
     def posterior_scale(self) -> list[np.ndarray]:
         """Posterior standard deviations ``softplus(rho)``, same layout."""
         return [tf.convert_to_tensor(dist.distribution.scale).numpy()
-                for dist in _posteriors(self._layers)]
+                for dist in _posteriors(self._param_layers)]
 
     def posterior_untransformed_scale(self) -> list[np.ndarray]:
         """The raw parameters ``rho`` (``scale = softplus(rho)``), same layout."""
         return [dist.distribution.scale.pretransformed_input.numpy()
-                for dist in _posteriors(self._layers)]
+                for dist in _posteriors(self._param_layers)]
 
     def kl_divergence(self) -> float:
         """``KL(q || p)`` summed over every weight and bias (not divided by N)."""
         return float(sum(tfp.distributions.kl_divergence(q, p).numpy()
-                         for q, p in zip(_posteriors(self._layers),
-                                         _priors(self._layers))))
+                         for q, p in zip(_posteriors(self._param_layers),
+                                         _priors(self._param_layers))))
 
     def sample_ensemble(self, num_samples: int, seed=0) -> PosteriorEnsemble:
         """Draws ``S`` full weight sets from the posterior.
@@ -548,7 +548,7 @@ class VIPosterior:
         """
         num_samples = validate.positive_int(num_samples, "num_samples")
         seed = seeds_lib.stateless(seed)
-        dists = _posteriors(self._layers)
+        dists = _posteriors(self._param_layers)
         params = []
         for dist, s in zip(dists, tf.unstack(seeds_lib.split(seed, len(dists)))):
             loc = tf.convert_to_tensor(dist.distribution.loc)
@@ -728,14 +728,6 @@ def _check_checkpoint_dir(checkpoint_dir) -> str | None:
     return path
 
 
-_digest = files.json_digest
-_array_digest = files.array_digest
-
-
-def _architecture_digest(network: Network) -> str:
-    return files.config_digest(network.get_config())
-
-
 class _EarlyStopping:
     """``tf_keras.callbacks.EarlyStopping(monitor="val_loss",
     restore_best_weights=True)`` with its state in the open, for checkpoints.
@@ -789,7 +781,7 @@ class _Checkpoint:
     def __init__(self, directory: str, fields: dict):
         self.path = os.path.join(directory, CHECKPOINT_FILE)
         self.fields = fields
-        self.digest = _digest(fields)
+        self.digest = files.json_digest(fields)
 
     def save(self, post, optimizer, epochs_done: int, history: dict,
              stopping: _EarlyStopping | None, seconds: float) -> None:
@@ -1032,7 +1024,7 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     validate.positive_real(kl_weight, "kl_weight")
     validate.choice(estimator, ESTIMATORS, "estimator")
     seed = validate.seed_int(seed)
-    use_xla = xla.stochastic_jit(jit_compile)
+    requested_xla = xla.stochastic_jit(jit_compile)
     checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
@@ -1075,7 +1067,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
         optimizer=optimizer,
         loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=use_xla)
+        jit_compile=requested_xla)
+    # What tf_keras took (it falls back to TF's kernels without XLA).
     use_xla = bool(vmodel.jit_compile)
     # Built now, so that its variables exist to checkpoint and restore.
     optimizer.build(vmodel.trainable_variables)
@@ -1086,10 +1079,10 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     checkpoint = None
     if checkpoint_dir is not None:
         fields = json.loads(json.dumps({
-            "architecture": _architecture_digest(network),
-            "train_data": _array_digest(x, y),
+            "architecture": files.config_digest(network.get_config()),
+            "train_data": files.array_digest(x, y),
             "validation_data": (None if validation_data is None
-                                else _array_digest(*validation_data)),
+                                else files.array_digest(*validation_data)),
             "estimator": estimator, "prior_scale": float(prior_scale),
             "init_scale": init_scale, "kl_weight": float(kl_weight),
             "batch_size": batch_size, "learning_rate": learning_rate,
