@@ -33,7 +33,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 import warnings
 
 import keras
