@@ -28,3 +28,13 @@ def test_bad_arguments():
         models.mlp((2,), 1)
     with pytest.raises(ValueError, match="input_shape"):
         models.cnn((28, 28), 10)
+
+
+def test_argument_messages_follow_the_shared_checks():
+    with pytest.raises(ValueError, match=r"hidden\[1\] must be >= 1, got 0"):
+        models.mlp((2,), 2, (4, 0))
+    with pytest.raises(TypeError, match="num_classes must be an int, got 2.5"):
+        models.cnn((8, 8, 1), 2.5)
+    with pytest.raises(TypeError, match="filters must be a sequence of ints"):
+        models.cnn((8, 8, 1), 2, filters=4)
+    assert len(models.cnn((8, 8, 1), 2, filters=(2,), hidden=None).layers) == 4

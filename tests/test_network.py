@@ -9,6 +9,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
+from tfp_bnn_adv import network as network_lib  # pylint: disable=wrong-import-position
+from tfp_bnn_adv import validate  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 
 L = keras.layers
@@ -362,3 +364,56 @@ def test_float_labels_are_range_checked_before_the_int_cast(labels, error, shown
         net.check_inputs(np.zeros((2, 6)), np.asarray(labels), y_name="labels_q")
     _, y = net.check_inputs(np.zeros((2, 6)), np.array([3.0, 0.0]))
     np.testing.assert_array_equal(y.numpy(), [3, 0])
+
+
+def test_ops_record_each_layer_with_its_kind():
+    inner = keras.Sequential([keras.Input((6,)), L.Dense(4, use_bias=False),
+                              L.LeakyReLU(0.2)], name="inner")
+    inp = keras.Input((4, 4, 1))
+    h = L.Conv2D(2, 2, activation="relu")(inp)
+    h = L.MaxPooling2D(1)(h)
+    h = L.AveragePooling2D(1)(h)
+    h = L.Reshape((3, 3, 2))(h)
+    h = L.Flatten()(h)
+    h = L.Dense(6)(h)
+    h = L.ReLU(max_value=2.0)(h)
+    h = L.Dropout(0.1)(h)
+    h = inner(h)
+    h = L.Activation("tanh")(h)
+    h = L.Dense(3)(h)
+    out = L.Activation("softmax", name="probs")(h)
+    model = keras.Model(inp, out)
+    net = Network.from_keras(model)
+    kinds = ["conv2d", "max_pool2d", "avg_pool2d", "reshape", "flatten",
+             "dense", "relu", "dropout", "dense", "leaky_relu", "activation",
+             "dense"]
+    assert [op.kind for op in net.ops] == kinds
+    assert set(kinds) == set(network_lib.OP_KINDS)
+    # Each op holds the Keras layer it came from, in execution order; the
+    # stripped output Activation has no op.
+    keras_layers = [l for l in model.layers[1:] if l is not inner]
+    keras_layers[8:8] = inner.layers
+    assert [op.layer for op in net.ops] == keras_layers[:-1]
+    assert [op.name for op in net.ops] == [l.name for l in keras_layers[:-1]]
+    assert net.stripped_output_layer == "probs"
+    assert sum(op.num_tensors for op in net.ops) == len(net.param_specs) == 7
+    assert [op.out_shape for op in net.ops][:5] == [(3, 3, 2)] * 4 + [(18,)]
+
+
+@pytest.mark.parametrize("cls", ["GlorotUniform", "GlorotNormal", "HeUniform",
+                                 "HeNormal", "LecunUniform", "LecunNormal"])
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (3, 2, 2, 4)])
+def test_stateless_initialisers_equal_keras_at_its_int_seed(cls, shape):
+    # Keras draws with the stateless seed [seed, 0]; the copy takes any pair.
+    for seed in (0, 3):
+        expected = getattr(keras.initializers, cls)(seed=seed)(shape).numpy()
+        got = network_lib._stateless_init(  # pylint: disable=protected-access
+            {"class_name": cls, "config": {}}, shape, tf.constant([seed, 0]))
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_shared_checks_keep_their_network_names():
+    assert network_lib.check_positive_int is validate.positive_int
+    assert network_lib.check_positive_float is validate.positive_real
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        Network.from_keras(_mlp()).init_params(0, num_samples=0)

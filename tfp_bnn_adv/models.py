@@ -10,23 +10,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import keras
+
+from tfp_bnn_adv import validate
+
 __all__ = ["mlp", "cnn"]
-
-
-def _check_sizes(values, name: str) -> tuple[int, ...]:
-    values = tuple(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                         for v in values):
-        raise ValueError(f"{name} must be a non-empty sequence of ints >= 1, "
-                         f"got {values!r}.")
-    return values
-
-
-def _check_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
-            num_classes < 2):
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
-    return num_classes
 
 
 def mlp(input_shape: Sequence[int], num_classes: int,
@@ -45,14 +33,14 @@ def mlp(input_shape: Sequence[int], num_classes: int,
       A built ``keras.Sequential`` mapping ``[B, *input_shape]`` to logits
       ``[B, C]``.
     """
-    import keras  # pylint: disable=g-import-not-at-top
-    input_shape = _check_sizes(input_shape, "input_shape")
-    hidden = _check_sizes(hidden, "hidden")
+    input_shape = validate.int_sequence(input_shape, "input_shape")
+    hidden = validate.int_sequence(hidden, "hidden")
+    num_classes = validate.integer(num_classes, "num_classes", minimum=2)
     layers = [keras.Input(input_shape)]
     if len(input_shape) > 1:
         layers.append(keras.layers.Flatten())
     layers += [keras.layers.Dense(h, activation=activation) for h in hidden]
-    layers.append(keras.layers.Dense(_check_classes(num_classes)))
+    layers.append(keras.layers.Dense(num_classes))
     return keras.Sequential(layers, name=name)
 
 
@@ -74,18 +62,19 @@ def cnn(input_shape: Sequence[int], num_classes: int,
     Returns:
       A built ``keras.Sequential`` producing logits ``[B, C]``.
     """
-    import keras  # pylint: disable=g-import-not-at-top
-    input_shape = _check_sizes(input_shape, "input_shape")
+    input_shape = validate.int_sequence(input_shape, "input_shape")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (height, width, channels), got "
                          f"{input_shape!r}.")
-    filters = _check_sizes(filters, "filters")
+    filters = validate.int_sequence(filters, "filters")
+    # An empty (or None) ``hidden`` means no dense layer before the output.
+    hidden = validate.int_sequence(hidden, "hidden") if hidden else ()
+    num_classes = validate.integer(num_classes, "num_classes", minimum=2)
     layers = [keras.Input(input_shape)]
     for f in filters:
         layers += [keras.layers.Conv2D(f, kernel_size, activation=activation),
                    keras.layers.MaxPooling2D(2)]
     layers.append(keras.layers.Flatten())
-    layers += [keras.layers.Dense(h, activation=activation)
-               for h in (_check_sizes(hidden, "hidden") if hidden else ())]
-    layers.append(keras.layers.Dense(_check_classes(num_classes)))
+    layers += [keras.layers.Dense(h, activation=activation) for h in hidden]
+    layers.append(keras.layers.Dense(num_classes))
     return keras.Sequential(layers, name=name)

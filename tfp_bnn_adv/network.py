@@ -32,18 +32,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 
-__all__ = ["Network", "SUPPORTED_LAYERS", "UNSCALED_LIMIT",
+__all__ = ["Network", "SUPPORTED_LAYERS", "OP_KINDS", "UNSCALED_LIMIT",
            "UnscaledInputWarning", "check_positive_int", "check_positive_float",
            "check_labels"]
 
@@ -51,31 +52,22 @@ SUPPORTED_LAYERS = (
     "InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D",
     "Flatten", "Reshape", "Activation", "ReLU", "LeakyReLU", "Dropout",
 )
+# What an op of :attr:`Network.ops` computes (its ``kind``), in the order of
+# the layers above it comes from.
+OP_KINDS = (
+    "dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten", "reshape",
+    "activation", "relu", "leaky_relu", "dropout",
+)
 
-# Activation functions by their Keras 3 serialised name.  All act element-wise
+# Activation functions by their Keras 3 serialised name, Keras' own (on the
+# TensorFlow backend each is the tf.nn / tf.math op).  All act element-wise
 # except softmax/log_softmax, which act on the last (feature) axis.
-_ELEMENTWISE = {
-    "linear": lambda h: h,
-    "relu": tf.nn.relu,
-    "relu6": tf.nn.relu6,
-    "leaky_relu": lambda h: tf.nn.leaky_relu(h, alpha=0.2),
-    "elu": tf.nn.elu,
-    "selu": tf.nn.selu,
-    "gelu": lambda h: tf.nn.gelu(h, approximate=False),
-    "tanh": tf.math.tanh,
-    "sigmoid": tf.math.sigmoid,
-    "hard_sigmoid": lambda h: tf.nn.relu6(h + 3.0) / 6.0,
-    "softplus": tf.math.softplus,
-    "softsign": tf.math.softsign,
-    "silu": tf.nn.silu,
-    "swish": tf.nn.silu,
-    "exponential": tf.math.exp,
-    "mish": lambda h: h * tf.math.tanh(tf.math.softplus(h)),
-}
-_FEATURE_WISE = {
-    "softmax": tf.nn.softmax,
-    "log_softmax": tf.nn.log_softmax,
-}
+_ELEMENTWISE = {name: keras.activations.get(name) for name in (
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "tanh",
+    "sigmoid", "hard_sigmoid", "softplus", "softsign", "silu", "swish",
+    "exponential", "mish")}
+_FEATURE_WISE = {name: keras.activations.get(name)
+                 for name in ("softmax", "log_softmax")}
 # Output activations that map logits to (log-)probabilities: dropping them
 # leaves logits that give the same softmax.
 _STRIPPABLE_OUTPUT = ("softmax", "log_softmax")
@@ -134,13 +126,26 @@ def _split_leading(v: tf.Tensor, lead: tf.Tensor) -> tf.Tensor:
 # Ops: one per supported Keras layer, each a pure function of its params.
 # --------------------------------------------------------------------------
 class _Op:
-    """A layer as a pure function; ``num_params`` tensors are consumed."""
+    """One Keras layer as a pure function of ``num_tensors`` parameter tensors.
 
-    num_params = 0
+    The record of the import walk: :class:`Network` applies it, and other
+    backends (the VI layers) are built from it, so the Keras model is walked
+    and its layer classes dispatched on once, in :func:`_op_from_layer`.
+
+    Attributes:
+      kind: what the op computes, one of ``OP_KINDS``.
+      layer: the Keras layer it was imported from.
+      name: the layer's name.
+      in_shape, out_shape: shapes of one example, without the batch axis.
+    """
+
+    kind = ""
+    num_tensors = 0
     flops_per_example = 0  # multiply-adds x 2 of one forward pass, one sample
 
-    def __init__(self, name: str, in_shape: tuple, out_shape: tuple):
-        self.name = name
+    def __init__(self, layer, in_shape: tuple, out_shape: tuple):
+        self.layer = layer
+        self.name = layer.name
         self.in_shape = in_shape
         self.out_shape = out_shape
 
@@ -173,12 +178,14 @@ def _apply_activation(a: _Act, name: str) -> _Act:
 
 class _Dense(_Op):
 
-    def __init__(self, name, in_shape, out_shape, units, use_bias, activation):
-        super().__init__(name, in_shape, out_shape)
+    kind = "dense"
+
+    def __init__(self, layer, in_shape, out_shape, units, use_bias, activation):
+        super().__init__(layer, in_shape, out_shape)
         self.units = units
         self.use_bias = use_bias
         self.activation = activation
-        self.num_params = 2 if use_bias else 1
+        self.num_tensors = 2 if use_bias else 1
         self.flops_per_example = 2 * int(np.prod(in_shape)) * units
 
     def __call__(self, a, params, training, seed):
@@ -207,9 +214,11 @@ class _Dense(_Op):
 
 class _Conv2D(_Op):
 
-    def __init__(self, name, in_shape, out_shape, filters, kernel_size, strides,
+    kind = "conv2d"
+
+    def __init__(self, layer, in_shape, out_shape, filters, kernel_size, strides,
                  padding, dilation_rate, use_bias, activation):
-        super().__init__(name, in_shape, out_shape)
+        super().__init__(layer, in_shape, out_shape)
         self.filters = filters
         self.kernel_size = kernel_size
         self.strides = strides
@@ -217,7 +226,7 @@ class _Conv2D(_Op):
         self.dilation_rate = dilation_rate
         self.use_bias = use_bias
         self.activation = activation
-        self.num_params = 2 if use_bias else 1
+        self.num_tensors = 2 if use_bias else 1
         self.flops_per_example = (2 * out_shape[0] * out_shape[1] * filters *
                                   kernel_size[0] * kernel_size[1] * in_shape[2])
 
@@ -239,10 +248,11 @@ class _Conv2D(_Op):
 
 class _Pool2D(_Op):
 
-    def __init__(self, name, in_shape, out_shape, kind, pool_size, strides,
+    def __init__(self, layer, in_shape, out_shape, kind, pool_size, strides,
                  padding):
-        super().__init__(name, in_shape, out_shape)
-        self.fn = tf.nn.max_pool2d if kind == "max" else tf.nn.avg_pool2d
+        super().__init__(layer, in_shape, out_shape)
+        self.kind = kind
+        self.fn = tf.nn.max_pool2d if kind == "max_pool2d" else tf.nn.avg_pool2d
         self.pool_size = pool_size
         self.strides = strides
         self.padding = padding.upper()
@@ -260,6 +270,10 @@ class _Pool2D(_Op):
 class _Reshape(_Op):
     """Flatten and Reshape: per-example reshape to ``out_shape``."""
 
+    def __init__(self, layer, in_shape, out_shape, kind):
+        super().__init__(layer, in_shape, out_shape)
+        self.kind = kind
+
     def __call__(self, a, params, training, seed):
         if a.layout == "shared":
             return dataclasses.replace(
@@ -271,8 +285,10 @@ class _Reshape(_Op):
 
 class _Activation(_Op):
 
-    def __init__(self, name, in_shape, out_shape, activation):
-        super().__init__(name, in_shape, out_shape)
+    kind = "activation"
+
+    def __init__(self, layer, in_shape, out_shape, activation):
+        super().__init__(layer, in_shape, out_shape)
         self.activation = activation
 
     def __call__(self, a, params, training, seed):
@@ -282,15 +298,18 @@ class _Activation(_Op):
 class _ReLU(_Op):
     """Keras' general ReLU: threshold, negative slope and max value."""
 
-    def __init__(self, name, in_shape, out_shape, negative_slope, threshold,
-                 max_value):
-        super().__init__(name, in_shape, out_shape)
+    def __init__(self, layer, in_shape, out_shape, kind, negative_slope,
+                 threshold, max_value):
+        super().__init__(layer, in_shape, out_shape)
+        self.kind = kind
         self.negative_slope = float(negative_slope)
         self.threshold = float(threshold)
         self.max_value = None if max_value is None else float(max_value)
 
     def __call__(self, a, params, training, seed):
-        # Same formula as keras.activations.relu, so edge cases agree.
+        # Not keras.activations.relu: for a plain leaky slope or max_value=6
+        # it calls tf.nn.leaky_relu / relu6, whose gradients at the kink
+        # (alpha at 0; 1 at 6 on TF's kernels) differ from this formula's.
         h = a.value
         out = tf.where(h > self.threshold, h, tf.zeros_like(h))
         if self.max_value is not None:
@@ -303,8 +322,10 @@ class _ReLU(_Op):
 class _Dropout(_Op):
     """Identity at prediction; stateless inverted dropout when training."""
 
-    def __init__(self, name, in_shape, out_shape, rate):
-        super().__init__(name, in_shape, out_shape)
+    kind = "dropout"
+
+    def __init__(self, layer, in_shape, out_shape, rate):
+        super().__init__(layer, in_shape, out_shape)
         self.rate = float(rate)
 
     def __call__(self, a, params, training, seed):
@@ -323,8 +344,6 @@ def _shape_tuple(shape) -> tuple:
 
 def _serialized_activation(fn) -> str:
     """The Keras name of a built-in activation, else the function's name."""
-    import keras  # pylint: disable=g-import-not-at-top
-    import warnings  # pylint: disable=g-import-not-at-top
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras warns when it meets a lambda
         name = keras.activations.serialize(fn)
@@ -341,16 +360,14 @@ def _check_channels_last(layer, cls):
             "'channels_last' is supported.")
 
 
-def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op | None:
-    """Builds the op for one Keras layer, or None for an input layer."""
+def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op:
+    """Builds the op for one Keras layer (not an input layer)."""
     cls = type(layer).__name__
     name = layer.name
-    if cls == "InputLayer":
-        return None
     if cls == "Dense":
         act = _serialized_activation(layer.activation)
         _activation_fn(act, name, cls)
-        return _Dense(name, in_shape, out_shape, int(layer.units),
+        return _Dense(layer, in_shape, out_shape, int(layer.units),
                       bool(layer.use_bias), act)
     if cls == "Conv2D":
         _check_channels_last(layer, cls)
@@ -359,34 +376,36 @@ def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op | None:
                              f"{layer.groups}; only groups=1 is supported.")
         act = _serialized_activation(layer.activation)
         _activation_fn(act, name, cls)
-        return _Conv2D(name, in_shape, out_shape, int(layer.filters),
+        return _Conv2D(layer, in_shape, out_shape, int(layer.filters),
                        tuple(layer.kernel_size), tuple(layer.strides),
                        layer.padding, tuple(layer.dilation_rate),
                        bool(layer.use_bias), act)
     if cls in ("MaxPooling2D", "AveragePooling2D"):
         _check_channels_last(layer, cls)
         strides = layer.strides if layer.strides is not None else layer.pool_size
-        return _Pool2D(name, in_shape, out_shape,
-                       "max" if cls == "MaxPooling2D" else "avg",
+        return _Pool2D(layer, in_shape, out_shape,
+                       "max_pool2d" if cls == "MaxPooling2D" else "avg_pool2d",
                        tuple(layer.pool_size), tuple(strides), layer.padding)
-    if cls in ("Flatten", "Reshape"):
-        if cls == "Flatten":
-            _check_channels_last(layer, cls)
-        return _Reshape(name, in_shape, out_shape)
+    if cls == "Flatten":
+        _check_channels_last(layer, cls)
+        return _Reshape(layer, in_shape, out_shape, "flatten")
+    if cls == "Reshape":
+        return _Reshape(layer, in_shape, out_shape, "reshape")
     if cls == "Activation":
         act = _serialized_activation(layer.activation)
         _activation_fn(act, name, cls)
-        return _Activation(name, in_shape, out_shape, act)
+        return _Activation(layer, in_shape, out_shape, act)
     if cls == "ReLU":
-        return _ReLU(name, in_shape, out_shape, layer.negative_slope,
+        return _ReLU(layer, in_shape, out_shape, "relu", layer.negative_slope,
                      layer.threshold, layer.max_value)
     if cls == "LeakyReLU":
-        return _ReLU(name, in_shape, out_shape, layer.negative_slope, 0.0, None)
+        return _ReLU(layer, in_shape, out_shape, "leaky_relu",
+                     layer.negative_slope, 0.0, None)
     if cls == "Dropout":
         if getattr(layer, "noise_shape", None) is not None:
             raise ValueError(f"Layer {name!r} ({cls}) uses noise_shape; only "
                              "plain Dropout is supported.")
-        return _Dropout(name, in_shape, out_shape, layer.rate)
+        return _Dropout(layer, in_shape, out_shape, layer.rate)
     raise ValueError(
         f"Layer {name!r} of class {cls} is not supported by tfp_bnn_adv. "
         f"Supported layers: {', '.join(SUPPORTED_LAYERS)} (and nested "
@@ -399,7 +418,6 @@ def _flatten_layers(model) -> list:
     Only chains are supported: every supported layer has one input, so a
     single-input, single-output functional model made of them is a chain.
     """
-    import keras  # pylint: disable=g-import-not-at-top
     layers = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -469,7 +487,7 @@ def _strip_output_activation(ops: list[_Op], num_classes: int, model_name: str
         op = ops[k]
         if getattr(op, "activation", None) in _STRIPPABLE_OUTPUT:
             break
-        if op.num_params:
+        if op.num_tensors:
             return None, None  # the output is already this layer's logits
     else:
         return None, None
@@ -501,6 +519,11 @@ def _strip_output_activation(ops: list[_Op], num_classes: int, model_name: str
 
 # --------------------------------------------------------------------------
 # Initialisers (stateless).
+#
+# Keras' initialisers use these formulas, but take an int seed and draw with
+# the stateless seed [seed, 0]; init_params splits its seed into arbitrary
+# pairs per tensor and sample, which no int seed reaches, so the draws are
+# written out here.
 # --------------------------------------------------------------------------
 _VARIANCE_SCALING = {
     "GlorotUniform": (1.0, "fan_avg", "uniform"),
@@ -635,7 +658,6 @@ class Network:
             model is not built or its output is not ``[B, C]`` with
             ``C >= 2``.
         """
-        import keras  # pylint: disable=g-import-not-at-top
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model (Keras 3), got "
                             f"{type(model).__module__}.{type(model).__name__}.")
@@ -643,31 +665,28 @@ class Network:
             raise ValueError(
                 f"model {model.name!r} is not built; give it an input shape, "
                 "e.g. keras.Sequential([keras.Input((784,)), ...]).")
-        layers = _flatten_layers(model)
         ops: list[_Op] = []
         specs: list[ParamSpec] = []
-        for layer in layers:
-            in_shape, out_shape = _layer_shapes(layer) if type(
-                layer).__name__ != "InputLayer" else ((), ())
-            op = _op_from_layer(layer, in_shape, out_shape)
-            if op is None:
+        for layer in _flatten_layers(model):
+            if type(layer).__name__ == "InputLayer":
                 continue
+            op = _op_from_layer(layer, *_layer_shapes(layer))
             ops.append(op)
-            if op.num_params:
+            if op.num_tensors:
                 init_cfg = [keras.initializers.serialize(layer.kernel_initializer)]
-                if op.num_params == 2:
+                if op.num_tensors == 2:
                     init_cfg.append(
                         keras.initializers.serialize(layer.bias_initializer))
                 weights = layer.trainable_weights
-                if len(weights) != op.num_params:
+                if len(weights) != op.num_tensors:
                     raise ValueError(
                         f"Layer {layer.name!r} ({type(layer).__name__}) has "
                         f"{len(weights)} trainable weights, expected "
-                        f"{op.num_params} (is it frozen?).")
+                        f"{op.num_tensors} (is it frozen?).")
                 for w, ini in zip(weights, init_cfg):
                     specs.append(ParamSpec(w.path, tuple(int(d) for d in w.shape),
                                            ini))
-        if not any(op.num_params for op in ops):
+        if not any(op.num_tensors for op in ops):
             raise ValueError(f"model {model.name!r} has no Dense or Conv2D "
                              "layer, so no weights to put a posterior on.")
         out_shape = _shape_tuple(model.outputs[0].shape)
@@ -693,6 +712,25 @@ class Network:
         return int(sum(np.prod(s) for s in self.param_shapes))
 
     @property
+    def ops(self) -> tuple:
+        """The imported layers in execution order, one op record per layer.
+
+        Nested models are expanded; input layers, and an output
+        ``Activation`` layer whose softmax was stripped, have no op.  Every
+        op has ``kind`` (one of :data:`OP_KINDS`), ``layer`` (the Keras
+        layer), ``name``, ``in_shape``, ``out_shape`` (one example), and
+        ``num_tensors`` (parameter tensors it consumes, kernel then bias),
+        plus the settings it computes with: ``units`` / ``filters``,
+        ``kernel_size``, ``strides``, ``padding`` (upper case),
+        ``dilation_rate``, ``use_bias``, ``pool_size``, ``rate``,
+        ``negative_slope``, ``threshold``, ``max_value`` and ``activation``
+        (the Keras name of the activation applied; ``"linear"`` where the
+        output softmax was stripped), as the kind has them.  Treat them as
+        read-only.
+        """
+        return tuple(self._ops)
+
+    @property
     def has_dropout(self) -> bool:
         return any(isinstance(op, _Dropout) and op.rate > 0 for op in self._ops)
 
@@ -711,7 +749,6 @@ class Network:
     @classmethod
     def from_config(cls, config: dict) -> "Network":
         """Rebuilds a Network from :meth:`get_config` (never unpickles)."""
-        import keras  # pylint: disable=g-import-not-at-top
         if not isinstance(config, dict) or "keras_model" not in config:
             raise ValueError("config must be a dict with key 'keras_model' as "
                              f"written by Network.get_config(); got {config!r:.200}.")
@@ -749,7 +786,7 @@ class Network:
           ``[S, *shape]``).  The same seed gives the same weights.
         """
         if num_samples is not None:
-            check_positive_int(num_samples, "num_samples")
+            validate.positive_int(num_samples, "num_samples")
         seeds = seeds_lib.split(seed, len(self.param_specs))
         out = []
         for spec, s in zip(self.param_specs, tf.unstack(seeds)):
@@ -825,8 +862,8 @@ class Network:
             op_seed = None
             if training and isinstance(op, _Dropout):
                 op_seed = tf.random.experimental.stateless_fold_in(seed, k)
-            a = op(a, params[i:i + op.num_params], training, op_seed)
-            i += op.num_params
+            a = op(a, params[i:i + op.num_tensors], training, op_seed)
+            i += op.num_tensors
         return _to_stacked(a)
 
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, *,
@@ -919,28 +956,9 @@ def _warn_unscaled(name: str, integer: bool, lo: float, hi: float, site) -> None
         "calling line.", UnscaledInputWarning, stacklevel=3)
 
 
-def check_positive_int(value, name: str) -> int:
-    """``value`` as an int >= 1, else a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}.")
-    return int(value)
-
-
-def check_positive_float(value, name: str) -> float:
-    """``value`` (a Python or numpy real) as a finite float > 0.
-
-    Raises:
-      TypeError naming ``name`` if ``value`` is not a real number (bools
-      included); ValueError if it is not finite and > 0.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} "
-                        f"({type(value).__name__}).")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
+# The shared checks under the names attacks, SGD and older callers import.
+check_positive_int = validate.positive_int
+check_positive_float = validate.positive_real
 
 
 def _as_float_tensor(x, name: str) -> tuple[tf.Tensor, tuple[float, float], bool]:

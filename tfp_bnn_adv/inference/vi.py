@@ -91,10 +91,10 @@ import tf_keras
 
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
-from tfp_bnn_adv.network import check_positive_int
 
 __all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
            "FORMAT_VERSION", "CHECKPOINT_FILE"]
@@ -108,38 +108,11 @@ DEFAULT_INIT_SCALE = 1e-2
 # softplus(rho), which does not invert exactly); both are read.
 FORMAT_VERSION = 2
 _FORMAT_NAME = "tfp_bnn_adv.VIPosterior"
-_PARAM_LAYERS = ("Dense", "Conv2D")
 CHECKPOINT_FILE = "vi_checkpoint.npz"
 _CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
 _CHECKPOINT_VERSION = 1
 # Streams folded into the seed: training steps, validation passes.
 _TRAIN_STREAM, _VALIDATION_STREAM = 1, 2
-
-
-# --------------------------------------------------------------------------
-# Argument checks.
-# --------------------------------------------------------------------------
-def _check_positive_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _check_seed_int(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {seed!r}.")
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed!r}.")
-    return int(seed)
-
-
-def _check_estimator(estimator) -> str:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got "
-                         f"{estimator!r}.")
-    return estimator
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +144,7 @@ class _Noise:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._seed = None
+        self._pass_seed = None
         self._count = 0
         self._owner = None
 
@@ -182,23 +155,23 @@ class _Noise:
     @contextlib.contextmanager
     def scope(self, seed):
         with _PATCH_LOCK:
-            outer = (self._seed, self._count, self._owner,
+            outer = (self._pass_seed, self._count, self._owner,
                      tfp_random.rademacher)
-            self._seed, self._count = seed, 0
+            self._pass_seed, self._count = seed, 0
             self._owner = threading.get_ident()
             tfp_random.rademacher = self._rademacher
             try:
                 yield
             finally:
-                (self._seed, self._count, self._owner,
+                (self._pass_seed, self._count, self._owner,
                  tfp_random.rademacher) = outer
 
     def take(self):
         """The next draw's stateless seed, or ``None`` outside a scope."""
-        if self._seed is None or self._owner != threading.get_ident():
+        if self._pass_seed is None or self._owner != threading.get_ident():
             return None
         self._count += 1
-        return seeds_lib.fold_in(self._seed, self._count - 1)
+        return seeds_lib.fold_in(self._pass_seed, self._count - 1)
 
     def sample(self, dist) -> tf.Tensor:
         """A draw of a (possibly ``Independent``) ``Normal``: loc + scale * eps."""
@@ -274,22 +247,6 @@ class _VariationalModel(tf_keras.Sequential):
 # --------------------------------------------------------------------------
 # The variational model.
 # --------------------------------------------------------------------------
-def _flatten_layers(model) -> list:
-    """Keras 3 layers in execution order, nested models expanded.
-
-    :meth:`Network.from_keras` has already checked that the model is a chain
-    of supported layers, so this order is the Network's order.
-    """
-    import keras  # pylint: disable=g-import-not-at-top
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out.extend(_flatten_layers(layer))
-        elif type(layer).__name__ != "InputLayer":
-            out.append(layer)
-    return out
-
-
 def _mean_field_normal_fn(untransformed_scale: float):
     """A ``tfp.layers`` posterior builder: ``N(loc, softplus(rho)^2)``.
 
@@ -336,6 +293,16 @@ def _divergence_fn(weight: float):
     return fn
 
 
+def _activation(op):
+    """The activation function of ``op``'s variational layer.
+
+    The Keras layer's own function, so the variational model computes what
+    the Keras model does; none where the Network applies none (also where it
+    stripped the output softmax).
+    """
+    return None if op.activation == "linear" else op.layer.activation
+
+
 def _build_variational_model(network: Network, *, estimator: str,
                              prior_scale: float, kl_weight: float,
                              num_train: int, seed: int):
@@ -347,7 +314,6 @@ def _build_variational_model(network: Network, *, estimator: str,
       ``tfp.layers`` in the Network's parameter order.
     """
     flipout = estimator == "flipout"
-    layers = _flatten_layers(network.keras_model)
     noise = _Noise(seed)
     common = dict(
         kernel_posterior_fn=_mean_field_normal_fn(0.0),
@@ -357,22 +323,12 @@ def _build_variational_model(network: Network, *, estimator: str,
     )
     out = [tf_keras.Input(network.input_shape)]
     variational = []
-    for k, layer in enumerate(layers):
-        cls = type(layer).__name__
-        activation = getattr(layer, "activation", None)
-        # The softmax the Network stripped (not always in the last layer:
-        # Dropout, Flatten, Reshape or a linear Activation may follow it).
-        stripped = network.stripped_output_activation is not None and (
-            layer.name == network.stripped_output_layer if
-            network.stripped_output_layer is not None
-            else k == len(layers) - 1)
-        if stripped:
-            if cls == "Activation":
-                continue
-            activation = None
-        if cls in _PARAM_LAYERS:
+    # Network's import walk already dispatched on the Keras layers: build
+    # from its op records (a stripped output Activation layer has none).
+    for op in network.ops:
+        if op.kind in ("dense", "conv2d"):
             kwargs = dict(common)
-            if layer.use_bias:
+            if op.use_bias:
                 kwargs.update(bias_posterior_fn=_mean_field_normal_fn(0.0),
                               bias_posterior_tensor_fn=noise.sample,
                               bias_prior_fn=_prior_fn(prior_scale),
@@ -380,45 +336,44 @@ def _build_variational_model(network: Network, *, estimator: str,
                                   kl_weight / num_train))
             else:
                 kwargs.update(bias_posterior_fn=None, bias_prior_fn=None)
-            if cls == "Dense":
+            if op.kind == "dense":
                 make = (tfp.layers.DenseFlipout if flipout
                         else tfp.layers.DenseReparameterization)
-                new = make(int(layer.units), activation=activation,
-                           name=layer.name, **kwargs)
+                new = make(op.units, activation=_activation(op),
+                           name=op.name, **kwargs)
             else:
                 make = (tfp.layers.Convolution2DFlipout if flipout
                         else tfp.layers.Convolution2DReparameterization)
-                new = make(int(layer.filters), tuple(layer.kernel_size),
-                           strides=tuple(layer.strides), padding=layer.padding,
-                           dilation_rate=tuple(layer.dilation_rate),
-                           activation=activation, name=layer.name, **kwargs)
+                new = make(op.filters, op.kernel_size, strides=op.strides,
+                           padding=op.padding.lower(),
+                           dilation_rate=op.dilation_rate,
+                           activation=_activation(op), name=op.name,
+                           **kwargs)
             variational.append(new)
-        elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            make = getattr(tf_keras.layers, cls)
-            new = make(pool_size=tuple(layer.pool_size),
-                       strides=(tuple(layer.strides) if layer.strides is not None
-                                else None),
-                       padding=layer.padding, name=layer.name)
-        elif cls == "Flatten":
-            new = tf_keras.layers.Flatten(name=layer.name)
-        elif cls == "Reshape":
-            new = tf_keras.layers.Reshape(tuple(layer.target_shape),
-                                          name=layer.name)
-        elif cls == "Activation":
-            new = tf_keras.layers.Activation(activation, name=layer.name)
-        elif cls == "ReLU":
+        elif op.kind in ("max_pool2d", "avg_pool2d"):
+            make = (tf_keras.layers.MaxPooling2D if op.kind == "max_pool2d"
+                    else tf_keras.layers.AveragePooling2D)
+            new = make(pool_size=op.pool_size, strides=op.strides,
+                       padding=op.padding.lower(), name=op.name)
+        elif op.kind == "flatten":
+            new = tf_keras.layers.Flatten(name=op.name)
+        elif op.kind == "reshape":
+            new = tf_keras.layers.Reshape(op.out_shape, name=op.name)
+        elif op.kind == "activation":
+            new = tf_keras.layers.Activation(_activation(op), name=op.name)
+        elif op.kind == "relu":
             new = tf_keras.layers.ReLU(
-                max_value=layer.max_value, negative_slope=layer.negative_slope,
-                threshold=layer.threshold, name=layer.name)
-        elif cls == "LeakyReLU":
-            new = tf_keras.layers.LeakyReLU(alpha=layer.negative_slope,
-                                            name=layer.name)
-        elif cls == "Dropout":
-            new = _StatelessDropout(layer.rate, noise, name=layer.name)
+                max_value=op.max_value, negative_slope=op.negative_slope,
+                threshold=op.threshold, name=op.name)
+        elif op.kind == "leaky_relu":
+            new = tf_keras.layers.LeakyReLU(alpha=op.negative_slope,
+                                            name=op.name)
+        elif op.kind == "dropout":
+            new = _StatelessDropout(op.rate, noise, name=op.name)
         else:
-            # Network.from_keras accepts exactly the layers handled above.
-            raise ValueError(f"Layer {layer.name!r} ({cls}) has no variational "
-                             "counterpart in tfp_bnn_adv.inference.vi.")
+            raise ValueError(f"Op {op.name!r} of kind {op.kind!r} has no "
+                             "variational counterpart in "
+                             "tfp_bnn_adv.inference.vi.")
         out.append(new)
     with warnings.catch_warnings():
         # tfp.layers create their variables through the deprecated
@@ -529,14 +484,14 @@ class VIPosterior:
                                      "NaN or infinite values.")
         self.network = network
         self.settings = {
-            "estimator": _check_estimator(estimator),
-            "prior_scale": _check_positive_float(prior_scale, "prior_scale"),
-            "kl_weight": _check_positive_float(kl_weight, "kl_weight"),
-            "num_train": check_positive_int(num_train, "num_train"),
-            "seed": _check_seed_int(seed),
+            "estimator": validate.choice(estimator, ESTIMATORS, "estimator"),
+            "prior_scale": validate.positive_real(prior_scale, "prior_scale"),
+            "kl_weight": validate.positive_real(kl_weight, "kl_weight"),
+            "num_train": validate.positive_int(num_train, "num_train"),
+            "seed": validate.seed_int(seed),
         }
         self.history: dict[str, list] = {}
-        self.variational_model, self._layers = _build_variational_model(
+        self.variational_model, self._param_layers = _build_variational_model(
             network, estimator=estimator, prior_scale=self.settings["prior_scale"],
             kl_weight=self.settings["kl_weight"],
             num_train=self.settings["num_train"], seed=self.settings["seed"])
@@ -545,7 +500,7 @@ class VIPosterior:
 
     def _assign(self, loc, rho) -> None:
         """Sets ``loc`` and the raw ``rho`` of every posterior, exactly."""
-        for dist, m, r in zip(_posteriors(self._layers), loc, rho):
+        for dist, m, r in zip(_posteriors(self._param_layers), loc, rho):
             normal = dist.distribution
             normal.loc.assign(m)
             normal.scale.pretransformed_input.assign(r)
@@ -553,23 +508,23 @@ class VIPosterior:
     # ------------------------------------------------------------- the posterior
     def posterior_loc(self) -> list[np.ndarray]:
         """Posterior means, float32 arrays of shapes ``network.param_shapes``."""
-        return [dist.distribution.loc.numpy() for dist in _posteriors(self._layers)]
+        return [dist.distribution.loc.numpy() for dist in _posteriors(self._param_layers)]
 
     def posterior_scale(self) -> list[np.ndarray]:
         """Posterior standard deviations ``softplus(rho)``, same layout."""
         return [tf.convert_to_tensor(dist.distribution.scale).numpy()
-                for dist in _posteriors(self._layers)]
+                for dist in _posteriors(self._param_layers)]
 
     def posterior_untransformed_scale(self) -> list[np.ndarray]:
         """The raw parameters ``rho`` (``scale = softplus(rho)``), same layout."""
         return [dist.distribution.scale.pretransformed_input.numpy()
-                for dist in _posteriors(self._layers)]
+                for dist in _posteriors(self._param_layers)]
 
     def kl_divergence(self) -> float:
         """``KL(q || p)`` summed over every weight and bias (not divided by N)."""
         return float(sum(tfp.distributions.kl_divergence(q, p).numpy()
-                         for q, p in zip(_posteriors(self._layers),
-                                         _priors(self._layers))))
+                         for q, p in zip(_posteriors(self._param_layers),
+                                         _priors(self._param_layers))))
 
     def sample_ensemble(self, num_samples: int, seed=0) -> PosteriorEnsemble:
         """Draws ``S`` full weight sets from the posterior.
@@ -591,9 +546,9 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad ``num_samples`` or ``seed``.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
+        num_samples = validate.positive_int(num_samples, "num_samples")
         seed = seeds_lib.stateless(seed)
-        dists = _posteriors(self._layers)
+        dists = _posteriors(self._param_layers)
         params = []
         for dist, s in zip(dists, tf.unstack(seeds_lib.split(seed, len(dists)))):
             loc = tf.convert_to_tensor(dist.distribution.loc)
@@ -629,8 +584,8 @@ class VIPosterior:
         Raises:
           TypeError / ValueError: for a bad argument.
         """
-        num_samples = check_positive_int(num_samples, "num_samples")
-        batch_size = check_positive_int(batch_size, "batch_size")
+        num_samples = validate.positive_int(num_samples, "num_samples")
+        batch_size = validate.positive_int(batch_size, "batch_size")
         seed = seeds_lib.stateless(seed)
         x, _ = self.network.check_inputs(x)
         if self._predict_fn is None:
@@ -737,15 +692,11 @@ class VIPosterior:
 # Training.
 # --------------------------------------------------------------------------
 def _check_validation(validation_split, validation_data, patience, network):
-    if isinstance(validation_split, bool) or not isinstance(
-            validation_split, (int, float, np.number)) or not (
-                0.0 <= validation_split < 1.0):
-        raise ValueError(f"validation_split must be a number in [0, 1), got "
-                         f"{validation_split!r}.")
+    validation_split = validate.fraction(validation_split, "validation_split")
     if validation_split and validation_data is not None:
         raise ValueError("Give validation_split or validation_data, not both.")
     if patience is not None:
-        patience = check_positive_int(patience, "early_stopping_patience")
+        patience = validate.positive_int(patience, "early_stopping_patience")
         if not validation_split and validation_data is None:
             raise ValueError(
                 "early_stopping_patience needs validation data: set "
@@ -758,7 +709,7 @@ def _check_validation(validation_split, validation_data, patience, network):
         validation_data = network.check_inputs(
             validation_data[0], validation_data[1], x_name="validation_data[0]",
             y_name="validation_data[1]")
-    return float(validation_split), validation_data, patience
+    return validation_split, validation_data, patience
 
 
 def _check_checkpoint_dir(checkpoint_dir) -> str | None:
@@ -775,14 +726,6 @@ def _check_checkpoint_dir(checkpoint_dir) -> str | None:
         raise ValueError(f"checkpoint_dir {path!r} exists and is not a "
                          "directory.")
     return path
-
-
-_digest = files.json_digest
-_array_digest = files.array_digest
-
-
-def _architecture_digest(network: Network) -> str:
-    return files.config_digest(network.get_config())
 
 
 class _EarlyStopping:
@@ -838,7 +781,7 @@ class _Checkpoint:
     def __init__(self, directory: str, fields: dict):
         self.path = os.path.join(directory, CHECKPOINT_FILE)
         self.fields = fields
-        self.digest = _digest(fields)
+        self.digest = files.json_digest(fields)
 
     def save(self, post, optimizer, epochs_done: int, history: dict,
              stopping: _EarlyStopping | None, seconds: float) -> None:
@@ -1073,15 +1016,15 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       ...               checkpoint_dir="/tmp/vi_ckpt")   # Ctrl-C, rerun: resumes
       >>> post.sample_ensemble(100, seed=1).accuracy(ds.test_x, ds.test_y)
     """
-    epochs = check_positive_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    learning_rate = _check_positive_float(learning_rate, "learning_rate")
-    init_scale = _check_positive_float(init_scale, "init_scale")
-    _check_positive_float(prior_scale, "prior_scale")
-    _check_positive_float(kl_weight, "kl_weight")
-    _check_estimator(estimator)
-    seed = _check_seed_int(seed)
-    use_xla = xla.stochastic_jit(jit_compile)
+    epochs = validate.positive_int(epochs, "epochs")
+    batch_size = validate.positive_int(batch_size, "batch_size")
+    learning_rate = validate.positive_real(learning_rate, "learning_rate")
+    init_scale = validate.positive_real(init_scale, "init_scale")
+    validate.positive_real(prior_scale, "prior_scale")
+    validate.positive_real(kl_weight, "kl_weight")
+    validate.choice(estimator, ESTIMATORS, "estimator")
+    seed = validate.seed_int(seed)
+    requested_xla = xla.stochastic_jit(jit_compile)
     checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
@@ -1124,7 +1067,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
         optimizer=optimizer,
         loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=use_xla)
+        jit_compile=requested_xla)
+    # What tf_keras took (it falls back to TF's kernels without XLA).
     use_xla = bool(vmodel.jit_compile)
     # Built now, so that its variables exist to checkpoint and restore.
     optimizer.build(vmodel.trainable_variables)
@@ -1135,10 +1079,10 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     checkpoint = None
     if checkpoint_dir is not None:
         fields = json.loads(json.dumps({
-            "architecture": _architecture_digest(network),
-            "train_data": _array_digest(x, y),
+            "architecture": files.config_digest(network.get_config()),
+            "train_data": files.array_digest(x, y),
             "validation_data": (None if validation_data is None
-                                else _array_digest(*validation_data)),
+                                else files.array_digest(*validation_data)),
             "estimator": estimator, "prior_scale": float(prior_scale),
             "init_scale": init_scale, "kl_weight": float(kl_weight),
             "batch_size": batch_size, "learning_rate": learning_rate,
