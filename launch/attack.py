@@ -18,13 +18,32 @@ Example:
 """
 
 from absl import app
+from absl import flags
 
 from launch import flags as lf
+from tfp_bnn_adv.studies.attack_table import ATTACKS
+from tfp_bnn_adv.studies.attack_table import GRADIENTS
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
 from tfp_bnn_adv.studies.attack_table import fingerprint
 from tfp_bnn_adv.studies.attack_table import run_attack_table
 
 FLAGS = lf.FLAGS
+
+SHARED = lf.use("preset", "dataset", "half_moons_n", "allow_unconverged",
+                "pgd_steps", "square_queries")
+flags.DEFINE_list("posteriors", [], "Saved posteriors to attack: "
+                  "label=path or path (the label defaults to the method).")
+flags.DEFINE_float("eps", 0.25, "L-inf attack radius on [0, 1] inputs.")
+flags.DEFINE_list("eps_sweep", [], "Extra radii for the attack table.")
+flags.DEFINE_list("attacks", list(ATTACKS), "Attacks of the attack table.")
+flags.DEFINE_list("gradients", ["expected", "predictive"],
+                  f"Gradient definitions for FGSM/PGD: {', '.join(GRADIENTS)}.")
+lf.register("posteriors", lambda v: lf.check_posteriors(v, "posteriors"))
+lf.register("eps_sweep", lambda v: lf.float_list(v, "eps_sweep"))
+lf.register("attacks", lambda v: lf.check_choices(v, "attacks", ATTACKS))
+lf.register("gradients", lambda v: lf.check_choices(v, "gradients", GRADIENTS))
+lf.positive_float("eps", allow_zero=True)
+lf.adopt(__name__, SHARED)
 
 
 def config_from_flags() -> AttackTableConfig:
@@ -49,7 +68,8 @@ def config_from_flags() -> AttackTableConfig:
 
 def main(argv):
     del argv
-    out_dir, config, _ = lf.start("attack", config_from_flags, fingerprint)
+    out_dir, config, _ = lf.start("attack", config_from_flags, fingerprint,
+                                  flag_list=lf.script_flags(__name__, SHARED))
     with lf.strategy().scope():
         results = run_attack_table(config, out_dir, overwrite=FLAGS.overwrite)
     print(results["table_markdown"])

@@ -10,9 +10,9 @@ from tfp_bnn_adv.studies import common
 def test_tables_render_exactly():
     md = common.markdown_table(["a", "b"], [["x", 0.12345], ["y", None]])
     assert md == "| a | b |\n|---|---|\n| x | 0.123 |\n| y |  |\n"
-    txt = common.format_table(["name", "v"], [["long name", 1.0]])
-    assert txt.splitlines()[0] == "name       v    "
-    assert txt.splitlines()[2] == "long name  1.000"
+    md = common.markdown_table(["name", "v"], [["long name", 1.0]])
+    assert md.splitlines()[0] == "| name | v |"
+    assert md.splitlines()[2] == "| long name | 1.000 |"
 
 
 def test_results_merge_and_survive_reopening(tmp_path):
