@@ -46,12 +46,21 @@ lf.positive_float("eps", allow_zero=True)
 lf.adopt(__name__, SHARED)
 
 
+def posteriors() -> tuple:
+    """--posteriors as ``(label, path)`` pairs."""
+    pairs = []
+    for item in FLAGS.posteriors:
+        label, _, path = item.rpartition("=")
+        pairs.append((label or None, path))
+    return tuple(pairs)
+
+
 def config_from_flags() -> AttackTableConfig:
     if not FLAGS.posteriors:
         raise lf.FlagError("--posteriors is required (label=path,...).")
     make = AttackTableConfig.paper if FLAGS.preset == "paper" else AttackTableConfig.quick
     overrides = dict(
-        posteriors=lf.posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
+        posteriors=posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
         eps_sweep=lf.floats(FLAGS.eps_sweep, "eps_sweep"),
         attacks=tuple(FLAGS.attacks), gradients=tuple(FLAGS.gradients),
         data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,

@@ -530,15 +530,6 @@ def convergence() -> dict:
             "allow_unconverged": FLAGS.allow_unconverged}
 
 
-def posteriors() -> tuple:
-    """--posteriors as ``(label, path)`` pairs."""
-    pairs = []
-    for item in FLAGS.posteriors:
-        label, _, path = item.rpartition("=")
-        pairs.append((label or None, path))
-    return tuple(pairs)
-
-
 def ints(values, name: str, minimum: int = 1) -> tuple:
     """A list flag as ints ``>= minimum``, else a FlagError naming it."""
     try:

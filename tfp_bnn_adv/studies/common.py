@@ -1,5 +1,12 @@
 """What every study shares: its output directory, progress, figures, gates.
 
+Studies name, build and seed things one way: :func:`run_attack` runs any of
+:data:`ATTACKS` by name, :func:`load_model` builds the model a study fits (a
+``.keras`` file or a built-in MLP/CNN), :func:`load_data` loads any data set
+through :func:`tfp_bnn_adv.data.load_dataset` (half-moons included), and
+:func:`study_seeds` is the one rule deriving a study's data, model and attack
+seeds from its seed.
+
 One results writer (:class:`StudyOutput`) owns a study's ``output_dir``:
 ``results.json`` (flat keys like ``test/adv_robustness/pgd/expected``),
 tables as CSV and Markdown, ``figures/*.png``, TensorBoard scalars under
