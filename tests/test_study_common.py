@@ -1,9 +1,17 @@
 """The study output writer: atomic results, tables, figures."""
 
+import hashlib
 import json
+import os
 
+import numpy as np
 import pytest
 
+from tfp_bnn_adv import attacks
+from tfp_bnn_adv import data
+from tfp_bnn_adv import models
+from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.network import Network
 from tfp_bnn_adv.studies import common
 
 
@@ -204,7 +212,6 @@ def test_results_without_a_fingerprint_or_unreadable_are_refused(tmp_path):
 
 
 def test_fingerprints_are_canonical_and_digest_their_fields():
-    import numpy as np  # pylint: disable=g-import-not-at-top
     a = common.fingerprint("s", {"widths": (4, 8), "eps": np.float64(0.25),
                                  "n": np.int64(3)})
     b = common.fingerprint("s", {"n": 3, "eps": 0.25, "widths": [4, 8]})
@@ -218,8 +225,6 @@ def test_fingerprints_are_canonical_and_digest_their_fields():
 
 
 def test_file_sha256_follows_the_content(tmp_path):
-    import hashlib  # pylint: disable=g-import-not-at-top
-    import os  # pylint: disable=g-import-not-at-top
     path = tmp_path / "p.npz"
     path.write_bytes(b"first")
     assert common.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
@@ -260,17 +265,11 @@ def test_study_seeds_is_one_rule_for_every_study():
 
 
 def _tiny_ensemble():
-    from tfp_bnn_adv import models  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv.network import Network  # pylint: disable=g-import-not-at-top
     net = Network.from_keras(models.mlp((2,), 2, (4,)))
     return PosteriorEnsemble(net, net.init_params(seed=0, num_samples=3))
 
 
 def test_run_attack_dispatches_by_name_with_the_attacks_defaults():
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv import attacks  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv import data  # pylint: disable=g-import-not-at-top
     ens = _tiny_ensemble()
     ds = data.half_moons(50, seed=1)
     x, y = ds.test_x, ds.test_y
@@ -293,9 +292,6 @@ def test_run_attack_dispatches_by_name_with_the_attacks_defaults():
 
 
 def test_load_data_and_load_model(tmp_path):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv import data  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv import models  # pylint: disable=g-import-not-at-top
     moons = common.load_data("half_moons", data_dir="ignored",
                              data_source="idx", half_moons_n=100, seed=2)
     direct = data.half_moons(100, seed=2)
