@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from bench import common  # sets TF's log level before TF is imported
@@ -37,11 +39,24 @@ from tfp_bnn_adv import models
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
 
+flags.adopt_module_key_flags(common)  # --json in every --help
+
 NUM_IMAGES = 1000
 NUM_SAMPLES = 100
 STEPS = 40
 EPS = 0.1
 HIDDEN = (512, 512)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch_size", 125, "images per compiled attack call")
+flags.DEFINE_integer("chunk_size", None, "posterior samples per chunk "
+                     "(default: the ensemble's choice)")
+flags.DEFINE_enum("jit", "xla", ["xla", "default", "auto"],
+                  "our compiler choice")
+flags.DEFINE_integer("loop_images", 2, "images the per-call loop attacks "
+                     "before extrapolating")
+flags.DEFINE_bool("sweep", False, "also time batch size / chunk size / XLA "
+                  "choices")
 
 
 def make_case(num_samples: int = NUM_SAMPLES):
@@ -123,16 +138,9 @@ def sweep(ens, x, y) -> dict:
     return out
 
 
-def main() -> None:
-    p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--batch_size", type=int, default=125)
-    p.add_argument("--chunk_size", type=int, default=None)
-    p.add_argument("--jit", default="xla", choices=("xla", "default", "auto"))
-    p.add_argument("--loop_images", type=int, default=2,
-                   help="images the per-call loop attacks before extrapolating")
-    p.add_argument("--sweep", action="store_true",
-                   help="also time batch size / chunk size / XLA choices")
-    args = p.parse_args()
+def main(argv) -> None:
+    del argv
+    args = FLAGS
     jit = {"xla": True, "default": False, "auto": "auto"}[args.jit]
 
     ens, x, y = make_case()
@@ -178,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -2,11 +2,15 @@
 
 Benchmarks are not tests: they run a baseline side by side with our code in
 the same process and report ratios, so machine speed cancels out.
+
+Every benchmark is an absl script, like the launch scripts: its options are
+flags defined at its module level, ``main(argv)`` runs it under
+``app.run``, and ``--json`` (defined here, for all of them) adds one JSON
+line with the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,7 +20,13 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_bool("json", False, "print one JSON object with the figures as "
+                  "the last line of output")
 
 
 def block(result) -> None:
@@ -83,14 +93,6 @@ def machine_info() -> dict:
     return {"python": platform.python_version(), "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "processor": platform.processor(), "cpu_model": cpu_model()}
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with the figures as the last "
-                        "line of output")
-    return p
 
 
 def report(results: dict, as_json: bool) -> None:

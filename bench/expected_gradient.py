@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import time
 
+from absl import app
+from absl import flags
+
 from bench import common
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -34,6 +37,8 @@ from tfp_bnn_adv import gradients  # pylint: disable=g-import-not-at-top
 from tfp_bnn_adv import models
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
+
+flags.adopt_module_key_flags(common)  # --json in every --help
 
 CASES = {
     # name: (keras model builder, S, B)
@@ -122,8 +127,8 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     return out
 
 
-def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv) -> None:
+    del argv
     common.log("matmul ceiling")
     peak = common.matmul_peak_gflops()
     results = {"matmul_peak_gflops": peak["gflops"]}
@@ -133,8 +138,8 @@ def main() -> None:
             case[f"{name}_gflops"] / peak["gflops"])
         results.update(case)
     results.update(common.machine_info())
-    common.report(results, args.json)
+    common.report(results, common.FLAGS.json)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

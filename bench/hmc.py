@@ -44,7 +44,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpyro  # pylint: disable=wrong-import-position
+from numpyro import distributions as dist  # pylint: disable=wrong-import-position
+from numpyro.infer import HMC, MCMC, NUTS  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from bench import common  # pylint: disable=wrong-import-position
@@ -53,6 +60,8 @@ from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.inference import hmc  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.inference.hmc import diagnostics as hmc_diagnostics  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
+
+flags.adopt_module_key_flags(common)  # --json in every --help
 
 FLOP_FORMULA = ("FLOPs per leapfrog step = 2*N*sum_l(in_l*out_l) [forward] + "
                 "2*N*sum_l(in_l*out_l) [weight gradients] + "
@@ -105,9 +114,6 @@ def numpyro_mlp(widths, prior_scale):
       (``w0, b0, w1, b1, ...``) and ``x`` ``[B, in]`` to logits
       ``[B, num_classes]``; ``sites`` are the site names in that order.
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpyro  # pylint: disable=g-import-not-at-top
-    from numpyro import distributions as dist  # pylint: disable=g-import-not-at-top
 
     num_layers = len(widths) - 1
     sites = [f"{kind}{l}" for l in range(num_layers) for kind in ("w", "b")]
@@ -154,9 +160,6 @@ def check_same_network(net, forward, x) -> float:
 def run_numpyro(x, y, init, widths, *, step_size, num_leapfrog_steps,
                 iterations, segments, prior_scale):
     """Steady-state leapfrog steps/s of numpyro.infer.HMC on the same MLP."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from numpyro.infer import HMC, MCMC  # pylint: disable=g-import-not-at-top
 
     model, _, sites = numpyro_mlp(widths, prior_scale)
     init_params = {name: jnp.asarray(p[0]) for name, p in zip(sites, init)}
@@ -289,9 +292,6 @@ def run_ess_numpyro(net, x, y, probe_x, probe_y, widths, *, num_chains,
     time; an identical second run with another seed, compiled already,
     gives the compile time by difference.
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from numpyro.infer import MCMC, NUTS  # pylint: disable=g-import-not-at-top
 
     model, forward, sites = numpyro_mlp(widths, prior_scale)
     logit_error = check_same_network(net, forward, probe_x)
@@ -399,29 +399,32 @@ def run_ess_case(name, dataset, hidden, *, num_chains, num_warmup,
     return results
 
 
-def main(argv=None):
-    p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--skip_fmnist", action="store_true",
-                   help="leapfrog throughput on half-moons only")
-    p.add_argument("--skip_throughput", action="store_true",
-                   help="no leapfrog-throughput cases")
-    p.add_argument("--skip_ess", action="store_true",
-                   help="no function-space ESS-per-second comparison")
-    p.add_argument("--skip_ours_nuts", action="store_true",
-                   help="ESS comparison: ours with kernel='hmc' only")
-    p.add_argument("--jit", default="auto", choices=["auto", "xla", "default"],
-                   help="our compiler choice (auto: timed per run)")
-    p.add_argument("--fmnist_iterations", type=int, default=3)
-    p.add_argument("--halfmoons_iterations", type=int, default=2000)
-    p.add_argument("--ess_num_chains", type=int, default=4)
-    p.add_argument("--ess_num_warmup", type=int, default=500,
-                   help="warm-up iterations per chain, both samplers")
-    p.add_argument("--ess_num_results", type=int, default=200,
-                   help="kept draws per chain, both samplers")
-    args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("skip_fmnist", False, "leapfrog throughput on half-moons "
+                  "only")
+flags.DEFINE_bool("skip_throughput", False, "no leapfrog-throughput cases")
+flags.DEFINE_bool("skip_ess", False, "no function-space ESS-per-second "
+                  "comparison")
+flags.DEFINE_bool("skip_ours_nuts", False, "ESS comparison: ours with "
+                  "kernel='hmc' only")
+flags.DEFINE_enum("jit", "auto", ["auto", "xla", "default"],
+                  "our compiler choice (auto: timed per run)")
+flags.DEFINE_integer("fmnist_iterations", 3, "HMC iterations of the "
+                     "Fashion-MNIST throughput case")
+flags.DEFINE_integer("halfmoons_iterations", 2000, "HMC iterations of the "
+                     "half-moons throughput case")
+flags.DEFINE_integer("ess_num_chains", 4, "chains of the ESS comparison, "
+                     "both samplers")
+flags.DEFINE_integer("ess_num_warmup", 500, "warm-up iterations per chain, "
+                     "both samplers")
+flags.DEFINE_integer("ess_num_results", 200, "kept draws per chain, both "
+                     "samplers")
+
+
+def main(argv):
+    del argv
+    args = FLAGS
     jit = {"auto": "auto", "xla": True, "default": False}[args.jit]
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpyro  # pylint: disable=g-import-not-at-top
     results = dict(common.machine_info())
     results.update(jax=jax.__version__, numpyro=numpyro.__version__,
                    load_average_1min=os.getloadavg()[0],
@@ -458,4 +461,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -25,6 +25,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
 import numpy as np
 import tensorflow as tf
 
@@ -33,6 +35,8 @@ from tfp_bnn_adv import data
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import models
 from tfp_bnn_adv.inference import hmc
+
+flags.adopt_module_key_flags(common)  # --json in every --help
 
 
 def run(model, x, y, *, strategy, parallelism, num_chains, iterations,
@@ -53,20 +57,24 @@ def run(model, x, y, *, strategy, parallelism, num_chains, iterations,
             "params": ens.params}
 
 
-def main(argv=None):
-    p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=2,
-                   help="logical CPU devices on a host without GPUs")
-    p.add_argument("--num_train", type=int, default=10000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--num_chains", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=8)
-    p.add_argument("--segments", type=int, default=4)
-    p.add_argument("--num_leapfrog_steps", type=int, default=10)
-    p.add_argument("--jit", default="default", choices=["xla", "default"],
-                   help="compiler of the single-device run and of each "
-                        "replica's likelihood (fixed, so the paths compare)")
-    args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("devices", 2, "logical CPU devices on a host without "
+                     "GPUs")
+flags.DEFINE_integer("num_train", 10000, "Fashion-MNIST training points")
+flags.DEFINE_integer("hidden", 256, "hidden width of the MLP")
+flags.DEFINE_integer("num_chains", 2, "HMC chains")
+flags.DEFINE_integer("iterations", 8, "HMC iterations")
+flags.DEFINE_integer("segments", 4, "compiled segments the iterations run in")
+flags.DEFINE_integer("num_leapfrog_steps", 10, "leapfrog steps per "
+                     "iteration")
+flags.DEFINE_enum("jit", "default", ["xla", "default"],
+                  "compiler of the single-device run and of each replica's "
+                  "likelihood (fixed, so the paths compare)")
+
+
+def main(argv):
+    del argv
+    args = FLAGS
     if not tf.config.list_physical_devices("GPU"):
         distribute.configure_logical_cpus(args.devices)
     strategy = distribute.get_strategy("mirrored")
@@ -112,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

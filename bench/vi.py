@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import time
 
+from absl import app
+from absl import flags
+
 from bench import common
 
 import keras  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -29,6 +32,8 @@ import tf_keras  # pylint: disable=g-import-not-at-top,wrong-import-order
 from tfp_bnn_adv import data  # pylint: disable=g-import-not-at-top
 from tfp_bnn_adv import models
 from tfp_bnn_adv.inference import vi
+
+flags.adopt_module_key_flags(common)  # --json in every --help
 
 EPOCHS = 3
 BATCH = 128
@@ -74,8 +79,8 @@ def _deterministic_epoch(ds):
     return min(timer.seconds[1:])
 
 
-def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv) -> None:
+    del argv
     ds = data.fashion_mnist().subset(num_train=10000, num_test=2000, seed=0)
     results = dict(common.machine_info())
     common.log("deterministic epochs")
@@ -102,8 +107,8 @@ def main() -> None:
         post.sample_ensemble(S, seed=1).predict(x) == y))
     results["accuracy/flipout"] = float(np.mean(
         post.predict_proba_flipout(x, num_samples=S, seed=1).argmax(-1) == y))
-    common.report(results, args.json)
+    common.report(results, common.FLAGS.json)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -18,13 +18,41 @@ Example:
 """
 
 from absl import app
+from absl import flags
 
 from launch import flags as lf
+from tfp_bnn_adv.studies.attack_table import ATTACKS
+from tfp_bnn_adv.studies.attack_table import GRADIENTS
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
 from tfp_bnn_adv.studies.attack_table import fingerprint
 from tfp_bnn_adv.studies.attack_table import run_attack_table
 
 FLAGS = lf.FLAGS
+
+SHARED = lf.use("preset", "dataset", "half_moons_n", "allow_unconverged",
+                "pgd_steps", "square_queries")
+flags.DEFINE_list("posteriors", [], "Saved posteriors to attack: "
+                  "label=path or path (the label defaults to the method).")
+flags.DEFINE_float("eps", 0.25, "L-inf attack radius on [0, 1] inputs.")
+flags.DEFINE_list("eps_sweep", [], "Extra radii for the attack table.")
+flags.DEFINE_list("attacks", list(ATTACKS), "Attacks of the attack table.")
+flags.DEFINE_list("gradients", ["expected", "predictive"],
+                  f"Gradient definitions for FGSM/PGD: {', '.join(GRADIENTS)}.")
+lf.register("posteriors", lambda v: lf.check_posteriors(v, "posteriors"))
+lf.register("eps_sweep", lambda v: lf.float_list(v, "eps_sweep"))
+lf.register("attacks", lambda v: lf.check_choices(v, "attacks", ATTACKS))
+lf.register("gradients", lambda v: lf.check_choices(v, "gradients", GRADIENTS))
+lf.positive_float("eps", allow_zero=True)
+lf.adopt(__name__, SHARED)
+
+
+def posteriors() -> tuple:
+    """--posteriors as ``(label, path)`` pairs."""
+    pairs = []
+    for item in FLAGS.posteriors:
+        label, _, path = item.rpartition("=")
+        pairs.append((label or None, path))
+    return tuple(pairs)
 
 
 def config_from_flags() -> AttackTableConfig:
@@ -32,7 +60,7 @@ def config_from_flags() -> AttackTableConfig:
         raise lf.FlagError("--posteriors is required (label=path,...).")
     make = AttackTableConfig.paper if FLAGS.preset == "paper" else AttackTableConfig.quick
     overrides = dict(
-        posteriors=lf.posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
+        posteriors=posteriors(), dataset=FLAGS.dataset, eps=FLAGS.eps,
         eps_sweep=lf.floats(FLAGS.eps_sweep, "eps_sweep"),
         attacks=tuple(FLAGS.attacks), gradients=tuple(FLAGS.gradients),
         data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
@@ -49,7 +77,8 @@ def config_from_flags() -> AttackTableConfig:
 
 def main(argv):
     del argv
-    out_dir, config, _ = lf.start("attack", config_from_flags, fingerprint)
+    out_dir, config, _ = lf.start("attack", config_from_flags, fingerprint,
+                                  flag_list=lf.script_flags(__name__, SHARED))
     with lf.strategy().scope():
         results = run_attack_table(config, out_dir, overwrite=FLAGS.overwrite)
     print(results["table_markdown"])

@@ -1,8 +1,14 @@
-"""Flags shared by every launch script, and the helpers that read them.
+"""The launch scripts' shared flags, and the helpers that read them.
 
-All flags live here (absl refuses a flag defined twice, and the scripts share
-most of theirs); each script reads the ones it needs.  Scripts stay thin:
-flags -> config -> ``run_*`` -> files.
+Each script defines the flags only it reads at its own module level; the
+core every script reads (:data:`CORE_FLAGS`: where it writes, the data's
+location, the seed, the convergence threshold, how it runs) is defined
+here.  Flags that some scripts share (the HMC settings, ``--hidden``,
+``--widths``, ...) are defined here too, by :func:`use`, only when a script
+asks for them: a script's ``--help`` and ``flags.txt`` list its own flags
+and nothing else, and absl's refusal of a flag defined twice cannot strike
+when several scripts are imported into one process (as the tests do).
+Scripts stay thin: flags -> config -> ``run_*`` -> files.
 
 Every flag is checked before anything is created: the value of each flag by
 its validator while the command line is parsed (absl prints ``FATAL Flags
@@ -25,12 +31,10 @@ from absl import flags
 from absl import logging
 
 from tfp_bnn_adv import data as data_lib
+from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
 from tfp_bnn_adv.studies import common
-from tfp_bnn_adv.studies.attack_table import ATTACKS
-from tfp_bnn_adv.studies.attack_table import GRADIENTS
 from tfp_bnn_adv.studies.training import METHODS
-from tfp_bnn_adv.studies.training import InferenceSettings
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +55,7 @@ class _CountParser(flags.ArgumentParser):
         if str(argument).strip().lower() == "all":
             return "all"
         try:
-            return _int_list([argument], "", 1)[0]
+            return int_list([argument], "", 1)[0]
         except ValueError:
             raise ValueError(f"{argument!r} is not a positive integer or "
                              "'all'") from None
@@ -60,7 +64,8 @@ class _CountParser(flags.ArgumentParser):
         return "int >= 1 or 'all'"
 
 
-def _define_count(name: str, help_text: str) -> None:
+def define_count(name: str, help_text: str) -> None:
+    """Defines a flag of a positive integer or ``all`` (a subset size)."""
     flags.DEFINE(_CountParser(), name, None, help_text,
                  serializer=flags.ArgumentSerializer())
     flags.register_validator(
@@ -70,7 +75,8 @@ def _define_count(name: str, help_text: str) -> None:
         "negative counts are refused; 'all' is spelled out)")
 
 
-def _int_list(values, name: str, minimum: int) -> tuple:
+def int_list(values, name: str, minimum: int) -> tuple:
+    """A list flag's items as ints ``>= minimum``, else a ValueError."""
     out = []
     for v in values:
         try:
@@ -84,16 +90,18 @@ def _int_list(values, name: str, minimum: int) -> tuple:
     return tuple(out)
 
 
-def _mlp_widths(values) -> bool:
+def mlp_widths_ok(values) -> bool:
+    """Whether ``--hidden`` has no 0 unless ``--architecture=cnn``."""
     if values["architecture"] == "cnn":
         return True
     try:
-        return 0 not in _int_list(values["hidden"], "hidden", 0)
+        return 0 not in int_list(values["hidden"], "hidden", 0)
     except ValueError:
         return True  # --hidden's own validator names the bad item
 
 
-def _float_list(values, name: str) -> tuple:
+def float_list(values, name: str) -> tuple:
+    """A list flag's items as finite floats ``>= 0``, else a ValueError."""
     out = []
     for v in values:
         try:
@@ -107,7 +115,8 @@ def _float_list(values, name: str) -> tuple:
     return tuple(out)
 
 
-def _choices(values, name: str, allowed: Sequence[str]) -> tuple:
+def check_choices(values, name: str, allowed: Sequence[str]) -> tuple:
+    """A list flag's items if each is in ``allowed``, else a ValueError."""
     bad = [v for v in values if v not in allowed]
     if bad:
         raise ValueError(f"--{name} may hold {', '.join(allowed)}; "
@@ -116,7 +125,8 @@ def _choices(values, name: str, allowed: Sequence[str]) -> tuple:
     return tuple(values)
 
 
-def _posterior_items(values, name: str) -> tuple:
+def check_posteriors(values, name: str) -> tuple:
+    """``label=path`` or ``path`` items with a path, else a ValueError."""
     for v in values:
         if not v.rpartition("=")[2]:
             raise ValueError(f"--{name} items are label=path or path; {v!r} "
@@ -124,7 +134,7 @@ def _posterior_items(values, name: str) -> tuple:
     return tuple(values)
 
 
-def _register(name: str, check: Callable) -> None:
+def register(name: str, check: Callable) -> None:
     """A validator that raises ``check``'s ValueError as the flag's error."""
     def validate(value):
         try:
@@ -135,7 +145,8 @@ def _register(name: str, check: Callable) -> None:
     flags.register_validator(name, validate)
 
 
-def _positive_float(name: str, allow_zero: bool = False) -> None:
+def positive_float(name: str, allow_zero: bool = False) -> None:
+    """A validator: flag ``name`` is finite and ``> 0`` (``>= 0``)."""
     bound = ">= 0" if allow_zero else "> 0"
     flags.register_validator(
         name, lambda v: v is None or (math.isfinite(v) and (
@@ -143,12 +154,10 @@ def _positive_float(name: str, allow_zero: bool = False) -> None:
         message=f"--{name} must be a finite number {bound}")
 
 
-# Where every run writes.
+# ------------------------------------------------------------------ the core
+# What every script reads.
 flags.DEFINE_string("output_dir", None, "Directory for results.json, tables, "
                     "figures/, checkpoints; created if missing. Required.")
-flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
-                  "quick: minutes on a laptop. paper: the paper's scale "
-                  "(full datasets, 100+ samples, ~1000 models in the sweep).")
 flags.DEFINE_integer("seed", 0, "Seed of everything random (stateless).",
                      lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Delete the results of an earlier run "
@@ -157,100 +166,16 @@ flags.DEFINE_bool("overwrite", False, "Delete the results of an earlier run "
                   "resumes only the configuration that wrote them (the "
                   "fingerprint in results.json) and refuses any other, "
                   "naming the settings that differ.")
-
-# Data.
-flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASET_NAMES),
-                  "Dataset.")
 flags.DEFINE_string("data_dir", None, "Directory with the four IDX .gz files, "
                     "or a TFDS data_dir.")
 flags.DEFINE_enum("data_source", "auto", ["auto", "idx", "tfds"],
                   "Where image data is read from.")
-_define_count("num_train", "Training subset size, or 'all' (default: all for "
-              "launch.train, the preset's for the studies).")
-_define_count("num_test", "Test points to evaluate/attack, or 'all' "
+define_count("num_test", "Test points to evaluate/attack, or 'all' "
               "(default: all for launch.train, the preset's for the "
               "studies).")
-flags.DEFINE_integer("half_moons_n", 2000, "Half-moons points (80/20 split).",
-                     lower_bound=2)
-
-# Model.
-flags.DEFINE_enum("architecture", "mlp", ["mlp", "cnn"],
-                  "Built-in architecture (ignored with --keras_model).")
-flags.DEFINE_list("hidden", ["512"], "Hidden widths of the MLP (or of the "
-                  "dense layers after the CNN's convolutions).")
-flags.DEFINE_list("filters", ["32", "64"], "Conv filters of the CNN.")
-flags.DEFINE_string("keras_model", None, "A .keras file with your own model "
-                    "(Keras 3; supported layers only), used instead of "
-                    "--architecture.")
-
-# Inference.
-flags.DEFINE_enum("method", "hmc", list(METHODS), "Inference method.")
-flags.DEFINE_integer("num_chains", 4, "HMC chains.", lower_bound=1)
-flags.DEFINE_integer("num_burnin_steps", 500, "HMC warm-up iterations "
-                     "(step size and mass matrix adapt).", lower_bound=0)
-flags.DEFINE_integer("num_results", 200, "HMC samples kept per chain.",
-                     lower_bound=1)
-flags.DEFINE_integer("thinning", 1, "HMC iterations per kept sample.",
-                     lower_bound=1)
-flags.DEFINE_float("step_size", 0.01, "Initial HMC step size (adapted).")
-flags.DEFINE_float("trajectory_length", None, "HMC integration time; the "
-                   "leapfrog count per iteration follows from it and the "
-                   "adapted step size (default: HMCConfig's, 4.0, unless "
-                   "--num_leapfrog_steps is given).")
-flags.DEFINE_integer("num_leapfrog_steps", None, "A fixed HMC leapfrog count "
-                     "instead of --trajectory_length (default: unset, use "
-                     "--trajectory_length).", lower_bound=1)
-flags.DEFINE_integer("max_leapfrog_steps", 100, "Cap on HMC leapfrog steps "
-                     "per iteration.", lower_bound=1)
-flags.DEFINE_enum("mass_matrix", "diagonal", ["diagonal", "identity"],
-                  "HMC mass matrix: adapted diagonal, or identity (plain HMC).")
-flags.DEFINE_enum("kernel", "hmc", ["hmc", "nuts"], "MCMC kernel.")
-flags.DEFINE_enum("hmc_init", "prior", ["prior", "sgd"],
-                  "HMC initial state: a prior draw or a short SGD fit.")
-flags.DEFINE_float("prior_scale", 1.0, "Prior std of every weight (HMC, VI).")
-flags.DEFINE_integer("epochs", 10, "VI / SGD epochs.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 128, "VI / SGD minibatch size.",
-                     lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "VI / SGD learning rate.")
-flags.DEFINE_integer("vi_samples", 100, "Posterior samples drawn from VI.",
-                     lower_bound=1)
-flags.DEFINE_integer("num_members", 5, "Deep-ensemble size.", lower_bound=1)
-
-# Convergence.
 flags.DEFINE_float("max_rhat", 1.1, "An HMC posterior is converged when the "
                    "median over probe points of its function-space R-hat is "
                    "at most this (>= 1).")
-flags.DEFINE_bool("allow_unconverged", False, "Write a study's headline "
-                  "(attack table, gradient study, robustness-accuracy "
-                  "summary) even from unconverged HMC posteriors, marked "
-                  "(UNCONVERGED); without it the study stops with an error.")
-
-# Attacks.
-flags.DEFINE_list("posteriors", [], "Saved posteriors to attack: "
-                  "label=path or path (the label defaults to the method).")
-flags.DEFINE_float("eps", 0.25, "L-inf attack radius on [0, 1] inputs.")
-flags.DEFINE_list("eps_sweep", [], "Extra radii for the attack table.")
-flags.DEFINE_list("attacks", list(ATTACKS), "Attacks of the attack table.")
-flags.DEFINE_list("gradients", ["expected", "predictive"],
-                  f"Gradient definitions for FGSM/PGD: {', '.join(GRADIENTS)}.")
-flags.DEFINE_integer("pgd_steps", None, "PGD steps (default: the preset's).",
-                     lower_bound=1)
-flags.DEFINE_integer("square_queries", None, "Square Attack query budget "
-                     "(default: the preset's).", lower_bound=1)
-
-# Studies.
-flags.DEFINE_list("widths", [], "Hidden widths swept by the gradient study "
-                  "(half-moons) and the robustness-accuracy sweep.")
-flags.DEFINE_list("train_sizes", [], "Half-moons training-set sizes of the "
-                  "gradient study.")
-flags.DEFINE_list("sample_counts", [], "Posterior sample counts of the "
-                  "gradient study.")
-flags.DEFINE_list("depths", [], "Hidden-layer counts of the sweep.")
-flags.DEFINE_list("training_lengths", [], "SGD/VI epochs of the sweep.")
-flags.DEFINE_list("hmc_lengths", [], "HMC burn-in lengths of the sweep.")
-flags.DEFINE_list("methods", [], "Methods of a study (default: the preset's).")
-
-# Execution.
 flags.DEFINE_enum("strategy", "default",
                   ["default", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy.")
@@ -261,36 +186,214 @@ flags.DEFINE_integer("logical_cpus", None,
                      "TensorFlow starts (to run --strategy=mirrored on a "
                      "CPU-only host, e.g. to test multi-device runs).",
                      lower_bound=1)
-flags.DEFINE_enum("hmc_parallelism", "data", ["data", "chains"],
-                  "With several replicas, HMC splits the training data "
-                  "(all-reduce of log-likelihood and gradient) or the chains.")
-flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"],
-                  "HMC's float32 matmul precision: full float32, or the "
-                  "hardware default (TF32 on Ampere GPUs, bfloat16 passes on "
-                  "TPUs: faster, but HMC may diverge).")
 flags.DEFINE_enum("jit", "auto", ["auto", "xla", "default"],
                   "Compile hot functions with XLA, TF's default kernels, or "
                   "whichever measures faster (auto; on CPU).")
 
-# Each flag's value, checked while the command line is parsed (and on
-# assignment); what needs several flags or the file system is in start().
-_register("hidden", lambda v: _int_list(v, "hidden", 0))
-flags.register_multi_flags_validator(
-    ["hidden", "architecture"], _mlp_widths,
-    message="--hidden widths must be >= 1 for an MLP (0, no dense layer, "
-    "is for --architecture=cnn only)")
-for _name in ("filters", "widths", "train_sizes", "sample_counts", "depths",
-              "training_lengths", "hmc_lengths"):
-    _register(_name, lambda v, n=_name: _int_list(v, n, 1))
-_register("eps_sweep", lambda v: _float_list(v, "eps_sweep"))
-_register("attacks", lambda v: _choices(v, "attacks", ATTACKS))
-_register("gradients", lambda v: _choices(v, "gradients", GRADIENTS))
-_register("methods", lambda v: _choices(v, "methods", METHODS))
-_register("posteriors", lambda v: _posterior_items(v, "posteriors"))
-for _name in ("step_size", "trajectory_length", "prior_scale",
-              "learning_rate"):
-    _positive_float(_name)
-_positive_float("eps", allow_zero=True)
+CORE_FLAGS = ("output_dir", "seed", "overwrite", "data_dir", "data_source",
+              "num_test", "max_rhat", "strategy", "tpu", "logical_cpus", "jit")
+
+
+# ------------------------------------------------- flags some scripts share
+# name -> what defines it (with its validator); :func:`use` runs it once.
+
+def _define_preset():
+    flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
+                      "quick: minutes on a laptop. paper: the paper's scale "
+                      "(full datasets, 100+ samples, ~1000 models in the "
+                      "sweep).")
+
+
+def _define_dataset():
+    flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASET_NAMES),
+                      "Dataset.")
+
+
+def _define_num_train():
+    define_count("num_train", "Training subset size, or 'all' (default: all "
+                  "for launch.train, the preset's for the studies).")
+
+
+def _define_half_moons_n():
+    flags.DEFINE_integer("half_moons_n", 2000, "Half-moons points (80/20 "
+                         "split).", lower_bound=2)
+
+
+def _define_hidden():
+    flags.DEFINE_list("hidden", ["512"], "Hidden widths of the MLP (or of the "
+                      "dense layers after the CNN's convolutions).")
+    register("hidden", lambda v: int_list(v, "hidden", 0))
+
+
+def _define_keras_model():
+    flags.DEFINE_string("keras_model", None, "A .keras file with your own "
+                        "model (Keras 3; supported layers only), used instead "
+                        "of the built-in architecture.")
+
+
+def _define_allow_unconverged():
+    flags.DEFINE_bool("allow_unconverged", False, "Write a study's headline "
+                      "(attack table, gradient study, robustness-accuracy "
+                      "summary) even from unconverged HMC posteriors, marked "
+                      "(UNCONVERGED); without it the study stops with an "
+                      "error.")
+
+
+def _define_list(name: str, help_text: str):
+    def define():
+        flags.DEFINE_list(name, [], help_text)
+        register(name, lambda v: int_list(v, name, 1))
+    return define
+
+
+def _define_methods():
+    flags.DEFINE_list("methods", [], "Methods of a study (default: the "
+                      "preset's).")
+    register("methods", lambda v: check_choices(v, "methods", METHODS))
+
+
+def _define_optional_int(name: str, help_text: str):
+    def define():
+        flags.DEFINE_integer(name, None, help_text, lower_bound=1)
+    return define
+
+
+def _define_positive_float(name: str, default, help_text: str):
+    def define():
+        flags.DEFINE_float(name, default, help_text)
+        positive_float(name)
+    return define
+
+
+def _define_int(name: str, default: int, help_text: str, lower_bound: int):
+    def define():
+        flags.DEFINE_integer(name, default, help_text, lower_bound=lower_bound)
+    return define
+
+
+def _define_enum(name: str, default: str, values, help_text: str):
+    def define():
+        flags.DEFINE_enum(name, default, list(values), help_text)
+    return define
+
+
+def _define_trajectory_length():
+    flags.DEFINE_float("trajectory_length", None, "HMC integration time; the "
+                       "leapfrog count per iteration follows from it and the "
+                       "adapted step size (default: HMCConfig's, 4.0, unless "
+                       "--num_leapfrog_steps is given).")
+    positive_float("trajectory_length")
+
+
+_SHARED = {
+    "preset": _define_preset,
+    "dataset": _define_dataset,
+    "num_train": _define_num_train,
+    "half_moons_n": _define_half_moons_n,
+    "hidden": _define_hidden,
+    "keras_model": _define_keras_model,
+    "allow_unconverged": _define_allow_unconverged,
+    "widths": _define_list("widths", "Hidden widths swept by the gradient "
+                           "study (half-moons) and the robustness-accuracy "
+                           "sweep."),
+    "train_sizes": _define_list("train_sizes", "Half-moons training-set sizes "
+                                "of the gradient study."),
+    "sample_counts": _define_list("sample_counts", "Posterior sample counts "
+                                  "of the gradient study."),
+    "training_lengths": _define_list("training_lengths", "SGD/VI epochs of "
+                                     "the sweep."),
+    "hmc_lengths": _define_list("hmc_lengths", "HMC burn-in lengths of the "
+                                "sweep."),
+    "methods": _define_methods,
+    "pgd_steps": _define_optional_int("pgd_steps", "PGD steps (default: the "
+                                      "preset's)."),
+    "square_queries": _define_optional_int("square_queries", "Square Attack "
+                                           "query budget (default: the "
+                                           "preset's)."),
+    "epochs": _define_int("epochs", 10, "VI / SGD epochs.", 1),
+    "vi_samples": _define_int("vi_samples", 100, "Posterior samples drawn "
+                              "from VI.", 1),
+    # HMC.
+    "num_chains": _define_int("num_chains", 4, "HMC chains.", 1),
+    "num_burnin_steps": _define_int("num_burnin_steps", 500, "HMC warm-up "
+                                    "iterations (step size and mass matrix "
+                                    "adapt).", 0),
+    "num_results": _define_int("num_results", 200, "HMC samples kept per "
+                               "chain.", 1),
+    "thinning": _define_int("thinning", 1, "HMC iterations per kept sample.",
+                            1),
+    "step_size": _define_positive_float("step_size", 0.01, "Initial HMC step "
+                                        "size (adapted)."),
+    "trajectory_length": _define_trajectory_length,
+    "num_leapfrog_steps": _define_optional_int(
+        "num_leapfrog_steps", "A fixed HMC leapfrog count instead of "
+        "--trajectory_length (default: unset, use --trajectory_length)."),
+    "max_leapfrog_steps": _define_int("max_leapfrog_steps", 100, "Cap on HMC "
+                                      "leapfrog steps per iteration.", 1),
+    "mass_matrix": _define_enum("mass_matrix", "diagonal",
+                                ["diagonal", "identity"], "HMC mass matrix: "
+                                "adapted diagonal, or identity (plain HMC)."),
+    "kernel": _define_enum("kernel", "hmc", ["hmc", "nuts"], "MCMC kernel."),
+    "hmc_init": _define_enum("hmc_init", "prior", ["prior", "sgd"],
+                             "HMC initial state: a prior draw or a short SGD "
+                             "fit."),
+    "prior_scale": _define_positive_float("prior_scale", 1.0, "Prior std of "
+                                          "every weight (HMC, VI)."),
+    "hmc_parallelism": _define_enum(
+        "hmc_parallelism", "data", ["data", "chains"], "With several "
+        "replicas, HMC splits the training data (all-reduce of "
+        "log-likelihood and gradient) or the chains."),
+    "matmul_precision": _define_enum(
+        "matmul_precision", "highest", ["highest", "default"], "HMC's float32 "
+        "matmul precision: full float32, or the hardware default (TF32 on "
+        "Ampere GPUs, bfloat16 passes on TPUs: faster, but HMC may "
+        "diverge)."),
+}
+
+# The flags that set HMC (each the InferenceSettings field of that name).
+HMC_FLAGS = ("num_chains", "num_burnin_steps", "num_results", "thinning",
+             "step_size", "trajectory_length", "num_leapfrog_steps",
+             "max_leapfrog_steps", "mass_matrix", "kernel", "hmc_init",
+             "prior_scale", "hmc_parallelism", "matmul_precision")
+
+
+def use(*names: str) -> tuple:
+    """Defines the shared flags ``names`` a script reads (each only once).
+
+    Call it at the script's module level, before ``adopt()``.
+
+    Returns:
+      ``names``, for the script's :data:`flag list <start>`.
+
+    Raises:
+      KeyError: for a name that is not a shared flag.
+    """
+    for name in names:
+        if name not in FLAGS:
+            _SHARED[name]()
+    return names
+
+
+def adopt(script_module: str, shared: Sequence[str]) -> None:
+    """Makes the core and ``shared`` key flags of ``script_module``.
+
+    So that ``python -m launch.<script> --help`` lists them beside the
+    script's own flags (absl's ``--help`` shows a main module's key flags).
+
+    Args:
+      script_module: the script's ``__name__``.
+      shared: the shared flags it reads (:func:`use`'s result).
+    """
+    module = sys.argv[0] if script_module == "__main__" else script_module
+    for name in CORE_FLAGS + tuple(shared):
+        FLAGS.register_key_flag_for_module(module, FLAGS[name])
+
+
+def script_flags(script_module: str, shared: Sequence[str]) -> list:
+    """Every flag a script reads: the core, ``shared`` and its own."""
+    own = FLAGS.get_flags_for_module(script_module)
+    names = set(CORE_FLAGS) | set(shared) | {f.name for f in own}
+    return [FLAGS[name] for name in sorted(names)]
 
 
 class Start(NamedTuple):
@@ -302,7 +405,8 @@ class Start(NamedTuple):
 
 def start(script: str, make_config: Callable[[], Any] | None = None,
           fingerprint: Callable[[Any], dict] | None = None, *,
-          directories: Sequence[str] = ()) -> Start:
+          directories: Sequence[str] = (),
+          flag_list: Sequence[Any] | None = None) -> Start:
     """Common start of every script: every check, then logging and flags.txt.
 
     Nothing is created until everything has been checked, in this order:
@@ -328,6 +432,8 @@ def start(script: str, make_config: Callable[[], Any] | None = None,
       fingerprint: the config's fingerprint (the study's ``fingerprint``).
       directories: sub-directories of ``--output_dir`` the script writes
         (checkpoints, sub-studies), checked like it.
+      flag_list: the flags the script reads (:func:`script_flags`), written
+        to ``flags.txt``; default: the core.
 
     Returns:
       ``Start(output_dir, config, fingerprint)``.
@@ -355,7 +461,8 @@ def start(script: str, make_config: Callable[[], Any] | None = None,
     if FLAGS.data_dir and "://" not in FLAGS.data_dir and not os.path.isdir(
             FLAGS.data_dir):
         problems.append(f"--data_dir={FLAGS.data_dir!r} is not a directory.")
-    if FLAGS.keras_model and not os.path.isfile(FLAGS.keras_model):
+    if "keras_model" in FLAGS and FLAGS.keras_model and not os.path.isfile(
+            FLAGS.keras_model):
         problems.append(f"--keras_model={FLAGS.keras_model!r}: no such file.")
     if problems:
         raise FlagError(f"{script}: " + "\n".join(problems))
@@ -375,18 +482,18 @@ def start(script: str, make_config: Callable[[], Any] | None = None,
         except common.ConfigMismatchError as e:
             raise FlagError(f"{script}: {e}") from e
     if FLAGS.logical_cpus:
-        from tfp_bnn_adv import distribute  # pylint: disable=g-import-not-at-top
         distribute.configure_logical_cpus(FLAGS.logical_cpus)
     os.makedirs(out, exist_ok=True)
     os.environ["TFP_BNN_ADV_JIT"] = FLAGS.jit
     logging.set_verbosity(logging.INFO)
     command = " ".join(shlex.quote(a) for a in sys.argv)
-    # Every shared flag's value, so the run can be repeated exactly even when
-    # it was started programmatically.
+    # The value of every flag the script reads, so the run can be repeated
+    # exactly even when it was started programmatically.
+    if flag_list is None:
+        flag_list = [FLAGS[name] for name in sorted(CORE_FLAGS)]
     values = "\n".join(
         f.serialize() if f.value is not None else f"# --{f.name} (unset)"
-        for f in sorted(FLAGS.get_flags_for_module(__name__),
-                        key=lambda f: f.name))
+        for f in sorted(flag_list, key=lambda f: f.name))
     files.write_text(os.path.join(out, "flags.txt"),
                      f"# {script}\n{command}\n\n# all flags\n{values}\n")
     logging.info("%s: writing to %s", script, out)
@@ -395,61 +502,7 @@ def start(script: str, make_config: Callable[[], Any] | None = None,
 
 def strategy():
     """The tf.distribute strategy named by --strategy / --tpu."""
-    from tfp_bnn_adv import distribute  # pylint: disable=g-import-not-at-top
     return distribute.get_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
-
-
-def dataset():
-    """The dataset named by --dataset, subset by --num_train."""
-    if FLAGS.dataset == "half_moons":
-        ds = data_lib.half_moons(FLAGS.half_moons_n, seed=FLAGS.seed)
-    else:
-        ds = data_lib.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir,
-                                   source=FLAGS.data_source)
-    num_train = count(FLAGS.num_train)
-    if num_train is not None and num_train < len(ds.train_x):
-        ds = ds.subset(num_train=num_train, seed=FLAGS.seed)
-    return ds
-
-
-def model(ds):
-    """The Keras model: --keras_model, else --architecture."""
-    from tfp_bnn_adv import models  # pylint: disable=g-import-not-at-top
-    if FLAGS.keras_model:
-        import keras  # pylint: disable=g-import-not-at-top
-        return keras.saving.load_model(FLAGS.keras_model, compile=False)
-    if FLAGS.architecture == "cnn":
-        return models.cnn(ds.input_shape, ds.num_classes,
-                          ints(FLAGS.filters, "filters"),
-                          hidden=tuple(h for h in ints(FLAGS.hidden, "hidden", 0)
-                                       if h))
-    return models.mlp(ds.input_shape, ds.num_classes,
-                      ints(FLAGS.hidden, "hidden"))
-
-
-def inference_settings() -> InferenceSettings:
-    """The inference flags as :class:`InferenceSettings`."""
-    return InferenceSettings(
-        method=FLAGS.method, num_chains=FLAGS.num_chains,
-        num_burnin_steps=FLAGS.num_burnin_steps, num_results=FLAGS.num_results,
-        thinning=FLAGS.thinning, step_size=FLAGS.step_size,
-        trajectory_length=FLAGS.trajectory_length,
-        num_leapfrog_steps=FLAGS.num_leapfrog_steps,
-        max_leapfrog_steps=FLAGS.max_leapfrog_steps,
-        mass_matrix=FLAGS.mass_matrix, kernel=FLAGS.kernel,
-        hmc_init=FLAGS.hmc_init, prior_scale=FLAGS.prior_scale,
-        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate, vi_samples=FLAGS.vi_samples,
-        num_members=FLAGS.num_members, seed=FLAGS.seed,
-        hmc_parallelism=FLAGS.hmc_parallelism,
-        matmul_precision=FLAGS.matmul_precision)
-
-
-# The flags that set HMC (each the InferenceSettings field of that name).
-HMC_FLAGS = ("num_chains", "num_burnin_steps", "num_results", "thinning",
-             "step_size", "trajectory_length", "num_leapfrog_steps",
-             "max_leapfrog_steps", "mass_matrix", "kernel", "hmc_init",
-             "prior_scale", "hmc_parallelism", "matmul_precision")
 
 
 def hmc_overrides() -> dict:
@@ -477,19 +530,10 @@ def convergence() -> dict:
             "allow_unconverged": FLAGS.allow_unconverged}
 
 
-def posteriors() -> tuple:
-    """--posteriors as ``(label, path)`` pairs."""
-    pairs = []
-    for item in FLAGS.posteriors:
-        label, _, path = item.rpartition("=")
-        pairs.append((label or None, path))
-    return tuple(pairs)
-
-
 def ints(values, name: str, minimum: int = 1) -> tuple:
     """A list flag as ints ``>= minimum``, else a FlagError naming it."""
     try:
-        return _int_list(values, name, minimum)
+        return int_list(values, name, minimum)
     except ValueError as e:
         raise FlagError(str(e)) from e
 
@@ -497,7 +541,7 @@ def ints(values, name: str, minimum: int = 1) -> tuple:
 def floats(values, name: str) -> tuple:
     """A list flag as finite floats ``>= 0``, else a FlagError naming it."""
     try:
-        return _float_list(values, name)
+        return float_list(values, name)
     except ValueError as e:
         raise FlagError(str(e)) from e
 

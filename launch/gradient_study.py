@@ -26,6 +26,11 @@ from tfp_bnn_adv.studies.gradient_study import run_gradient_study
 
 FLAGS = lf.FLAGS
 
+SHARED = lf.use("preset", "dataset", "num_train", "hidden", "keras_model",
+                "allow_unconverged", "widths", "train_sizes", "sample_counts",
+                "methods", *lf.HMC_FLAGS)
+lf.adopt(__name__, SHARED)
+
 
 def config_from_flags() -> GradientStudyConfig:
     make = (GradientStudyConfig.paper if FLAGS.preset == "paper"
@@ -60,7 +65,8 @@ def config_from_flags() -> GradientStudyConfig:
 def main(argv):
     del argv
     out_dir, config, _ = lf.start("gradient_study", config_from_flags,
-                                  fingerprint)
+                                  fingerprint,
+                                  flag_list=lf.script_flags(__name__, SHARED))
     with lf.strategy().scope():
         results = run_gradient_study(config, out_dir,
                                      overwrite=FLAGS.overwrite)

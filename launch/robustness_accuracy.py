@@ -19,6 +19,7 @@ Example (paper scale: ~1000 models):
 import dataclasses
 
 from absl import app
+from absl import flags
 
 from launch import flags as lf
 from tfp_bnn_adv.studies.robustness_accuracy import RobustnessAccuracyConfig
@@ -26,6 +27,13 @@ from tfp_bnn_adv.studies.robustness_accuracy import fingerprint
 from tfp_bnn_adv.studies.robustness_accuracy import run_robustness_accuracy
 
 FLAGS = lf.FLAGS
+
+SHARED = lf.use("preset", "dataset", "half_moons_n", "num_train",
+                "keras_model", "allow_unconverged", "widths",
+                "training_lengths", "hmc_lengths", "methods", *lf.HMC_FLAGS)
+flags.DEFINE_list("depths", [], "Hidden-layer counts of the sweep.")
+lf.register("depths", lambda v: lf.int_list(v, "depths", 1))
+lf.adopt(__name__, SHARED)
 
 
 def config_from_flags() -> RobustnessAccuracyConfig:
@@ -57,7 +65,8 @@ def config_from_flags() -> RobustnessAccuracyConfig:
 def main(argv):
     del argv
     out_dir, config, _ = lf.start("robustness_accuracy", config_from_flags,
-                                  fingerprint, directories=("runs",))
+                                  fingerprint, directories=("runs",),
+                                  flag_list=lf.script_flags(__name__, SHARED))
     with lf.strategy().scope():
         results = run_robustness_accuracy(config, out_dir,
                                           overwrite=FLAGS.overwrite)

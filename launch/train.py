@@ -8,11 +8,13 @@ points, ``train/convergence/...``; for VI the loss trace and its plateau),
 resumable checkpoints in ``ckpt/``: run the same command again after an
 interruption and it continues.  An unconverged HMC posterior is saved but
 reported as UNCONVERGED (studies that use it refuse it unless
---allow_unconverged).
+--allow_unconverged).  The work is
+:func:`tfp_bnn_adv.studies.training.run_training`'s.
 
-``results.json`` records the run's fingerprint (see :func:`fingerprint`); a
-different configuration in the same --output_dir is refused before anything
-is fitted, naming the settings that differ, unless --overwrite deletes the
+``results.json`` records the run's fingerprint (see
+:func:`~tfp_bnn_adv.studies.training.fingerprint`); a different
+configuration in the same --output_dir is refused before anything is
+fitted, naming the settings that differ, unless --overwrite deletes the
 earlier posterior, results and checkpoints.
 
 Example:
@@ -21,76 +23,80 @@ Example:
       --num_results=250 --num_chains=2
 """
 
-import os
-
 from absl import app
+from absl import flags
 
 from launch import flags as lf
-from tfp_bnn_adv.studies import common
+from tfp_bnn_adv.studies.training import METHODS
 from tfp_bnn_adv.studies.training import InferenceSettings
-from tfp_bnn_adv.studies.training import fit_posterior
+from tfp_bnn_adv.studies.training import TrainingConfig
+from tfp_bnn_adv.studies.training import fingerprint
+from tfp_bnn_adv.studies.training import run_training
 
 FLAGS = lf.FLAGS
 
+SHARED = lf.use("dataset", "half_moons_n", "num_train", "hidden",
+                "keras_model", "epochs", "vi_samples", *lf.HMC_FLAGS)
+flags.DEFINE_enum("method", "hmc", list(METHODS), "Inference method.")
+flags.DEFINE_enum("architecture", "mlp", ["mlp", "cnn"],
+                  "Built-in architecture (ignored with --keras_model).")
+flags.DEFINE_list("filters", ["32", "64"], "Conv filters of the CNN.")
+flags.DEFINE_integer("batch_size", 128, "VI / SGD minibatch size.",
+                     lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "VI / SGD learning rate.")
+flags.DEFINE_integer("num_members", 5, "Deep-ensemble size.", lower_bound=1)
+lf.register("filters", lambda v: lf.int_list(v, "filters", 1))
+lf.positive_float("learning_rate")
+flags.register_multi_flags_validator(
+    ["hidden", "architecture"], lf.mlp_widths_ok,
+    message="--hidden widths must be >= 1 for an MLP (0, no dense layer, "
+    "is for --architecture=cnn only)")
+lf.adopt(__name__, SHARED)
 
-def fingerprint(settings: InferenceSettings) -> dict:
-    """The run's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+__all__ = ["config_from_flags", "inference_settings", "fingerprint", "main"]
 
-    Fields: the data set (name, and directory and source or half-moons
-    size), --num_train and --num_test (the test points give the accuracy and
-    HMC's diagnostics), the model (the SHA-256 of --keras_model, else
-    --architecture, --hidden and, for the CNN, --filters), the method's own
-    inference settings with their seed (:func:`common.settings_fields`) and
-    --max_rhat (the verdict in results.json).
-    """
-    if FLAGS.keras_model:
-        model = {"keras_model": common.file_sha256(FLAGS.keras_model)}
-    else:
-        model = {"architecture": FLAGS.architecture,
-                 "hidden": lf.ints(FLAGS.hidden, "hidden", 0)}
-        if FLAGS.architecture == "cnn":
-            model["filters"] = lf.ints(FLAGS.filters, "filters")
-    fields = {"data": common.data_fields(FLAGS.dataset, FLAGS.data_dir,
-                                         FLAGS.data_source, FLAGS.half_moons_n),
-              "num_train": lf.count(FLAGS.num_train),
-              "num_test": lf.count(FLAGS.num_test), "model": model,
-              "settings": common.settings_fields(settings),
-              "max_rhat": FLAGS.max_rhat}
-    inputs = ({"keras_model": os.path.abspath(FLAGS.keras_model)}
-              if FLAGS.keras_model else {})
-    return common.fingerprint("train", fields, inputs)
+
+def inference_settings() -> InferenceSettings:
+    """The inference flags as :class:`InferenceSettings`."""
+    return InferenceSettings(
+        method=FLAGS.method, num_chains=FLAGS.num_chains,
+        num_burnin_steps=FLAGS.num_burnin_steps, num_results=FLAGS.num_results,
+        thinning=FLAGS.thinning, step_size=FLAGS.step_size,
+        trajectory_length=FLAGS.trajectory_length,
+        num_leapfrog_steps=FLAGS.num_leapfrog_steps,
+        max_leapfrog_steps=FLAGS.max_leapfrog_steps,
+        mass_matrix=FLAGS.mass_matrix, kernel=FLAGS.kernel,
+        hmc_init=FLAGS.hmc_init, prior_scale=FLAGS.prior_scale,
+        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate, vi_samples=FLAGS.vi_samples,
+        num_members=FLAGS.num_members, seed=FLAGS.seed,
+        hmc_parallelism=FLAGS.hmc_parallelism,
+        matmul_precision=FLAGS.matmul_precision)
+
+
+def config_from_flags() -> TrainingConfig:
+    config = TrainingConfig(
+        settings=inference_settings(), dataset=FLAGS.dataset,
+        num_train=lf.count(FLAGS.num_train), num_test=lf.count(FLAGS.num_test),
+        architecture=FLAGS.architecture,
+        hidden=lf.ints(FLAGS.hidden, "hidden", 0),
+        filters=lf.ints(FLAGS.filters, "filters"),
+        keras_model=FLAGS.keras_model, data_dir=FLAGS.data_dir,
+        data_source=FLAGS.data_source, half_moons_n=FLAGS.half_moons_n,
+        max_rhat=FLAGS.max_rhat)
+    config.validate()
+    return config
 
 
 def main(argv):
     del argv
-    out_dir, settings, fp = lf.start("train", lf.inference_settings,
-                                     fingerprint, directories=("ckpt",))
-    ds = lf.dataset()
-    out = common.StudyOutput(out_dir, "train", fingerprint=fp,
-                             overwrite=FLAGS.overwrite,
-                             owned=("posterior.npz", "ckpt"))
+    out_dir, config, _ = lf.start(
+        "train", config_from_flags, fingerprint, directories=("ckpt",),
+        flag_list=lf.script_flags(__name__, SHARED))
     with lf.strategy().scope():
-        n_test = lf.count(FLAGS.num_test)
-        test_x, test_y = ds.test_x[:n_test], ds.test_y[:n_test]
-        ens, info = fit_posterior(lf.model(ds), ds.train_x, ds.train_y, settings,
-                                  checkpoint_dir=os.path.join(out_dir, "ckpt"),
-                                  verbose=1, probe_x=test_x, probe_y=test_y,
-                                  max_rhat=FLAGS.max_rhat)
-        ens.metadata.update({"dataset": FLAGS.dataset})
-        path = os.path.join(out_dir, "posterior.npz")
-        ens.save(path)
-        accuracy = ens.accuracy(test_x, test_y)
-    report = common.record_posterior(out, "train", ens, FLAGS.max_rhat)
-    out.update({"test/accuracy": accuracy, "train/num_samples": ens.num_samples,
-                "train/num_points": len(ds.train_x),
-                "train/fit_seconds": info["wall_seconds"],
-                "train/diagnostics": info.get("diagnostics"),
-                "settings": info["settings"], "posterior": path})
-    print(f"{common.mark(settings.method, report)} posterior with "
-          f"{ens.num_samples} samples: test accuracy {accuracy:.4f}; saved to "
-          f"{path}")
-    if report["method"] in ("hmc", "vi"):
-        print(common.describe("train", report))
+        results = run_training(config, out_dir, overwrite=FLAGS.overwrite,
+                               verbose=1)
+    print(results["summary"])
 
 
 if __name__ == "__main__":

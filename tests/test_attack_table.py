@@ -89,7 +89,7 @@ def test_unconverged_hmc_is_refused_before_any_attack(moons_ensembles, tmp_path,
     def no_attack(*args, **kwargs):
         raise AssertionError("attacked an unconverged posterior")
 
-    monkeypatch.setattr(at, "_attack", no_attack)
+    monkeypatch.setattr(common, "run_attack", no_attack)
     with pytest.raises(common.UnconvergedPosteriorError) as e:
         at.run_attack_table(_moons_config(), str(tmp_path),
                             ensembles={"HMC": hmc_ens, "NN": ensembles["NN"]})

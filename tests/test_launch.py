@@ -19,6 +19,8 @@ from launch import gradient_study  # pylint: disable=wrong-import-position
 from launch import quickstart  # pylint: disable=wrong-import-position
 from launch import robustness_accuracy  # pylint: disable=wrong-import-position
 from launch import train  # pylint: disable=wrong-import-position
+from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
+from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -64,7 +66,6 @@ def test_train_writes_a_loadable_posterior(trained):
     assert (trained["hmc"] / "ckpt").is_dir()
     # The HMC posterior's diagnostics, on held-out test points (half-moons
     # 300 points: 60 test points), and its trace plot.
-    from tfp_bnn_adv import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
     results = _results(trained["hmc"])
     ens = PosteriorEnsemble.load(str(trained["hmc"] / "posterior.npz"))
     assert results["train/diagnostics"] == ens.metadata["diagnostics"]
@@ -102,7 +103,6 @@ def test_attack_table_script(trained, tmp_path):
 
 
 def test_attack_requires_posteriors(tmp_path):
-    from absl import app  # pylint: disable=g-import-not-at-top
     with flagsaver.flagsaver(output_dir=str(tmp_path), posteriors=[]):
         with pytest.raises(app.UsageError, match="--posteriors"):
             attack.main(["attack"])
@@ -165,14 +165,12 @@ def test_robustness_accuracy_script_resumes(tmp_path):
 
 
 def test_user_keras_model_file(tmp_path):
-    from tfp_bnn_adv import models  # pylint: disable=g-import-not-at-top
     path = tmp_path / "mine.keras"
     models.mlp((2,), 2, (5, 3), name="mine").save(path)
     with flagsaver.flagsaver(output_dir=str(tmp_path / "out"), method="sgd",
                              dataset="half_moons", half_moons_n=200, epochs=1,
                              keras_model=str(path)):
         train.main(["train"])
-    from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
     ens = PosteriorEnsemble.load(tmp_path / "out" / "posterior.npz")
     assert ens.network.param_shapes == ((2, 5), (5,), (5, 3), (3,), (3, 2), (2,))
 
@@ -220,7 +218,6 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
 
 def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
     """--strategy=mirrored over the two logical CPUs, train then attack."""
-    from tfp_bnn_adv import PosteriorEnsemble  # pylint: disable=g-import-not-at-top
     hmc_dir, table_dir = tmp_path / "hmc", tmp_path / "table"
     shared = dict(dataset="half_moons", half_moons_n=300, strategy="mirrored",
                   logical_cpus=2)

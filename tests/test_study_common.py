@@ -1,18 +1,26 @@
 """The study output writer: atomic results, tables, figures."""
 
+import hashlib
 import json
+import os
 
+import numpy as np
 import pytest
 
+from tfp_bnn_adv import attacks
+from tfp_bnn_adv import data
+from tfp_bnn_adv import models
+from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.network import Network
 from tfp_bnn_adv.studies import common
 
 
 def test_tables_render_exactly():
     md = common.markdown_table(["a", "b"], [["x", 0.12345], ["y", None]])
     assert md == "| a | b |\n|---|---|\n| x | 0.123 |\n| y |  |\n"
-    txt = common.format_table(["name", "v"], [["long name", 1.0]])
-    assert txt.splitlines()[0] == "name       v    "
-    assert txt.splitlines()[2] == "long name  1.000"
+    md = common.markdown_table(["name", "v"], [["long name", 1.0]])
+    assert md.splitlines()[0] == "| name | v |"
+    assert md.splitlines()[2] == "| long name | 1.000 |"
 
 
 def test_results_merge_and_survive_reopening(tmp_path):
@@ -204,7 +212,6 @@ def test_results_without_a_fingerprint_or_unreadable_are_refused(tmp_path):
 
 
 def test_fingerprints_are_canonical_and_digest_their_fields():
-    import numpy as np  # pylint: disable=g-import-not-at-top
     a = common.fingerprint("s", {"widths": (4, 8), "eps": np.float64(0.25),
                                  "n": np.int64(3)})
     b = common.fingerprint("s", {"n": 3, "eps": 0.25, "widths": [4, 8]})
@@ -218,8 +225,6 @@ def test_fingerprints_are_canonical_and_digest_their_fields():
 
 
 def test_file_sha256_follows_the_content(tmp_path):
-    import hashlib  # pylint: disable=g-import-not-at-top
-    import os  # pylint: disable=g-import-not-at-top
     path = tmp_path / "p.npz"
     path.write_bytes(b"first")
     assert common.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
@@ -243,3 +248,63 @@ def test_directories_that_cannot_be_created_are_named(tmp_path):
         tmp_path / "new" / "dir")
     with pytest.raises(ValueError, match="output_dir=.*existing file"):
         common.StudyOutput(str(f), "t")
+
+
+# --- What studies share: one attack dispatcher, model and data loader, seed
+# rule. ---------------------------------------------------------------------
+
+def test_study_seeds_is_one_rule_for_every_study():
+    assert common.study_seeds(3) == common.Seeds(data=3, model=3, attack=3)
+    # A sweep's models differ only in their own seed: the data stay fixed.
+    assert common.study_seeds(3, sweep=True) == common.Seeds(
+        data=common.SWEEP_DATA_SEED, model=3, attack=3)
+    with pytest.raises(ValueError, match="seed"):
+        common.study_seeds(-1)
+    with pytest.raises(TypeError, match="seed"):
+        common.study_seeds(1.5)
+
+
+def _tiny_ensemble():
+    net = Network.from_keras(models.mlp((2,), 2, (4,)))
+    return PosteriorEnsemble(net, net.init_params(seed=0, num_samples=3))
+
+
+def test_run_attack_dispatches_by_name_with_the_attacks_defaults():
+    ens = _tiny_ensemble()
+    ds = data.half_moons(50, seed=1)
+    x, y = ds.test_x, ds.test_y
+    cases = [
+        ("random", dict(random_trials=2), attacks.random_attack,
+         dict(trials=2)),
+        ("fgsm", dict(gradient="predictive"), attacks.fgsm,
+         dict(gradient="predictive")),
+        ("pgd", dict(gradient="expected", pgd_steps=3, pgd_restarts=1),
+         attacks.pgd, dict(gradient="expected", steps=3, restarts=1)),
+        ("pgd", {}, attacks.pgd, {}),  # PGD's own defaults
+        ("square", dict(square_queries=7), attacks.square_attack,
+         dict(max_queries=7))]
+    for name, options, attack, kwargs in cases:
+        np.testing.assert_array_equal(
+            common.run_attack(ens, x, y, name, 0.1, seed=4, **options),
+            attack(ens, x, y, 0.1, seed=4, **kwargs))
+    with pytest.raises(ValueError, match="attack must be one of"):
+        common.run_attack(ens, x, y, "cw", 0.1, seed=0)
+
+
+def test_load_data_and_load_model(tmp_path):
+    moons = common.load_data("half_moons", data_dir="ignored",
+                             data_source="idx", half_moons_n=100, seed=2)
+    direct = data.half_moons(100, seed=2)
+    np.testing.assert_array_equal(moons.train_x, direct.train_x)
+    np.testing.assert_array_equal(moons.test_y, direct.test_y)
+    mlp = common.load_model((2,), 2, hidden=(5, 3))
+    assert [w.shape for w in mlp.weights] == [(2, 5), (5,), (5, 3), (3,),
+                                              (3, 2), (2,)]
+    cnn = common.load_model((28, 28, 1), 10, hidden=(0,), architecture="cnn",
+                            filters=(4,))
+    assert cnn.count_params() == models.cnn(
+        (28, 28, 1), 10, (4,)).count_params()
+    path = tmp_path / "mine.keras"
+    mlp.save(path)
+    loaded = common.load_model((9,), 9, hidden=(1,), keras_model=str(path))
+    assert [w.shape for w in loaded.weights] == [w.shape for w in mlp.weights]

@@ -26,6 +26,8 @@ import struct
 
 import numpy as np
 
+from tfp_bnn_adv import validate
+
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
@@ -163,7 +165,7 @@ class Dataset:
                 ("num_test", num_test, len(self.test_y))):
             if value is None:
                 continue
-            _check_int(arg, value)
+            validate.integer(value, arg)
             if not 1 <= value <= available:
                 raise ValueError(
                     f"{arg} must be in [1, {available}] (the rows available), "
@@ -214,17 +216,11 @@ def half_moons(n=1000, noise=0.1, seed=0, test_fraction=0.2):
       >>> ds.train_x.shape, ds.test_x.shape, ds.train_x.dtype
       ((800, 2), (200, 2), dtype('float32'))
     """
-    _check_int("n", n)
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    _check_real("noise", noise)
-    if not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite float >= 0, got {noise}")
+    validate.integer(n, "n", minimum=2)
+    validate.nonnegative_real(noise, "noise")
     _check_seed(seed)
-    _check_real("test_fraction", test_fraction)
-    if not 0 < test_fraction < 1:
-        raise ValueError(
-            f"test_fraction must be in (0, 1), got {test_fraction}")
+    validate.real(test_fraction, "test_fraction", minimum=0.0, maximum=1.0,
+                  min_open=True, max_open=True)
 
     rng = np.random.default_rng(seed)
     n0 = n // 2
@@ -386,23 +382,10 @@ def load_dataset(name, *, data_dir=None, source="auto", **kwargs):
     return loader(data_dir=data_dir, source=source)
 
 
-def _check_int(arg, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(
-            f"{arg} must be an int, got {value!r} ({type(value).__name__})")
-
-
-def _check_real(arg, value):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(
-            f"{arg} must be a real number, got {value!r} "
-            f"({type(value).__name__})")
-
-
 def _check_seed(seed):
-    _check_int("seed", seed)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    # Any int >= 0: numpy's SeedSequence and default_rng take big ints, so
+    # validate.seed_int's int32 bound would refuse seeds that work here.
+    validate.integer(seed, "seed", minimum=0)
 
 
 def _take_rows(x, y, size, seed_seq):

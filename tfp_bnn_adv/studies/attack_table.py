@@ -28,16 +28,16 @@ refused, naming what differs, unless ``overwrite`` deletes the earlier table.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping
 
 from absl import logging
 import numpy as np
 
-from tfp_bnn_adv import attacks
 from tfp_bnn_adv import data as data_lib
+from tfp_bnn_adv import files
 from tfp_bnn_adv import metrics
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.studies import common
@@ -45,8 +45,8 @@ from tfp_bnn_adv.studies import common
 __all__ = ["AttackTableConfig", "run_attack_table", "fingerprint",
            "PAPER_TABLE", "ATTACKS", "GRADIENTS"]
 
-ATTACKS = ("random", "fgsm", "pgd", "square")
-GRADIENT_ATTACKS = ("fgsm", "pgd")
+ATTACKS = common.ATTACKS
+GRADIENT_ATTACKS = common.GRADIENT_ATTACKS
 GRADIENTS = ("expected", "predictive", "sample")
 # Everything the table writes besides results.json, figures/, tensorboard/.
 _OWNED = ("table.csv", "table.md", "table_unchanged.csv",
@@ -85,7 +85,8 @@ class AttackTableConfig:
       square_queries: Square Attack query budget per example.
       max_samples: thin larger ensembles to at most this many samples.
       data_dir, data_source, half_moons_n: where the test data comes from.
-      seed: attacks' seed.
+      seed: the table's seed (:func:`~tfp_bnn_adv.studies.common.study_seeds`:
+        half-moons' draw, and the attacks: column ``i`` uses ``seed + i``).
       max_rhat: an HMC posterior is converged when its median function-space
         R-hat is at most this (``>= 1``).
       allow_unconverged: write the table even from unconverged HMC
@@ -132,18 +133,10 @@ class AttackTableConfig:
             raise ValueError(f"gradients must be among {', '.join(GRADIENTS)}"
                              f"; got {bad}.")
         for e in (self.eps,) + tuple(self.eps_sweep):
-            if isinstance(e, bool) or not isinstance(e, (int, float)) or (
-                    not math.isfinite(e)) or e < 0:
-                raise ValueError(f"eps values must be finite numbers >= 0, "
-                                 f"got {e!r}.")
-        if self.num_test is not None and (
-                isinstance(self.num_test, bool) or not isinstance(
-                    self.num_test, (int, np.integer)) or self.num_test < 1):
-            raise ValueError(f"num_test must be an int >= 1 or None (all), "
-                             f"got {self.num_test!r}.")
-        if self.dataset not in data_lib.DATASET_NAMES:
-            raise ValueError(f"dataset must be one of {data_lib.DATASET_NAMES}, "
-                             f"got {self.dataset!r}.")
+            common.check_field(validate.nonnegative_real, e, "eps")
+        common.check_field(validate.optional_positive_int, self.num_test,
+                           "num_test")
+        validate.choice(self.dataset, data_lib.DATASET_NAMES, "dataset")
         for label, path in self.posteriors:
             if not os.path.exists(path):
                 raise ValueError(f"posterior file {path!r} (label {label!r}) "
@@ -151,11 +144,10 @@ class AttackTableConfig:
 
 
 def _test_data(config: AttackTableConfig):
-    if config.dataset == "half_moons":
-        ds = data_lib.half_moons(config.half_moons_n, seed=config.seed)
-    else:
-        ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                                   source=config.data_source)
+    ds = common.load_data(config.dataset, data_dir=config.data_dir,
+                          data_source=config.data_source,
+                          half_moons_n=config.half_moons_n,
+                          seed=common.study_seeds(config.seed).data)
     return ds.test_x[:config.num_test], ds.test_y[:config.num_test]
 
 
@@ -210,20 +202,6 @@ def _columns(config) -> list[tuple[str, str | None]]:
         else:
             cols.append((attack, None))
     return cols
-
-
-def _attack(ens, x, y, attack, gradient, eps, config, seed):
-    if attack == "random":
-        return attacks.random_attack(ens, x, y, eps, trials=config.random_trials,
-                                     seed=seed)
-    if attack == "fgsm":
-        return attacks.fgsm(ens, x, y, eps, gradient=gradient, seed=seed)
-    if attack == "pgd":
-        return attacks.pgd(ens, x, y, eps, steps=config.pgd_steps,
-                           restarts=config.pgd_restarts, gradient=gradient,
-                           seed=seed)
-    return attacks.square_attack(ens, x, y, eps,
-                                 max_queries=config.square_queries, seed=seed)
 
 
 def _col_name(attack, gradient):
@@ -286,6 +264,7 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         reports, allow_unconverged=config.allow_unconverged,
         what="the attack table", saved_to=out.path("results.json"))
     x, y = _test_data(config)
+    attack_seed = common.study_seeds(config.seed).attack
     cols = _columns(config)
     eps_values = [config.eps] + [e for e in config.eps_sweep if e != config.eps]
     progress = common.Progress("attack_table",
@@ -303,8 +282,12 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
             clean = metrics.clean_accuracy(ens.predict_proba(x), y)
             row_acc, row_unch = [], []
             for i, (attack, gradient) in enumerate(cols):
-                x_adv = _attack(ens, x, y, attack, gradient, eps, config,
-                                seed=config.seed + i)
+                x_adv = common.run_attack(
+                    ens, x, y, attack, eps, seed=attack_seed + i,
+                    gradient=gradient, pgd_steps=config.pgd_steps,
+                    pgd_restarts=config.pgd_restarts,
+                    random_trials=config.random_trials,
+                    square_queries=config.square_queries)
                 m = metrics.evaluate_attack(ens, x, y, x_adv, attack_name=attack,
                                             gradient=gradient)
                 m = {f"{prefix}/{k}": v for k, v in m.items()}
@@ -361,7 +344,6 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         "\n## Unchanged predictions (adversarial robustness)\n\n"
         "Fraction of test points whose predicted class the attack did not "
         "change.\n\n" + common.markdown_table(unch_header, unchanged_rows))
-    from tfp_bnn_adv import files  # pylint: disable=g-import-not-at-top
     files.write_text(out.path("table.md"), md)
     results["figures"] = [_plot(out, acc_header, acc_rows, col_names)]
     results["table_markdown"] = md

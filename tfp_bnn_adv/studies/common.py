@@ -1,5 +1,12 @@
 """What every study shares: its output directory, progress, figures, gates.
 
+Studies name, build and seed things one way: :func:`run_attack` runs any of
+:data:`ATTACKS` by name, :func:`load_model` builds the model a study fits (a
+``.keras`` file or a built-in MLP/CNN), :func:`load_data` loads any data set
+through :func:`tfp_bnn_adv.data.load_dataset` (half-moons included), and
+:func:`study_seeds` is the one rule deriving a study's data, model and attack
+seeds from its seed.
+
 One results writer (:class:`StudyOutput`) owns a study's ``output_dir``:
 ``results.json`` (flat keys like ``test/adv_robustness/pgd/expected``),
 tables as CSV and Markdown, ``figures/*.png``, TensorBoard scalars under
@@ -49,19 +56,28 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
-import numbers
 import os
 import re
 import shutil
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
 
+from tfp_bnn_adv import attacks
+from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import files
+from tfp_bnn_adv import models
+from tfp_bnn_adv import validate
+from tfp_bnn_adv.inference import hmc
 
-__all__ = ["StudyOutput", "Progress", "format_table", "markdown_table",
+__all__ = ["StudyOutput", "Progress", "markdown_table",
+           "ATTACKS", "GRADIENT_ATTACKS", "run_attack", "load_model",
+           "load_data", "Seeds", "SWEEP_DATA_SEED", "study_seeds",
+           "check_field",
            "UNCONVERGED", "CONVERGENCE_HEADER", "CONVERGENCE_NOTE",
            "UnconvergedPosteriorError", "check_max_rhat", "convergence_report",
            "is_unconverged", "mark", "describe", "convergence_columns",
@@ -107,17 +123,6 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
              "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A fixed-width plain-text table for the terminal."""
-    rows = [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(out) + "\n"
 
 
 class StudyOutput:
@@ -213,7 +218,6 @@ class StudyOutput:
 
     def scalars(self, values: Mapping[str, Any], step: int = 0) -> None:
         """Writes the numeric entries of ``values`` as TensorBoard scalars."""
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
         numeric = {k: float(v) for k, v in values.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if not numeric:
@@ -246,8 +250,7 @@ class StudyOutput:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         path = self.figure_path(stem)
         files.write_bytes(path, buf.getvalue())
-        import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-        plt.close(fig)
+        pyplot().close(fig)
         return path
 
 
@@ -283,11 +286,168 @@ def _hms(seconds: float) -> str:
 
 
 def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
+    """matplotlib.pyplot with the non-interactive Agg backend.
+
+    Imported on first use, not at module import: choosing the backend is a
+    process-wide change that only a study drawing figures should make.
+    """
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     return plt
+
+
+# ----------------------------------------------------- what studies share
+# One attack dispatcher, one model loader, one data loader and one seed rule,
+# so that every study and script names, builds and seeds things alike.
+
+ATTACKS = ("random", "fgsm", "pgd", "square")
+# The attacks that take a gradient definition.
+GRADIENT_ATTACKS = ("fgsm", "pgd")
+
+
+def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
+               gradient: str | None = None, pgd_steps: int | None = None,
+               pgd_restarts: int | None = None,
+               random_trials: int | None = None,
+               square_queries: int | None = None):
+    """One attack of :data:`ATTACKS`, by name.
+
+    Settings left ``None`` take the attack's own default (``pgd``: 40 steps,
+    1 restart, step size ``2.5 eps / steps``; ``random_attack``: 1 trial;
+    ``square_attack``: 1000 queries; FGSM and PGD: the expected gradient).
+
+    Args:
+      ensemble: the :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` attacked.
+      x: float32 inputs ``[B, *input_shape]`` in ``[0, 1]``.
+      y: int labels ``[B]``.
+      attack: ``"random"``, ``"fgsm"``, ``"pgd"`` or ``"square"``.
+      eps: the L-inf radius, ``>= 0``.
+      seed: the attack's seed.
+      gradient: FGSM's and PGD's gradient definition (``"expected"``,
+        ``"predictive"``, ``"sample"``); ignored by the others.
+      pgd_steps, pgd_restarts: PGD's steps and restarts.
+      random_trials: best-of-k of the random attack.
+      square_queries: Square Attack's query budget per example.
+
+    Returns:
+      The attacked inputs, float32 ``[B, *input_shape]``.
+
+    Raises:
+      ValueError: for an unknown ``attack`` (and whatever the attack raises).
+
+    Example:
+      >>> x_adv = run_attack(ens, x, y, "pgd", 0.25, seed=0,
+      ...                    gradient="predictive", pgd_steps=20)
+    """
+    if attack == "random":
+        fn, options = attacks.random_attack, {"trials": random_trials}
+    elif attack == "fgsm":
+        fn, options = attacks.fgsm, {"gradient": gradient}
+    elif attack == "pgd":
+        fn, options = attacks.pgd, {"steps": pgd_steps,
+                                    "restarts": pgd_restarts,
+                                    "gradient": gradient}
+    elif attack == "square":
+        fn, options = attacks.square_attack, {"max_queries": square_queries}
+    else:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}.")
+    return fn(ensemble, x, y, eps, seed=seed,
+              **{k: v for k, v in options.items() if v is not None})
+
+
+def load_model(input_shape: Sequence[int], num_classes: int, *,
+               hidden: Sequence[int] = (), keras_model=None,
+               architecture: str = "mlp", filters: Sequence[int] = ()):
+    """The Keras model a study fits: a ``.keras`` file, else a built-in one.
+
+    Args:
+      input_shape: one input's shape, e.g. ``(28, 28, 1)``.
+      num_classes: output classes.
+      hidden: the MLP's hidden widths (the CNN's dense layers after its
+        convolutions, where a 0 means none).
+      keras_model: path of a saved Keras 3 model used instead (loaded
+        uncompiled; ``input_shape`` and the rest are then ignored).
+      architecture: ``"mlp"`` or ``"cnn"``.
+      filters: the CNN's convolution filters.
+
+    Returns:
+      A built, uncompiled ``keras.Model``.
+    """
+    if keras_model:
+        return keras.saving.load_model(keras_model, compile=False)
+    if architecture == "cnn":
+        return models.cnn(input_shape, num_classes, tuple(filters),
+                          hidden=tuple(h for h in hidden if h))
+    return models.mlp(input_shape, num_classes, tuple(hidden))
+
+
+def load_data(name: str, *, data_dir=None, data_source: str = "auto",
+              half_moons_n: int = 1000, seed: int = 0):
+    """A study's data set, through :func:`tfp_bnn_adv.data.load_dataset`.
+
+    Args:
+      name: one of :data:`tfp_bnn_adv.data.DATASET_NAMES`.
+      data_dir, data_source: where an image data set is read from (ignored
+        for half-moons, which is generated).
+      half_moons_n: half-moons' size (80/20 train/test split).
+      seed: half-moons' draw (:func:`study_seeds`' ``data``).
+
+    Returns:
+      The :class:`~tfp_bnn_adv.data.Dataset`.
+    """
+    if name == "half_moons":
+        return data_lib.load_dataset(name, n=half_moons_n, seed=seed)
+    return data_lib.load_dataset(name, data_dir=data_dir, source=data_source)
+
+
+class Seeds(NamedTuple):
+    """The seeds of one study run (see :func:`study_seeds`).
+
+    Attributes:
+      data: half-moons' draw and the training subset.
+      model: the fit (``InferenceSettings.seed``; VI draws its samples with
+        ``model + 1``).
+      attack: the first attack; the ``i``-th column of an attack table uses
+        ``attack + i``.
+    """
+    data: int
+    model: int
+    attack: int
+
+
+# A sweep's data are the same for every seed of the sweep.
+SWEEP_DATA_SEED = 0
+
+
+def study_seeds(seed, *, sweep: bool = False) -> Seeds:
+    """The one rule by which every study derives its seeds from its seed.
+
+    Data, model and attack are all seeded with the study's ``seed``: a
+    study is one draw of everything.  A sweep that trains one model per seed
+    (``robustness_accuracy``) keeps its data fixed instead
+    (:data:`SWEEP_DATA_SEED`), so that its models differ only in their own
+    seed.
+
+    Args:
+      seed: the study's (or sweep run's) seed, an int ``>= 0``.
+      sweep: whether ``seed`` is one of a sweep's seeds.
+
+    Returns:
+      :class:`Seeds`.
+
+    Raises:
+      TypeError, ValueError: for a seed that is not an int ``>= 0``.
+
+    Example:
+      >>> study_seeds(3)
+      Seeds(data=3, model=3, attack=3)
+      >>> study_seeds(3, sweep=True)
+      Seeds(data=0, model=3, attack=3)
+    """
+    seed = validate.integer(seed, "seed", minimum=0)
+    return Seeds(data=SWEEP_DATA_SEED if sweep else seed, model=seed,
+                 attack=seed)
 
 
 class ConfigMismatchError(ValueError):
@@ -357,7 +517,6 @@ def ensemble_sha256(ensemble) -> str:
     every weight (dtype, shape and bytes of each ``[S, ...]`` parameter) and
     the metadata's ``method`` and ``diagnostics``.
     """
-    import numpy as np  # pylint: disable=g-import-not-at-top
     meta = ensemble.metadata or {}
     h = hashlib.sha256(json.dumps(
         {"network": ensemble.network.get_config(),
@@ -565,11 +724,23 @@ def check_max_rhat(value, name: str = "max_rhat") -> float:
       ValueError: for a non-number, a non-finite number or one below 1
         (R-hat is never below 1 in expectation, so nothing would pass).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            not math.isfinite(value)) or value < 1:
+    try:
+        return validate.real(value, name, minimum=1)
+    except (TypeError, ValueError):
         raise ValueError(f"{name} must be a finite number >= 1 (R-hat is never "
-                         f"below 1 in expectation), got {value!r}.")
-    return float(value)
+                         f"below 1 in expectation), got {value!r}.") from None
+
+
+def check_field(check, value, *args, **kwargs):
+    """A :mod:`tfp_bnn_adv.validate` check of a config field.
+
+    Its TypeError (a field of the wrong type) is raised as a ValueError: to a
+    config's ``validate()`` both are a bad configuration.
+    """
+    try:
+        return check(value, *args, **kwargs)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def convergence_report(metadata: Mapping[str, Any] | None,
@@ -607,7 +778,6 @@ def convergence_report(metadata: Mapping[str, Any] | None,
     report: dict[str, Any] = {"method": method, "converged": None,
                               "diagnostics": diag}
     if method == "hmc":
-        from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
         report.update(hmc.convergence_summary(diag, max_rhat),
                       max_rhat=max_rhat)
     elif method == "vi":
@@ -725,7 +895,6 @@ def trace_figure(out: "StudyOutput", label: str, ensemble,
     traces = metadata.get("traces")
     if report.get("method") != "hmc" or not traces:
         return None
-    from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
     return hmc.plot_traces(traces, out.figure_path(f"traces_{_slug(label)}"),
                            title=describe(label, report))
 

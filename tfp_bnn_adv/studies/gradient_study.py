@@ -35,7 +35,7 @@ import numpy as np
 
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import gradients
-from tfp_bnn_adv import models
+from tfp_bnn_adv import validate
 from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import InferenceSettings
 from tfp_bnn_adv.studies.training import fit_posterior
@@ -46,7 +46,8 @@ __all__ = ["GradientStudyConfig", "run_gradient_study", "fingerprint",
 # Everything the study writes besides results.json, figures/, tensorboard/.
 _OWNED = ("gradients.csv", "gradients.md")
 
-# Published mean |<grad L>| on MNIST for 1, 10, 100 samples (PAPER.md).
+# Published mean |<grad L>| on MNIST for 1, 10, 100 samples (PAPER.md),
+# quoted in the table's note.
 PAPER_MNIST = {"hmc": {1: 0.574, 10: 0.045, 100: 0.011},
                "vi": {1: 4.730, 10: 0.961, 100: 0.147}}
 
@@ -75,7 +76,8 @@ class GradientStudyConfig:
       include_deterministic: add an SGD network of each architecture.
       sgd: its training settings on images.
       data_dir, data_source: where image data comes from.
-      seed: the study's seed.
+      seed: the study's seed: data, fits
+        (:func:`~tfp_bnn_adv.studies.common.study_seeds`).
       max_rhat: an HMC posterior is converged when its median function-space
         R-hat is at most this (``>= 1``).
       allow_unconverged: go on past an unconverged HMC posterior (marking it
@@ -139,22 +141,14 @@ class GradientStudyConfig:
         common.check_max_rhat(self.max_rhat, "max_rhat")
         for name in ("moons_widths", "moons_train_sizes", "sample_counts",
                      "image_hidden"):
-            values = getattr(self, name)
-            if not values or any(not isinstance(v, (int, np.integer)) or v < 1
-                                 for v in values):
-                raise ValueError(f"{name} must be a non-empty tuple of ints >= "
-                                 f"1, got {values!r}.")
-        if self.image_dataset not in (None, "mnist", "fashion_mnist"):
-            raise ValueError(f"image_dataset must be 'mnist', 'fashion_mnist' "
-                             f"or None, got {self.image_dataset!r}.")
+            common.check_field(validate.int_sequence, getattr(self, name), name)
+        validate.choice(self.image_dataset, (None, "mnist", "fashion_mnist"),
+                        "image_dataset")
         bad = [m for m in self.image_methods if m not in ("hmc", "vi")]
         if bad:
             raise ValueError(f"image_methods may hold 'hmc' and 'vi', got {bad}.")
-        if self.num_test is not None and (
-                isinstance(self.num_test, bool) or not isinstance(
-                    self.num_test, (int, np.integer)) or self.num_test < 1):
-            raise ValueError(f"num_test must be an int >= 1 or None (all), "
-                             f"got {self.num_test!r}.")
+        common.check_field(validate.optional_positive_int, self.num_test,
+                           "num_test")
         if self.keras_model is not None and not os.path.exists(self.keras_model):
             raise ValueError(f"keras_model file {self.keras_model!r} not found.")
 
@@ -298,13 +292,6 @@ def _measure(ens, x, y, counts, key_prefix: str, rows: list, setting: dict,
     return results, components
 
 
-def _model(dataset, hidden, keras_model_path):
-    if keras_model_path:
-        import keras  # pylint: disable=g-import-not-at-top
-        return keras.saving.load_model(keras_model_path, compile=False)
-    return models.mlp(dataset.input_shape, dataset.num_classes, hidden)
-
-
 def _plot_components_moons(out, comps: dict, widths, n_train, counts,
                            unconverged: set):
     plt = common.pyplot()
@@ -445,18 +432,22 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                         "skipped.", hmc_samples)
 
     # Half-moons: HMC over widths and training-set sizes.
+    seeds = common.study_seeds(config.seed)
     n_test = config.num_test
     for n_train in config.moons_train_sizes:
         n_total = int(np.ceil(n_train / 0.8))
-        moons = data_lib.half_moons(n_total, noise=config.moons_noise,
-                                    seed=config.seed)
+        moons = data_lib.load_dataset("half_moons", n=n_total,
+                                      noise=config.moons_noise,
+                                      seed=seeds.data)
         x_test, y_test = moons.test_x[:n_test], moons.test_y[:n_test]
         for width in config.moons_widths:
-            hidden = (width,) * config.moons_depth
-            model = models.mlp((2,), 2, hidden)
-            methods = [("hmc", config.moons_hmc.replace(seed=config.seed))]
+            model = common.load_model(
+                moons.input_shape, moons.num_classes,
+                hidden=(width,) * config.moons_depth)
+            methods = [("hmc", config.moons_hmc.replace(seed=seeds.model))]
             if config.include_deterministic:
-                methods.append(("sgd", config.moons_sgd.replace(seed=config.seed)))
+                methods.append(("sgd",
+                                config.moons_sgd.replace(seed=seeds.model)))
             for method, settings in methods:
                 ens, info = fit_posterior(model, moons.train_x, moons.train_y,
                                           settings, probe_x=x_test,
@@ -481,10 +472,10 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
     # Images: HMC and VI over sample counts, SGD as the comparison.
     image_comps = {}
     if image_methods:
-        ds = data_lib.load_dataset(config.image_dataset, data_dir=config.data_dir,
-                                   source=config.data_source)
+        ds = common.load_data(config.image_dataset, data_dir=config.data_dir,
+                              data_source=config.data_source)
         if config.image_num_train is not None:
-            ds = ds.subset(num_train=config.image_num_train, seed=config.seed)
+            ds = ds.subset(num_train=config.image_num_train, seed=seeds.data)
         x_test, y_test = ds.test_x[:n_test], ds.test_y[:n_test]
         width = config.image_hidden[0]
         methods = [(m, config.image_hmc if m == "hmc" else config.image_vi)
@@ -498,9 +489,11 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                 n_train = ens.metadata.get("num_train", len(ds.train_x))
                 width = ens.network.param_shapes[0][-1]
             else:
-                model = _model(ds, config.image_hidden, config.keras_model)
+                model = common.load_model(ds.input_shape, ds.num_classes,
+                                          hidden=config.image_hidden,
+                                          keras_model=config.keras_model)
                 ens, info = fit_posterior(model, ds.train_x, ds.train_y,
-                                          settings.replace(seed=config.seed),
+                                          settings.replace(seed=seeds.model),
                                           probe_x=x_test, probe_y=y_test,
                                           max_rhat=config.max_rhat)
                 n_train = len(ds.train_x)
@@ -584,9 +577,12 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
     header = ["dataset", "method", "width", "n_train", "samples", "gradient",
               "mean_abs", "l2"] + list(common.CONVERGENCE_HEADER)
     unconverged = [p for p, r in reports.items() if common.is_unconverged(r)]
+    paper = {m: " / ".join(f"{v:.3f}" for v in PAPER_MNIST[m].values())
+             for m in PAPER_MNIST}
     note = ("mean_abs: mean |component| of the gradient over test points; the "
-            "paper reports on MNIST (HMC) 0.574 / 0.045 / 0.011 and (VI) "
-            "4.730 / 0.961 / 0.147 for 1 / 10 / 100 samples.\n\n"
+            f"paper reports on MNIST (HMC) {paper['hmc']} and (VI) "
+            f"{paper['vi']} for "
+            f"{' / '.join(str(k) for k in PAPER_MNIST['hmc'])} samples.\n\n"
             + common.CONVERGENCE_NOTE)
     if unconverged:
         note += ("\n\n**Warning:** written with unconverged HMC posteriors "

@@ -39,11 +39,10 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from tfp_bnn_adv import attacks
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import files
 from tfp_bnn_adv import metrics
-from tfp_bnn_adv import models
+from tfp_bnn_adv import validate
 from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import InferenceSettings
 from tfp_bnn_adv.studies.training import fit_posterior
@@ -69,7 +68,9 @@ class RobustnessAccuracyConfig:
       depths: numbers of hidden layers.
       training_lengths: epochs of SGD/VI training.
       hmc_lengths: burn-in iterations of HMC (its "training length").
-      seeds: one model per seed and setting.
+      seeds: one model per seed and setting; every seed's model is fitted
+        and attacked with that seed, on the same data
+        (:func:`~tfp_bnn_adv.studies.common.study_seeds` with ``sweep``).
       eps: ``method -> tuple of eps``; methods not listed use ``eps_default``.
       eps_default: radii for methods without their own entry.
       attack: ``"fgsm"`` or ``"pgd"``; gradient: ``"expected"`` or
@@ -143,28 +144,14 @@ class RobustnessAccuracyConfig:
         if bad or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of sgd, hmc, "
                              f"vi, ensemble; got {self.methods!r}.")
-        if self.attack not in _ATTACKS:
-            raise ValueError(f"attack must be one of {_ATTACKS}, got "
-                             f"{self.attack!r}.")
-        if self.gradient not in ("expected", "predictive"):
-            raise ValueError(f"gradient must be 'expected' or 'predictive', "
-                             f"got {self.gradient!r}.")
+        validate.choice(self.attack, _ATTACKS, "attack")
+        validate.choice(self.gradient, ("expected", "predictive"), "gradient")
         for name in ("widths", "depths", "training_lengths", "hmc_lengths"):
-            values = getattr(self, name)
-            if not values or any(not isinstance(v, (int, np.integer)) or v < 1
-                                 for v in values):
-                raise ValueError(f"{name} must be a non-empty tuple of ints >= "
-                                 f"1, got {values!r}.")
+            common.check_field(validate.int_sequence, getattr(self, name), name)
         for name in ("num_train", "num_test"):
-            value = getattr(self, name)
-            if value is not None and (
-                    isinstance(value, bool) or not isinstance(
-                        value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None (all), "
-                                 f"got {value!r}.")
-        if self.dataset not in data_lib.DATASET_NAMES:
-            raise ValueError(f"dataset must be one of {data_lib.DATASET_NAMES}, "
-                             f"got {self.dataset!r}.")
+            common.check_field(validate.optional_positive_int,
+                               getattr(self, name), name)
+        validate.choice(self.dataset, data_lib.DATASET_NAMES, "dataset")
         if self.keras_model is not None and not os.path.exists(self.keras_model):
             raise ValueError(f"keras_model file {self.keras_model!r} not found.")
 
@@ -208,7 +195,8 @@ def fingerprint(config: RobustnessAccuracyConfig) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
+class _SweepRun:
+    """One model of the sweep: its axes, and the id of its run file."""
     method: str
     depth: int
     width: int
@@ -221,7 +209,7 @@ class _Run:
                 f"s{self.seed}")
 
 
-def _runs(config: RobustnessAccuracyConfig) -> list[_Run]:
+def _runs(config: RobustnessAccuracyConfig) -> list[_SweepRun]:
     runs = []
     for method in config.methods:
         lengths = config.hmc_lengths if method == "hmc" else config.training_lengths
@@ -229,7 +217,7 @@ def _runs(config: RobustnessAccuracyConfig) -> list[_Run]:
         widths = (0,) if config.keras_model else config.widths
         for depth, width, length, seed in itertools.product(
                 depths, widths, lengths, config.seeds):
-            runs.append(_Run(method, depth, width, length, seed))
+            runs.append(_SweepRun(method, depth, width, length, seed))
     return runs
 
 
@@ -238,29 +226,19 @@ def run_ids(config: RobustnessAccuracyConfig) -> list[str]:
     return [r.run_id for r in _runs(config)]
 
 
-def _settings(config, run: _Run) -> InferenceSettings:
+def _settings(config, run: _SweepRun) -> InferenceSettings:
     base = {"hmc": config.hmc, "vi": config.vi}.get(run.method, config.sgd)
-    base = base.replace(method=run.method, seed=run.seed)
+    base = base.replace(method=run.method,
+                        seed=common.study_seeds(run.seed, sweep=True).model)
     if run.method == "hmc":
         return base.replace(num_burnin_steps=run.length)
     return base.replace(epochs=run.length)
 
 
-def _model(config, ds, run: _Run):
-    if config.keras_model:
-        import keras  # pylint: disable=g-import-not-at-top
-        return keras.saving.load_model(config.keras_model, compile=False)
-    return models.mlp(ds.input_shape, ds.num_classes, (run.width,) * run.depth)
-
-
-def _attack(config, ens, x, y, eps, seed):
-    if config.attack == "fgsm":
-        return attacks.fgsm(ens, x, y, eps, gradient=config.gradient, seed=seed)
-    return attacks.pgd(ens, x, y, eps, gradient=config.gradient, seed=seed)
-
-
-def _one_run(config, ds, run: _Run, x, y, out) -> dict[str, Any]:
-    model = _model(config, ds, run)
+def _one_run(config, ds, run: _SweepRun, x, y, out) -> dict[str, Any]:
+    model = common.load_model(ds.input_shape, ds.num_classes,
+                              hidden=(run.width,) * run.depth,
+                              keras_model=config.keras_model)
     ens, info = fit_posterior(model, ds.train_x, ds.train_y,
                               _settings(config, run), probe_x=x, probe_y=y,
                               max_rhat=config.max_rhat)
@@ -274,8 +252,11 @@ def _one_run(config, ds, run: _Run, x, y, out) -> dict[str, Any]:
               "fit_seconds": info["wall_seconds"],
               "diagnostics": report["diagnostics"],
               "converged": report["converged"], "robustness": {}}
+    attack_seed = common.study_seeds(run.seed, sweep=True).attack
     for eps in config.eps_for(run.method):
-        x_adv = _attack(config, ens, x, y, eps, run.seed)
+        # PGD with its own defaults (40 steps, 1 restart).
+        x_adv = common.run_attack(ens, x, y, config.attack, eps,
+                                  seed=attack_seed, gradient=config.gradient)
         p_adv = ens.predict_proba(x_adv)
         result["robustness"][f"{eps:g}"] = {
             "softmax_robustness": metrics.softmax_robustness(p_clean, p_adv),
@@ -341,13 +322,13 @@ def run_robustness_accuracy(config: RobustnessAccuracyConfig, output_dir: str,
     logging.info("Robustness-accuracy sweep: %d models, %d already done.",
                  len(runs), len(runs) - len(todo))
     if todo:
-        if config.dataset == "half_moons":
-            ds = data_lib.half_moons(config.half_moons_n)
-        else:
-            ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                                       source=config.data_source)
+        ds = common.load_data(config.dataset, data_dir=config.data_dir,
+                              data_source=config.data_source,
+                              half_moons_n=config.half_moons_n,
+                              seed=common.SWEEP_DATA_SEED)
         if config.num_train is not None and config.num_train < len(ds.train_x):
-            ds = ds.subset(num_train=config.num_train, seed=0)
+            ds = ds.subset(num_train=config.num_train,
+                           seed=common.SWEEP_DATA_SEED)
         x, y = ds.test_x[:config.num_test], ds.test_y[:config.num_test]
         progress = common.Progress("robustness_accuracy", len(todo))
         for run in todo:

@@ -1,4 +1,4 @@
-"""Fit a posterior by method name: the one dispatcher studies and scripts use.
+"""Fit a posterior by method name, and the training study that saves one.
 
 HMC (:mod:`~tfp_bnn_adv.inference.hmc`), VI (:mod:`~tfp_bnn_adv.inference.vi`),
 SGD and deep ensembles (:mod:`~tfp_bnn_adv.inference.sgd`) all end in a
@@ -12,6 +12,12 @@ R-hat/ESS of :class:`~tfp_bnn_adv.inference.hmc.Diagnostics` (on a held-out
 probe set when the caller has one), for VI the per-epoch training loss (the
 negative ELBO per training point) and whether it plateaued
 (:func:`elbo_plateau`).
+
+:func:`run_training` is the study behind ``launch.train``: it fits one
+posterior (:class:`TrainingConfig`), evaluates it on the test points and
+writes ``posterior.npz``, ``results.json`` (with the posterior's
+diagnostics and the run's :func:`fingerprint`), ``ckpt/`` and, for HMC, a
+trace plot.
 """
 
 from __future__ import annotations
@@ -25,15 +31,23 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from tfp_bnn_adv import data as data_lib
+from tfp_bnn_adv import validate
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.inference import hmc
+from tfp_bnn_adv.inference import sgd
+from tfp_bnn_adv.inference import vi
+from tfp_bnn_adv.studies import common
 
 __all__ = ["METHODS", "InferenceSettings", "fit_posterior", "elbo_plateau",
-           "PLATEAU_WINDOW", "PLATEAU_TOLERANCE", "MAX_PROBE_POINTS"]
+           "PLATEAU_WINDOW", "PLATEAU_TOLERANCE", "MAX_PROBE_POINTS",
+           "TrainingConfig", "run_training", "fingerprint"]
 
 METHODS = ("hmc", "vi", "sgd", "ensemble")
-# hmc.MASS_MATRICES, repeated so that settings validate without importing
-# the sampler.
-_MASS_MATRICES = ("diagonal", "identity")
+_MASS_MATRICES = hmc.MASS_MATRICES
+# Everything the training study writes besides results.json, figures/,
+# tensorboard/.
+_OWNED = ("posterior.npz", "ckpt")
 
 # VI's loss has plateaued when the mean over the last 20% of epochs differs
 # from the mean over the 20% before by less than 1% (relative).
@@ -249,7 +263,6 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
     logging.info("Fitting %s posterior on %d points: %s", s.method,
                  len(train_x), s.relevant())
     if s.method == "hmc":
-        from tfp_bnn_adv.inference import hmc  # pylint: disable=g-import-not-at-top
         ens, diag = hmc.sample(
             model, train_x, train_y, num_chains=s.num_chains,
             num_burnin_steps=s.num_burnin_steps, num_results=s.num_results,
@@ -264,7 +277,6 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
             matmul_precision=s.matmul_precision)
         info["diagnostics"] = diag.to_dict()
     elif s.method == "vi":
-        from tfp_bnn_adv.inference import vi  # pylint: disable=g-import-not-at-top
         post = vi.fit(model, train_x, train_y, epochs=s.epochs,
                       batch_size=s.batch_size, learning_rate=s.learning_rate,
                       prior_scale=s.prior_scale, seed=s.seed,
@@ -284,7 +296,6 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
                             "plateau: relative change %s over the last "
                             "epochs.", info["diagnostics"]["relative_change"])
     else:
-        from tfp_bnn_adv.inference import sgd  # pylint: disable=g-import-not-at-top
         members = 1 if s.method == "sgd" else s.num_members
         ens = sgd.train_ensemble(model, train_x, train_y, num_members=members,
                                  epochs=s.epochs, batch_size=s.batch_size,
@@ -297,3 +308,160 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
     logging.info("%s posterior: S=%d in %.1f s", s.method, ens.num_samples,
                  info["wall_seconds"])
     return ens, info
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """What the training study fits.
+
+    Attributes:
+      settings: the method and its settings; ``settings.seed`` is the run's
+        seed (the data's too: :func:`~tfp_bnn_adv.studies.common.study_seeds`).
+      dataset: ``"fashion_mnist"``, ``"mnist"`` or ``"half_moons"``.
+      num_train: training subset size (``None``: all).
+      num_test: test points for the accuracy and HMC's diagnostics
+        (the first ``num_test``; ``None``: all).
+      architecture: ``"mlp"`` or ``"cnn"`` (ignored with ``keras_model``).
+      hidden: the MLP's hidden widths (the CNN's dense layers; 0: none).
+      filters: the CNN's convolution filters.
+      keras_model: a ``.keras`` file used instead of ``architecture``.
+      data_dir, data_source, half_moons_n: where the data come from.
+      max_rhat: an HMC posterior is converged when its median function-space
+        R-hat is at most this (``>= 1``).
+    """
+    settings: InferenceSettings = InferenceSettings()
+    dataset: str = "fashion_mnist"
+    num_train: int | None = None
+    num_test: int | None = None
+    architecture: str = "mlp"
+    hidden: tuple = (512,)
+    filters: tuple = (32, 64)
+    keras_model: str | None = None
+    data_dir: str | None = None
+    data_source: str = "auto"
+    half_moons_n: int = 2000
+    max_rhat: float = 1.1
+
+    def validate(self) -> None:
+        common.check_max_rhat(self.max_rhat, "max_rhat")
+        validate.instance(self.settings, InferenceSettings, "settings")
+        validate.choice(self.dataset, data_lib.DATASET_NAMES, "dataset")
+        validate.choice(self.architecture, ("mlp", "cnn"), "architecture")
+        for name in ("num_train", "num_test"):
+            common.check_field(validate.optional_positive_int,
+                               getattr(self, name), name)
+        common.check_field(validate.int_sequence, self.hidden, "hidden",
+                           minimum=0 if self.architecture == "cnn" else 1)
+        if self.architecture == "cnn":
+            common.check_field(validate.int_sequence, self.filters, "filters")
+        if self.keras_model is not None and not os.path.isfile(
+                self.keras_model):
+            raise ValueError(f"keras_model file {self.keras_model!r} not "
+                             "found.")
+
+
+def fingerprint(config: TrainingConfig) -> dict[str, Any]:
+    """The run's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
+
+    Fields: the data set (name, and directory and source or half-moons
+    size), ``num_train`` and ``num_test`` (the test points give the accuracy
+    and HMC's diagnostics), the model (the SHA-256 of ``keras_model``, else
+    ``architecture``, ``hidden`` and, for the CNN, ``filters``), the
+    method's own inference settings with their seed
+    (:func:`~tfp_bnn_adv.studies.common.settings_fields`) and ``max_rhat``
+    (the verdict in ``results.json``).
+
+    Raises:
+      FileNotFoundError: for a ``keras_model`` that does not exist.
+    """
+    if config.keras_model:
+        model = {"keras_model": common.file_sha256(config.keras_model)}
+    else:
+        model = {"architecture": config.architecture,
+                 "hidden": tuple(config.hidden)}
+        if config.architecture == "cnn":
+            model["filters"] = tuple(config.filters)
+    fields = {"data": common.data_fields(config.dataset, config.data_dir,
+                                         config.data_source,
+                                         config.half_moons_n),
+              "num_train": config.num_train, "num_test": config.num_test,
+              "model": model,
+              "settings": common.settings_fields(config.settings),
+              "max_rhat": config.max_rhat}
+    inputs = ({"keras_model": os.path.abspath(config.keras_model)}
+              if config.keras_model else {})
+    return common.fingerprint("train", fields, inputs)
+
+
+def run_training(config: TrainingConfig, output_dir: str, *,
+                 overwrite: bool = False, verbose: int = 0) -> dict[str, Any]:
+    """Fits one posterior, evaluates it and saves it.
+
+    Args:
+      config: a :class:`TrainingConfig`.
+      output_dir: receives ``posterior.npz`` (a PosteriorEnsemble: weights as
+        arrays, the architecture as Keras config, no pickle),
+        ``results.json``, ``ckpt/`` (HMC's and VI's checkpoints: the same
+        call resumes after an interruption) and, for HMC,
+        ``figures/traces_train.png``.
+      overwrite: delete an earlier run in ``output_dir`` (its posterior,
+        results and checkpoints, of any configuration) and start afresh.
+      verbose: Keras progress output for VI/SGD.
+
+    Returns:
+      The entries written to ``results.json``: ``test/accuracy``,
+      ``train/num_samples``, ``train/num_points``, ``train/fit_seconds``,
+      ``train/diagnostics``, ``settings``, ``posterior`` (the file) and the
+      posterior's ``train/convergence/...``
+      (:func:`~tfp_bnn_adv.studies.common.convergence_results`); besides them
+      ``convergence`` (its :func:`~tfp_bnn_adv.studies.common.convergence_report`)
+      and ``summary`` (lines for the terminal).  An unconverged HMC posterior
+      is saved, and reported UNCONVERGED.
+
+    Raises:
+      ValueError: for a bad configuration.
+      ConfigMismatchError: when ``output_dir`` holds a run of another
+        configuration (see :func:`fingerprint`), unless ``overwrite``;
+        before anything is fitted or written.
+    """
+    config.validate()
+    settings = config.settings
+    seeds = common.study_seeds(settings.seed)
+    ds = common.load_data(config.dataset, data_dir=config.data_dir,
+                          data_source=config.data_source,
+                          half_moons_n=config.half_moons_n, seed=seeds.data)
+    if config.num_train is not None and config.num_train < len(ds.train_x):
+        ds = ds.subset(num_train=config.num_train, seed=seeds.data)
+    out = common.StudyOutput(output_dir, "train",
+                             fingerprint=fingerprint(config),
+                             overwrite=overwrite, owned=_OWNED)
+    test_x = ds.test_x[:config.num_test]
+    test_y = ds.test_y[:config.num_test]
+    model = common.load_model(ds.input_shape, ds.num_classes,
+                              hidden=config.hidden,
+                              keras_model=config.keras_model,
+                              architecture=config.architecture,
+                              filters=config.filters)
+    ens, info = fit_posterior(model, ds.train_x, ds.train_y,
+                              settings.replace(seed=seeds.model),
+                              checkpoint_dir=out.path("ckpt"),
+                              verbose=verbose, probe_x=test_x, probe_y=test_y,
+                              max_rhat=config.max_rhat)
+    ens.metadata.update({"dataset": config.dataset})
+    path = out.path("posterior.npz")
+    ens.save(path)
+    accuracy = ens.accuracy(test_x, test_y)
+    report = common.record_posterior(out, "train", ens, config.max_rhat)
+    results = {"test/accuracy": accuracy, "train/num_samples": ens.num_samples,
+               "train/num_points": len(ds.train_x),
+               "train/fit_seconds": info["wall_seconds"],
+               "train/diagnostics": info.get("diagnostics"),
+               "settings": info["settings"], "posterior": path}
+    out.update(results)
+    summary = [f"{common.mark(settings.method, report)} posterior with "
+               f"{ens.num_samples} samples: test accuracy {accuracy:.4f}; "
+               f"saved to {path}"]
+    if report["method"] in ("hmc", "vi"):
+        summary.append(common.describe("train", report))
+    return {**common.convergence_results("train", report), **results,
+            "convergence": report, "summary": "\n".join(summary)}
