@@ -96,7 +96,8 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_up_front(
     monkeypatch.setattr(hmc, "sample", no_work)
     monkeypatch.setattr(vi, "fit", no_work)
     ds = data.half_moons(50, seed=1)
-    with pytest.raises(ValueError, match=f"checkpoint_dir '{path}' exists"):
+    with pytest.raises(ValueError,
+                       match=f"checkpoint_dir='{path}' cannot be a directory"):
         fit_posterior(models.mlp((2,), 2, (4,)), ds.train_x, ds.train_y,
                       InferenceSettings(method=method), checkpoint_dir=str(path))
 

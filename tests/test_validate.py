@@ -114,3 +114,24 @@ def test_instance():
         validate.instance([], dict, "ens")
     with pytest.raises(TypeError, match=r"must be a dict or tuple, got list"):
         validate.instance([], (dict, tuple), "ens")
+
+
+def test_directory(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert validate.directory(None, "ckpt", optional=True) is None
+    assert validate.directory(tmp_path / "new" / "d", "ckpt") == str(
+        tmp_path / "new" / "d")
+    assert not (tmp_path / "new").exists()  # checked, not created
+    with pytest.raises(TypeError, match="ckpt must be a directory path, got"):
+        validate.directory(None, "ckpt")
+    with pytest.raises(TypeError, match="ckpt must be a directory path or "
+                                        "None, got 3"):
+        validate.directory(3, "ckpt", optional=True)
+    with pytest.raises(ValueError, match="ckpt must be a non-empty"):
+        validate.directory("", "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt=.*a_file' cannot be a "
+                                         r"directory: it is an existing file"):
+        validate.directory(f, "ckpt")
+    with pytest.raises(ValueError, match=r"lies under .*a_file', an existing"):
+        validate.directory(f / "sub" / "dir", "ckpt")

@@ -230,7 +230,7 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_before_training(
         raise AssertionError("training started")
 
     monkeypatch.setattr(tf_keras.Model, "fit", no_training)
-    with pytest.raises(ValueError, match=f"checkpoint_dir '{path}' exists and "
-                                         "is not a directory"):
+    with pytest.raises(ValueError, match=f"checkpoint_dir='{path}' cannot be a "
+                                         "directory: it is an existing file"):
         vi.fit(models.mlp((2,), 2, hidden=(4,)), moons.train_x, moons.train_y,
                epochs=1, checkpoint_dir=str(path), verbose=0)

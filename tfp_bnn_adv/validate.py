@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 __all__ = ["integer", "positive_int", "optional_positive_int", "int_sequence",
            "real", "positive_real", "nonnegative_real", "fraction", "choice",
-           "seed_int", "instance", "type_name"]
+           "seed_int", "instance", "directory", "type_name"]
 
 # Seeds that ``tf.random`` and ``numpy`` both accept as one int32 word.
 SEED_LIMIT = 2**31
@@ -164,3 +165,46 @@ def instance(value, cls: type | tuple[type, ...], name: str):
                 else cls.__name__)
         raise TypeError(f"{name} must be a {want}, got {type_name(value)}.")
     return value
+
+
+def directory(path, name: str, *, optional: bool = False) -> str | None:
+    """``path`` if it is a writable directory or can become one.
+
+    Nothing is created. ``path`` need not exist; then its nearest existing
+    ancestor must be a writable directory.
+
+    Args:
+      path: a ``str`` or ``os.PathLike``; ``None`` only if ``optional``.
+      name: what to call it in the message (``"checkpoint_dir"``,
+        ``"--output_dir"``).
+      optional: whether ``None`` (no directory) is allowed.
+
+    Returns:
+      ``os.fspath(path)``, or ``None``.
+
+    Raises:
+      TypeError: if ``path`` is not a path (or ``None`` when optional).
+      ValueError: if it is empty, is an existing file, lies under one, or
+        its nearest existing ancestor is not writable; the message names
+        ``name``, ``path`` and the offending ancestor.
+    """
+    if path is None and optional:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        alt = " or None" if optional else ""
+        raise TypeError(f"{name} must be a directory path{alt}, got {path!r} "
+                        f"({type_name(path)}).")
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{name} must be a non-empty directory path, got "
+                         "''.")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = ("is an existing file" if probe == os.path.abspath(path)
+                else f"lies under {probe!r}, an existing file")
+        raise ValueError(f"{name}={path!r} cannot be a directory: it {what}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={path!r}: {probe!r} is not writable.")
+    return path

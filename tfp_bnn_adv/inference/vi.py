@@ -712,21 +712,6 @@ def _check_validation(validation_split, validation_data, patience, network):
     return validation_split, validation_data, patience
 
 
-def _check_checkpoint_dir(checkpoint_dir) -> str | None:
-    if checkpoint_dir is None:
-        return None
-    if not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path or None, got "
-                        f"{checkpoint_dir!r}.")
-    path = os.fspath(checkpoint_dir)
-    if not path:
-        raise ValueError("checkpoint_dir must be a non-empty path or None, got "
-                         "''.")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"checkpoint_dir {path!r} exists and is not a "
-                         "directory.")
-    return path
-
 
 class _EarlyStopping:
     """``tf_keras.callbacks.EarlyStopping(monitor="val_loss",
@@ -1025,7 +1010,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     validate.choice(estimator, ESTIMATORS, "estimator")
     seed = validate.seed_int(seed)
     requested_xla = xla.stochastic_jit(jit_compile)
-    checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
+    checkpoint_dir = validate.directory(checkpoint_dir, "checkpoint_dir",
+                                        optional=True)
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
     network = model if isinstance(model, Network) else Network.from_keras(model)

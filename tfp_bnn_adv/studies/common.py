@@ -455,34 +455,13 @@ class ConfigMismatchError(ValueError):
 
 
 def check_directory(path, name: str) -> str:
-    """``path`` if it is a writable directory or can become one.
-
-    Args:
-      path: a directory path (need not exist).
-      name: what to call it in the error (``"output_dir"``,
-        ``"--output_dir"``).
-
-    Returns:
-      ``os.fspath(path)``.
-
-    Raises:
-      ValueError: naming ``name`` and ``path`` if ``path`` or one of its
-        parents is an existing file, or its nearest existing ancestor is not
-        writable.
-    """
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ValueError(f"{name} must be a directory path, got {path!r}.")
-    path = os.fspath(path)
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        what = ("is an existing file" if probe == os.path.abspath(path)
-                else f"lies under {probe!r}, an existing file")
-        raise ValueError(f"{name}={path!r} cannot be a directory: it {what}.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}={path!r}: {probe!r} is not writable.")
-    return path
+    """``path`` if it is a writable directory or can become one; see
+    :func:`tfp_bnn_adv.validate.directory` (a non-path is a ValueError here,
+    as flag and config errors are)."""
+    try:
+        return validate.directory(path, name)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 # (absolute path, size, mtime_ns) -> SHA-256, so a file hashed by a launch

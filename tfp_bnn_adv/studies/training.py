@@ -250,13 +250,8 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
         settings or inputs; all before any training.
     """
     start = time.perf_counter()
-    if checkpoint_dir is not None:
-        if not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be a path or None, got "
-                            f"{checkpoint_dir!r}.")
-        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-            raise ValueError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} "
-                             "exists and is not a directory.")
+    checkpoint_dir = validate.directory(checkpoint_dir, "checkpoint_dir",
+                                        optional=True)
     s = settings
     probe_x, probe_y = _probe(probe_x, probe_y)
     info: dict[str, Any] = {"settings": s.relevant()}
