@@ -1,11 +1,6 @@
 """Tests of tfp_bnn_adv.attacks against closed forms, finite differences and
 independent loop implementations."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import keras
 import numpy as np
 import pytest

@@ -8,8 +8,6 @@ Fashion-MNIST, and a separate decode of the real files.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import gzip
 import pathlib
 import socket

@@ -1,10 +1,6 @@
 """PosteriorEnsemble: predictions, slicing and pickle-free persistence."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
+import keras
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 

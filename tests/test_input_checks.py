@@ -5,11 +5,7 @@ The check is shared: ``Network.check_inputs`` runs it for prediction
 every other public entry point; each calling line warns once per process.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import warnings  # pylint: disable=g-import-not-at-top,wrong-import-position
+import warnings
 
 import keras  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position

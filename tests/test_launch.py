@@ -6,9 +6,7 @@ import pathlib
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
 from absl import flags  # pylint: disable=wrong-import-position
 from absl.testing import flagsaver  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

@@ -1,10 +1,5 @@
 """Tests of tfp_bnn_adv.metrics against hand computations."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 import pytest
 

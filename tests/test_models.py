@@ -1,10 +1,6 @@
 """The paper's reference architectures."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest
 
 from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position

@@ -2,11 +2,8 @@
 
 import csv
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import pytest  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import attacks  # pylint: disable=wrong-import-position

@@ -1,10 +1,6 @@
 """Stateless seeds are reproducible; bad seeds are refused."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import pytest  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 

@@ -1,12 +1,9 @@
 """fit_posterior dispatches to every method and records what it did."""
 
 import math
-import os
 import types
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import pytest  # pylint: disable=wrong-import-position
 import tf_keras  # pylint: disable=wrong-import-position
 

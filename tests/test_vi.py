@@ -7,10 +7,6 @@ bars estimated from the draws themselves (agreement), and the known optimum
 of a KL-only objective, the prior (KL weight).
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras
 import numpy as np
 import pytest

@@ -8,9 +8,7 @@ the early-stopping state included, must be equal bit for bit.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import signal  # pylint: disable=g-import-not-at-top,wrong-import-position
+import signal
 import subprocess  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
 import textwrap  # pylint: disable=wrong-import-position
