@@ -78,7 +78,7 @@ def test_numpy_scalars_are_accepted_as_settings(moons):
     (dict(epochs=2.0), TypeError, "epochs must be an int"),
     (dict(batch_size=np.int64(0)), ValueError, "batch_size must be >= 1"),
     (dict(validation_split="0.1"), TypeError, "validation_split must be a real"),
-    (dict(verbose=5), ValueError, "verbose must be 0, 1, 2 or 'auto'"),
+    (dict(verbose=5), ValueError, r"verbose must be one of \(0, 1, 2, 'auto'\)"),
 ])
 def test_bad_numeric_settings_fail_before_training(moons, kwargs, error, match):
     with pytest.raises(error, match=match):
