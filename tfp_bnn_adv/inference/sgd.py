@@ -7,7 +7,8 @@ epoch), minibatch Adam or SGD with momentum.  Members are independent: the
 gradient of the summed objective is every member's own gradient, and with
 ``sampling="shuffle"`` every member's data order and dropout masks come
 from its own stateless seed, so member ``k`` trains the same whatever ``K``
-is.  It fits the deep ensembles below and HMC's ``"sgd"`` start
+is (bit for bit among ensembles of two or more members; a lone member's
+matmuls run on another TF kernel and round differently).  It fits the deep ensembles below and HMC's ``"sgd"`` start
 (:func:`~tfp_bnn_adv.inference.hmc.init.sgd_init`).
 
 :func:`train` fits one network and returns it as a
@@ -156,8 +157,9 @@ def train_stack(network: Network, params: Sequence[tf.Tensor], x, y, *,
       steps_per_epoch: steps per epoch for ``"replacement"`` (required).
       prior_scale: adds the prior ``N(0, prior_scale^2)`` on every weight
         to the objective (a MAP fit); ``None`` for none.
-      dropout: train with the network's dropout active (per member, from its
-        seed; ``"shuffle"`` only).
+      dropout: train with the network's dropout active (``"shuffle"``
+        only): each member's masks from its own seed, so the forward pass
+        then runs member by member within the compiled step.
       jit_compile: ``True``, ``False``, ``"auto"`` or ``None`` (see
         :func:`tfp_bnn_adv.xla.stochastic_jit`; training is never timed).
       on_epoch: called after every epoch as ``on_epoch(epoch, params,
@@ -194,8 +196,8 @@ def train_stack(network: Network, params: Sequence[tf.Tensor], x, y, *,
     n = int(x.shape[0])
     b = min(batch_size, n)
     num_members = int(params[0].shape[0])
-    seed = tf.convert_to_tensor(seed)
     if sampling == "shuffle":
+        seed = tf.convert_to_tensor(seed)
         if seed.shape.as_list() != [num_members, 2] or not seed.dtype.is_integer:
             raise ValueError(f"seed must be integer seeds [{num_members}, 2] "
                              f"(one per member) for sampling='shuffle', got "
@@ -215,7 +217,17 @@ def train_stack(network: Network, params: Sequence[tf.Tensor], x, y, *,
     def run_epoch(params, slots, first, epoch, x, y, seed):
         # x, y and the seeds are arguments, not constants baked into the
         # program: one trace serves every epoch.
-        def batch(order, t):
+        order, dropout_seeds = None, []
+        if sampling == "shuffle":
+            # Member k's orders and masks come from row k alone.
+            member_seeds = [tf.unstack(seeds.split(seed[k], 2))
+                            for k in range(num_members)]
+            dropout_seeds = [s[1] for s in member_seeds]
+            order = tf.stack([epoch_order(s[0], epoch, n)
+                              for s in member_seeds])
+            order = tf.pad(order, [[0, 0], [0, steps * b - n]])  # [K, steps*B]
+
+        def batch(t):
             """``(x, y, mask, count, per_member)`` of global step ``t``."""
             if sampling == "replacement":
                 idx = seeds.integers([b], seeds.fold_in(seed, t), n)
@@ -241,8 +253,8 @@ def train_stack(network: Network, params: Sequence[tf.Tensor], x, y, *,
             return (tf.concat([o[0] for o in outs], 0),
                     tf.concat([o[1] for o in outs], 0))
 
-        def objective(ps, order, t):
-            xb, yb, mask, count, per_member = batch(order, t)
+        def objective(ps, t):
+            xb, yb, mask, count, per_member = batch(t)
             ll_terms, logits = terms(ps, xb, yb, mask, per_member, t)
             ll = tf.reduce_sum(ll_terms, axis=1)
             data_term = n / count * ll
@@ -257,20 +269,10 @@ def train_stack(network: Network, params: Sequence[tf.Tensor], x, y, *,
                 right = right * mask[None]
             return loss, -ll, tf.reduce_sum(right, axis=1)
 
-        order = None
-        if sampling == "shuffle":
-            shuffle_seeds, dropout_seeds = [], []
-            for k in range(num_members):
-                s_shuffle, s_dropout = tf.unstack(seeds.split(seed[k], 2))
-                shuffle_seeds.append(s_shuffle)
-                dropout_seeds.append(s_dropout)
-            order = tf.stack([epoch_order(s, epoch, n) for s in shuffle_seeds])
-            order = tf.pad(order, [[0, 0], [0, steps * b - n]])
-
         def body(t, ps, slots, loss_sum, correct):
             with tf.GradientTape() as tape:
                 tape.watch(ps)
-                loss, ce, right = objective(ps, order, t)
+                loss, ce, right = objective(ps, t)
             g = tape.gradient(loss, ps)
             ps, slots = optimizer_update(optimizer, learning_rate, t, ps, g,
                                          slots)
