@@ -10,13 +10,14 @@ driver, init and diagnostics modules.
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from typing import Any
 
 import numpy as np
 
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import seeds
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 
 __all__ = ["HMCConfig", "KERNELS", "MASS_MATRICES", "INITS", "check_int",
@@ -28,33 +29,21 @@ INITS = ("prior", "sgd")
 
 
 def check_int(value, name: str, minimum: int) -> int:
-    """``value`` as an int ``>= minimum``, else a TypeError/ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
-    return int(value)
+    """``value`` as an int ``>= minimum`` (:func:`tfp_bnn_adv.validate.integer`)."""
+    return validate.integer(value, name, minimum=minimum)
 
 
-def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(
-            value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-    return float(value)
-
-
-def check_positive_real(value, name: str) -> float:
-    """``value`` as a finite float ``> 0``, else a TypeError/ValueError."""
-    v = _check_real(value, name)
-    if v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return v
+check_positive_real = validate.positive_real
 
 
 def check_seed(seed) -> list[int]:
-    """A stateless seed ``[2]`` as a JSON-able list (for fingerprints)."""
+    """A stateless seed ``[2]`` as a JSON-able list (for fingerprints).
+
+    An int must be in ``[0, 2**31)`` (:func:`tfp_bnn_adv.validate.seed_int`);
+    anything else must be a shape-``[2]`` integer seed.
+    """
+    if isinstance(seed, (numbers.Integral, np.integer, bool, np.bool_)):
+        seed = validate.seed_int(seed)
     return [int(v) for v in seeds.stateless(seed).numpy()]
 
 
@@ -156,86 +145,75 @@ class HMCConfig:
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got "
-                             f"{self.kernel!r}.")
-        if self.mass_matrix not in MASS_MATRICES:
-            raise ValueError(f"mass_matrix must be one of {MASS_MATRICES}, got "
-                             f"{self.mass_matrix!r}.")
-        put("num_chains", check_int(self.num_chains, "num_chains", 1))
-        b = check_int(self.num_burnin_steps, "num_burnin_steps", 0)
+        validate.choice(self.kernel, KERNELS, "kernel")
+        validate.choice(self.mass_matrix, MASS_MATRICES, "mass_matrix")
+        put("num_chains", validate.positive_int(self.num_chains, "num_chains"))
+        b = validate.integer(self.num_burnin_steps, "num_burnin_steps",
+                             minimum=0)
         put("num_burnin_steps", b)
-        put("num_results", check_int(self.num_results, "num_results", 1))
-        put("thinning", check_int(self.thinning, "thinning", 1))
-        a = b if self.num_adaptation_steps is None else check_int(
-            self.num_adaptation_steps, "num_adaptation_steps", 0)
+        put("num_results", validate.positive_int(self.num_results,
+                                                 "num_results"))
+        put("thinning", validate.positive_int(self.thinning, "thinning"))
+        a = b if self.num_adaptation_steps is None else validate.integer(
+            self.num_adaptation_steps, "num_adaptation_steps", minimum=0)
         if a > b:
             raise ValueError(
                 f"num_adaptation_steps ({a}) must not exceed num_burnin_steps "
                 f"({b}): samples drawn while the sampler adapts are not from "
                 "the posterior.")
         put("num_adaptation_steps", a)
-        put("step_size", check_positive_real(self.step_size, "step_size"))
-        put("max_leapfrog_steps", check_int(self.max_leapfrog_steps,
-                                            "max_leapfrog_steps", 1))
+        put("step_size", validate.positive_real(self.step_size, "step_size"))
+        put("max_leapfrog_steps", validate.positive_int(
+            self.max_leapfrog_steps, "max_leapfrog_steps"))
         if self.num_leapfrog_steps is not None:
             if self.trajectory_length is not None:
                 raise ValueError(
                     "Give trajectory_length or num_leapfrog_steps, not both; "
                     f"got trajectory_length={self.trajectory_length!r} and "
                     f"num_leapfrog_steps={self.num_leapfrog_steps!r}.")
-            put("num_leapfrog_steps", check_int(self.num_leapfrog_steps,
-                                                "num_leapfrog_steps", 1))
+            put("num_leapfrog_steps", validate.positive_int(
+                self.num_leapfrog_steps, "num_leapfrog_steps"))
         else:
             length = (self.DEFAULT_TRAJECTORY_LENGTH
                       if self.trajectory_length is None else
-                      check_positive_real(self.trajectory_length,
-                                          "trajectory_length"))
+                      validate.positive_real(self.trajectory_length,
+                                             "trajectory_length"))
             put("trajectory_length", float(length))
-        jitter = _check_real(self.trajectory_jitter, "trajectory_jitter")
-        if not 0 <= jitter < 1:
-            raise ValueError(f"trajectory_jitter must be in [0, 1), got "
-                             f"{self.trajectory_jitter!r}.")
-        put("trajectory_jitter", jitter)
-        tap = self.target_accept_prob
-        if isinstance(tap, bool) or not isinstance(tap, (int, float)) or (
-                not 0 < tap < 1):
-            raise ValueError(f"target_accept_prob must be in (0, 1), got "
-                             f"{tap!r}.")
-        put("target_accept_prob", float(tap))
-        put("max_tree_depth", check_int(self.max_tree_depth, "max_tree_depth",
-                                        1))
+        put("trajectory_jitter", validate.real(
+            self.trajectory_jitter, "trajectory_jitter", minimum=0, maximum=1,
+            max_open=True))
+        put("target_accept_prob", validate.real(
+            self.target_accept_prob, "target_accept_prob", minimum=0,
+            maximum=1, min_open=True, max_open=True))
+        put("max_tree_depth", validate.positive_int(self.max_tree_depth,
+                                                    "max_tree_depth"))
         total = b + self.num_results * self.thinning
         every = (max(1, -(-total // 10)) if self.checkpoint_every is None else
-                 check_int(self.checkpoint_every, "checkpoint_every", 1))
+                 validate.positive_int(self.checkpoint_every, "checkpoint_every"))
         put("checkpoint_every", every)
         mode = xla.resolve_jit(self.jit_compile)
         put("jit_compile", mode if isinstance(mode, str) else bool(mode))
         put("seed", check_seed(self.seed))
-        put("prior_scale", check_positive_real(self.prior_scale, "prior_scale"))
+        put("prior_scale", validate.positive_real(self.prior_scale,
+                                                  "prior_scale"))
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"init must be one of {INITS} (or, in sample(), "
                              f"a list of arrays [C, *shape]), got "
                              f"{self.init!r}.")
-        put("init_steps", check_int(self.init_steps, "init_steps", 1))
-        put("init_batch_size", check_int(self.init_batch_size,
-                                         "init_batch_size", 1))
-        put("init_learning_rate", check_positive_real(self.init_learning_rate,
-                                                      "init_learning_rate"))
-        ij = _check_real(self.init_jitter, "init_jitter")
-        if ij < 0:
-            raise ValueError(f"init_jitter must be a finite number >= 0, got "
-                             f"{self.init_jitter!r}.")
-        put("init_jitter", ij)
+        put("init_steps", validate.positive_int(self.init_steps, "init_steps"))
+        put("init_batch_size", validate.positive_int(self.init_batch_size,
+                                                     "init_batch_size"))
+        put("init_learning_rate", validate.positive_real(
+            self.init_learning_rate, "init_learning_rate"))
+        put("init_jitter", validate.nonnegative_real(self.init_jitter,
+                                                     "init_jitter"))
         if self.shard_size is not None:
-            put("shard_size", check_int(self.shard_size, "shard_size", 1))
-        if self.parallelism not in ("data", "chains"):
-            raise ValueError(f"parallelism must be one of ('data', 'chains'), "
-                             f"got {self.parallelism!r}.")
+            put("shard_size", validate.positive_int(self.shard_size, "shard_size"))
+        validate.choice(self.parallelism, ("data", "chains"), "parallelism")
         distribute.check_matmul_precision(self.matmul_precision)
-        put("num_probe_points", check_int(self.num_probe_points,
-                                          "num_probe_points", 1))
-        mr = _check_real(self.max_rhat, "max_rhat")
+        put("num_probe_points", validate.positive_int(self.num_probe_points,
+                                                      "num_probe_points"))
+        mr = validate.real(self.max_rhat, "max_rhat")
         if mr < 1:
             raise ValueError(f"max_rhat must be >= 1 (R-hat is never below 1 "
                              f"in expectation), got {self.max_rhat!r}.")

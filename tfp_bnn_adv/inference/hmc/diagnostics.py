@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
 
 __all__ = ["Diagnostics", "rhat_ess", "rank_normalized_rhat_ess",
@@ -437,7 +438,7 @@ def to_inference_data(ensemble_or_traces):
       >>> arviz.summary(idata)       # R-hat, ESS per variable
     """
     traces = _traces(ensemble_or_traces)
-    try:
+    try:  # an optional extra, so imported only when asked for
         import arviz  # pylint: disable=g-import-not-at-top
     except ImportError as e:
         raise ImportError("to_inference_data needs ArviZ: pip install "
@@ -459,10 +460,11 @@ def plot_traces(ensemble_or_traces, path: str, *, title: str = "") -> str:
     Returns:
       ``path``.
     """
+    # Here, not at the top: choosing the Agg backend on import would change
+    # the backend of every program that imports the package.
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    from tfp_bnn_adv import files  # pylint: disable=g-import-not-at-top
 
     traces = _traces(ensemble_or_traces)
     rows = [("log-likelihood", traces["log_likelihood"]),

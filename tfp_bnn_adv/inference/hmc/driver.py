@@ -45,6 +45,7 @@ import tensorflow_probability as tfp
 
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.inference.hmc import diagnostics as diag_lib
 from tfp_bnn_adv.inference.hmc import kernel as kernel_lib
@@ -361,9 +362,7 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
         config = HMCConfig(**settings)
     elif settings:
         config = config.replace(**settings)
-    if not isinstance(config, HMCConfig):
-        raise TypeError(f"config must be an HMCConfig, got "
-                        f"{type(config).__name__}.")
+    validate.instance(config, HMCConfig, "config")
     state = check_state(initial_state)
     if not callable(target_log_prob_fn):
         raise TypeError("target_log_prob_fn must be callable.")
@@ -376,11 +375,11 @@ def run_chains(target_log_prob_fn: Callable[..., tf.Tensor],
     fields["state_shapes"] = [list(s.shape) for s in state]
     # As it will read back from a checkpoint (tuples become lists).
     fields = json.loads(json.dumps(fields))
-    return _Run(target_log_prob_fn, state, config, fields, monitor_fn,
+    return _ChainRun(target_log_prob_fn, state, config, fields, monitor_fn,
                 monitor_name, checkpoint_dir, segment_callback).run()
 
 
-class _Run:
+class _ChainRun:
     """One (possibly resumed) run: the host loop over compiled segments."""
 
     def __init__(self, target_log_prob_fn, state, config: HMCConfig, fields,

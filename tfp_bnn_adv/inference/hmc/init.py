@@ -4,8 +4,9 @@
 starts spread across the whole prior, so chains that agree afterwards have
 found the same posterior from very different places (the point of R-hat).
 ``"sgd"`` fits each chain's own Keras initialisation to its MAP with a short
-minibatch Adam run and adds jitter: chains start near modes, but possibly
-different ones.
+minibatch Adam run (:func:`tfp_bnn_adv.inference.sgd.train_stack`, the
+package's one SGD trainer) and adds jitter: chains start near modes, but
+possibly different ones.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ from __future__ import annotations
 import time
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
-from tfp_bnn_adv import xla
-from tfp_bnn_adv.inference.hmc.target import log_prior
-from tfp_bnn_adv.inference.hmc.target import shard_log_likelihood
+from tfp_bnn_adv.inference import sgd
 from tfp_bnn_adv.network import Network
 
 __all__ = ["prior_init", "sgd_init", "check_explicit_init", "check_state",
@@ -38,42 +36,19 @@ def sgd_init(network: Network, x, y, *, num_chains, prior_scale, seed, steps,
     """A short Adam fit of each chain to its MAP, plus Gaussian jitter.
 
     Every chain starts from its own draw of the Keras initialisers and
-    follows minibatch Adam on ``-(N/B * batch log-lik + log prior) / N``;
-    chains are independent, vectorised along the leading axis.
+    follows minibatch Adam on ``-(N/B * batch log-lik + log prior) / N``
+    (:func:`~tfp_bnn_adv.inference.sgd.train_stack`, batches drawn with
+    replacement and shared by the chains); chains are independent,
+    vectorised along the leading axis.
     """
     init_seed, batch_seed, jitter_seed = tf.unstack(seeds.split(seed, 3))
     params = network.init_params(init_seed, num_samples=num_chains)
-    n = int(x.shape[0])
-    b = min(batch_size, n)
-    beta1, beta2, eps = 0.9, 0.999, 1e-7
-
-    def fit(params, x, y):
-        def loss_fn(ps, t):
-            idx = seeds.integers([b], seeds.fold_in(batch_seed, t), n)
-            ll = shard_log_likelihood(network, ps, tf.gather(x, idx),
-                                      tf.gather(y, idx))
-            return -tf.reduce_sum(n / b * ll + log_prior(ps, prior_scale)) / n
-
-        def body(t, ps, m, v):
-            with tf.GradientTape() as tape:
-                tape.watch(ps)
-                loss = loss_fn(ps, t)
-            g = tape.gradient(loss, ps)
-            tf_ = tf.cast(t + 1, tf.float32)
-            m = [beta1 * a + (1 - beta1) * c for a, c in zip(m, g)]
-            v = [beta2 * a + (1 - beta2) * tf.square(c) for a, c in zip(v, g)]
-            lr = learning_rate * tf.sqrt(1 - beta2**tf_) / (1 - beta1**tf_)
-            ps = [p - lr * a / (tf.sqrt(c) + eps) for p, a, c in zip(ps, m, v)]
-            return t + 1, ps, m, v
-
-        zeros = [tf.zeros_like(p) for p in params]
-        _, params, _, _ = tf.while_loop(lambda t, *_: t < steps, body,
-                                        (tf.constant(0), list(params), zeros,
-                                         zeros))
-        return params
-
     tic = time.perf_counter()
-    fitted = xla.compile_fn(fit, use_xla, "hmc_sgd_init")(params, x, y)
+    fitted = sgd.train_stack(
+        network, params, x, y, epochs=1, steps_per_epoch=steps,
+        batch_size=batch_size, learning_rate=learning_rate, optimizer="adam",
+        seed=batch_seed, sampling="replacement", prior_scale=prior_scale,
+        jit_compile=use_xla)
     logging.info("HMC: initial states from %d Adam steps per chain (%.1f s).",
                  steps, time.perf_counter() - tic)
     noise_seeds = tf.unstack(seeds.split(jitter_seed, len(fitted)))

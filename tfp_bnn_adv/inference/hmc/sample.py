@@ -13,6 +13,7 @@ import tensorflow as tf
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
 from tfp_bnn_adv import seeds
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.inference.hmc import diagnostics as diag_lib
@@ -138,9 +139,7 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
     if config is None:
         config = HMCConfig(**settings)
     else:
-        if not isinstance(config, HMCConfig):
-            raise TypeError(f"config must be an HMCConfig, got "
-                            f"{type(config).__name__}.")
+        validate.instance(config, HMCConfig, "config")
         config = config.replace(**settings) if settings else config
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if not isinstance(network, Network):

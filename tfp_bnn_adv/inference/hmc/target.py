@@ -12,14 +12,13 @@ shard so activations stay bounded.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import distribute
-from tfp_bnn_adv.inference.hmc.config import check_int
+from tfp_bnn_adv import validate
+from tfp_bnn_adv.inference import density
 from tfp_bnn_adv.network import Network
 
 __all__ = ["shard_data", "shard_log_likelihood", "log_likelihood",
@@ -54,7 +53,7 @@ def shard_data(x, y, shard_size: int):
       >>> xs.shape, float(tf.reduce_sum(ms))
       (TensorShape([3, 4, 2]), 10.0)
     """
-    check_int(shard_size, "shard_size", 1)
+    validate.positive_int(shard_size, "shard_size")
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.int32)
     return _shard(x, y, tf.ones([int(x.shape[0])]), shard_size)
@@ -90,13 +89,7 @@ def shard_log_likelihood(network: Network, params: Sequence[tf.Tensor], x, y,
     Returns:
       float32 ``[C]``: ``sum_m mask_m * log softmax(f(x_m, w_c))[y_m]``.
     """
-    logits = network.apply_stack(list(params), x)  # [C, M, K]
-    labels = tf.broadcast_to(y[None], tf.shape(logits)[:2])
-    ll = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                         logits=logits)
-    if mask is not None:
-        ll = ll * mask[None]
-    return tf.reduce_sum(ll, axis=1)
+    return density.log_likelihood(network, params, x, y, mask)
 
 
 def log_likelihood(network: Network, params: Sequence[tf.Tensor], x_shards,
@@ -173,9 +166,7 @@ def _value_and_grad(network, params, x_shards, y_shards, mask_shards):
 
 def check_parallelism(parallelism: str, num_chains, replicas: int) -> None:
     """``parallelism`` is known; with "chains", the chains split evenly."""
-    if parallelism not in PARALLELISMS:
-        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got "
-                         f"{parallelism!r}.")
+    validate.choice(parallelism, PARALLELISMS, "parallelism")
     if replicas > 1 and parallelism == "chains" and (
             num_chains is None or num_chains % replicas):
         raise ValueError(f"parallelism='chains' needs num_chains divisible by "
@@ -297,14 +288,7 @@ def log_prior(params: Sequence[tf.Tensor], prior_scale: float) -> tf.Tensor:
       >>> log_prior([tf.zeros([2, 3])], 1.0).numpy()   # 3 * log N(0; 0, 1)
       array([-2.7568157, -2.7568157], dtype=float32)
     """
-    total = 0.0
-    const = math.log(prior_scale) + 0.5 * math.log(2.0 * math.pi)
-    for p in params:
-        axes = list(range(1, p.shape.rank))
-        count = float(np.prod(p.shape[1:].as_list()))
-        total += (-0.5 / prior_scale**2) * tf.reduce_sum(tf.square(p), axis=axes)
-        total -= count * const
-    return total
+    return density.gaussian_log_prior(params, prior_scale)
 
 
 def auto_shard_size(network: Network, num_chains: int, n: int) -> int:
