@@ -1,10 +1,6 @@
 """The shared prior and likelihood, against TFP's distributions and a loop."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import tensorflow as tf  # pylint: disable=wrong-import-position
 import tensorflow_probability as tfp  # pylint: disable=wrong-import-position
 

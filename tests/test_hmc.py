@@ -9,9 +9,7 @@ Tolerances come from the Monte Carlo error: |estimate - truth| < 4 sd / sqrt(ESS
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
+import keras
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 from scipy import stats  # pylint: disable=wrong-import-position

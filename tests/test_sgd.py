@@ -1,10 +1,6 @@
 """SGD baseline and deep ensembles."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import pytest  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
@@ -102,8 +98,8 @@ def test_diverging_training_fails_naming_the_epoch(moons):
 import keras  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 
-from tfp_bnn_adv import seeds  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfp_bnn_adv.network import Network  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfp_bnn_adv import seeds
+from tfp_bnn_adv.network import Network
 
 
 def _tanh_net(dropout=None):

@@ -94,6 +94,7 @@ from tfp_bnn_adv import seeds as seeds_lib
 from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.inference import density
 from tfp_bnn_adv.network import Network
 
 __all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
@@ -275,10 +276,7 @@ def _prior_fn(prior_scale: float):
 
     def fn(dtype, shape, name, trainable, add_variable_fn):
         del name, trainable, add_variable_fn  # the prior has no variables
-        return tfp.distributions.Independent(
-            tfp.distributions.Normal(loc=tf.zeros(shape, dtype),
-                                     scale=tf.cast(prior_scale, dtype)),
-            reinterpreted_batch_ndims=len(shape))
+        return density.gaussian_prior(shape, prior_scale, dtype)
 
     return fn
 

@@ -119,26 +119,9 @@ def plan_segments(config: HMCConfig) -> list[_Segment]:
 
 def check_checkpoint_dir(checkpoint_dir) -> str | None:
     """Validates a ``checkpoint_dir`` before any work: ``None`` or a path
-    that is a directory or can become one (no part of it a file)."""
-    if checkpoint_dir is None:
-        return None
-    if not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path or None, got "
-                        f"{checkpoint_dir!r}.")
-    path = os.fspath(checkpoint_dir)
-    probe = os.path.abspath(path)
-    while probe and not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise ValueError(f"checkpoint_dir={path!r} cannot be a directory: "
-                         f"{probe!r} is an existing file.")
-    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"checkpoint_dir={path!r}: {probe!r} is not "
-                         "writable.")
-    return path
+    that is a directory or can become one (see
+    :func:`tfp_bnn_adv.validate.directory`)."""
+    return validate.directory(checkpoint_dir, "checkpoint_dir", optional=True)
 
 
 _META_TYPES = {"format": str, "format_version": int, "config": dict,
