@@ -123,7 +123,10 @@ def test_a_finished_run_is_returned_without_training(moons, tmp_path,
 
 
 _CHILD = textwrap.dedent("""
-    import os, sys
+    import os, signal, sys
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the
+    # parent ignores SIGINT (pytest-xdist workers do, and children inherit it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.path.insert(0, {repo!r})
     from tfp_bnn_adv import data, models
