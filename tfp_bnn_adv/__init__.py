@@ -13,6 +13,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.gradients import expected_loss_gradient
+from tfp_bnn_adv.gradients import paper_loss_gradient
 from tfp_bnn_adv.gradients import per_sample_loss_gradients
 from tfp_bnn_adv.gradients import predictive_loss_gradient
 from tfp_bnn_adv.network import Network
@@ -20,4 +21,5 @@ from tfp_bnn_adv.network import Network
 __version__ = "0.1.0"
 
 __all__ = ["Network", "PosteriorEnsemble", "expected_loss_gradient",
-           "predictive_loss_gradient", "per_sample_loss_gradients"]
+           "predictive_loss_gradient", "per_sample_loss_gradients",
+           "paper_loss_gradient"]

@@ -8,11 +8,16 @@ ensemble's own predictions.
 
 Gradient attacks (:func:`fgsm`, :func:`pgd`) take ``gradient=``:
 
-* ``"expected"``: the paper's expected loss gradient
+* ``"expected"``: Theorem 1's expected loss gradient
   ``(1/S) sum_s grad_x CE(f(x, w_s), y)`` (Carbone et al., 2020); Theorem 1
   says it vanishes for ideal BNNs, which is what makes these attacks weak.
 * ``"predictive"``: the gradient of the loss of the posterior predictive,
   ``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]`` (Feng et al., 2024).
+* ``"paper"``: what the authors' code attacked, on purpose:
+  ``grad_x CE(y, logits = (1/S) sum_s softmax(f(x, w_s)))``, a second softmax
+  over the predictive probabilities (:func:`~tfp_bnn_adv.gradients.paper_loss_gradient`;
+  :mod:`tfp_bnn_adv.paper` adds the authors' first-10-samples and PGD
+  schedule).
 * ``"sample"``: the cross-entropy gradient of one posterior sample, drawn
   afresh at every step, as an expectation-over-transformation attacker would.
 
@@ -66,7 +71,7 @@ __all__ = ["fgsm", "pgd", "random_attack", "square_attack",
            "square_attack_with_queries", "NORMS", "GRADIENTS", "RANDOM_KINDS"]
 
 NORMS = (np.inf, 2)
-GRADIENTS = ("expected", "predictive", "sample")
+GRADIENTS = ("expected", "predictive", "paper", "sample")
 RANDOM_KINDS = ("ternary", "uniform")
 
 # Square Attack: p is halved once the query count, rescaled to a budget of
@@ -484,8 +489,8 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
         predictions.
       eps: radius of the threat ball, >= 0 (required).
       norm: ``np.inf`` or ``2``.
-      gradient: ``"expected"``, ``"predictive"`` or ``"sample"`` (see the
-        module docstring).
+      gradient: ``"expected"``, ``"predictive"``, ``"paper"`` or
+        ``"sample"`` (see the module docstring).
       clip: ``(low, high)`` data range, or ``None`` for no clipping.
       seed: int or stateless seed; used by ``gradient="sample"``.
       batch_size: inputs per compiled call (the last batch is padded).
@@ -550,7 +555,8 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
       random_start: start from a uniform draw in the ball.
       restarts: number of runs, >= 1 (they differ only with a random start or
         ``gradient="sample"``).
-      gradient: ``"expected"``, ``"predictive"`` or ``"sample"``.
+      gradient: ``"expected"``, ``"predictive"``, ``"paper"`` or
+        ``"sample"``.
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
       batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.

@@ -1,9 +1,9 @@
 """Input gradients of the loss over a whole posterior ensemble.
 
-Three definitions, all from per-sample *logits* (softmax is applied once,
-inside the cross-entropy, never twice):
+Four definitions.  The first three start from per-sample *logits* and
+apply softmax once, inside the cross-entropy:
 
-* ``expected``: the paper's expected loss gradient
+* ``expected``: Theorem 1's expected loss gradient
   ``<grad_x L(x, w)> = (1/S) sum_s grad_x CE(f(x, w_s), y)``
   (Carbone et al., 2020, eq. 3; Theorem 1 says it vanishes on the data
   manifold for ideal BNNs).
@@ -11,6 +11,16 @@ inside the cross-entropy, never twice):
   ``grad_x -log (1/S) sum_s softmax(f(x, w_s))[y]``, computed with a running
   log-sum-exp over sample chunks (Feng et al., 2024, attack this one).
 * ``per_sample``: every ``grad_x CE(f(x, w_s), y)``, shape ``[S, B, ...]``.
+
+The fourth is what the authors' code attacked (``../shared/PAPER.md``, "The
+original code, exactly", item 1), reproduced on purpose, never by accident:
+
+* ``paper``: ``grad_x CE(y, logits = p_bar)`` with
+  ``p_bar = (1/S) sum_s softmax(f(x, w_s))``: the posterior-predictive
+  *probabilities* fed to a cross-entropy as if they were logits, so softmax
+  is applied twice.  It is neither ``expected`` nor ``predictive``.  The
+  authors used the first 10 samples; pass ``ensemble[:10]`` (or use
+  :mod:`tfp_bnn_adv.paper`) for that.
 
 The ``*_graph`` functions are pure and traceable, for use inside other
 compiled code (the attacks' ``tf.while_loop``).  The public functions
@@ -27,16 +37,19 @@ import tensorflow as tf
 
 from tfp_bnn_adv import chunking
 from tfp_bnn_adv import distribute
+from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
 from tfp_bnn_adv.ensemble import predict_proba_checked
+from tfp_bnn_adv.ensemble import predict_proba_graph
 
 __all__ = ["expected_loss_gradient", "predictive_loss_gradient",
-           "per_sample_loss_gradients", "loss_gradient_graph",
+           "per_sample_loss_gradients", "paper_loss_gradient",
+           "loss_gradient_graph",
            "per_sample_gradient_graph", "prepare_inputs", "PreparedInputs",
            "GRADIENT_KINDS"]
 
-GRADIENT_KINDS = ("expected", "predictive")
+GRADIENT_KINDS = ("expected", "predictive", "paper")
 # A finite stand-in for -inf in the running maximum: exp(_NEG - m) == 0.
 _NEG = -1e30
 
@@ -95,6 +108,36 @@ def _predictive(network, params, x, y, chunk_size):
     return -grad / tf.reshape(denom, ex_shape), loss
 
 
+def _paper(network, params, x, y, chunk_size):
+    """``grad_x CE(y, logits=p_bar)``, ``p_bar`` the mean per-sample softmax.
+
+    The loss is a nonlinear function of a sum over samples, so it takes two
+    passes over the sample chunks: the first accumulates ``p_bar``; the
+    second back-propagates the fixed cotangent
+    ``dL/dp_bar = softmax(p_bar) - onehot(y)`` through every chunk's softmax
+    (the chain rule, exactly; memory stays one chunk).
+    """
+    s = params[0].shape[0]
+    p_bar = tf.stop_gradient(predict_proba_graph(network, params, x,
+                                                 chunk_size))
+    log_q = tf.nn.log_softmax(p_bar)
+    loss = -tf.gather(log_q, y, batch_dims=1)
+    cotangent = tf.exp(log_q) - tf.one_hot(y, network.num_classes,
+                                           dtype=tf.float32)
+
+    def body(grad, chunk):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            p = tf.reduce_sum(tf.nn.softmax(network.apply_stack(chunk, x)),
+                              axis=0)
+            total = tf.reduce_sum(cotangent * p)
+        return grad + tape.gradient(total, x)
+
+    grad = chunking.fold_sample_chunks(params, chunk_size, body,
+                                       tf.zeros_like(x))
+    return grad / s, loss
+
+
 def loss_gradient_graph(network, params, x, y, kind: str, chunk_size: int):
     """Input gradient and loss of one ensemble definition; pure, traceable.
 
@@ -103,18 +146,21 @@ def loss_gradient_graph(network, params, x, y, kind: str, chunk_size: int):
       params: stack of float32 tensors ``[S, ...]`` (static ``S``).
       x: float32 ``[B, *input_shape]``.
       y: int32 labels ``[B]``.
-      kind: ``"expected"`` or ``"predictive"``.
+      kind: ``"expected"``, ``"predictive"`` or ``"paper"``.
       chunk_size: samples per chunk.
 
     Returns:
       ``(grad, loss)``: float32 ``[B, *input_shape]`` and ``[B]``; ``loss`` is
-      the mean per-sample cross-entropy (expected) or the negative log
-      posterior-predictive probability of ``y`` (predictive).
+      the mean per-sample cross-entropy (expected), the negative log
+      posterior-predictive probability of ``y`` (predictive) or the
+      cross-entropy of the predictive probabilities taken as logits (paper).
     """
     if kind == "expected":
         return _expected(network, params, x, y, chunk_size)
     if kind == "predictive":
         return _predictive(network, params, x, y, chunk_size)
+    if kind == "paper":
+        return _paper(network, params, x, y, chunk_size)
     raise ValueError(f"kind must be one of {GRADIENT_KINDS}, got {kind!r}.")
 
 
@@ -210,7 +256,7 @@ def _map(fn, ensemble, inputs: PreparedInputs, batch_axis=None):
 
 def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile,
                        strategy):
-    """``kind`` is ``"expected"``, ``"predictive"`` or ``"per_sample"``."""
+    """``kind`` is one of :data:`GRADIENT_KINDS` or ``"per_sample"``."""
     check_ensemble(ensemble)
     inputs = prepare_inputs(ensemble, x, y, batch_size=batch_size,
                             chunk_size=chunk_size, jit_compile=jit_compile,
@@ -280,6 +326,40 @@ def predictive_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
       float32 numpy array ``[B, *input_shape]``.
     """
     return _ensemble_gradient("predictive", ensemble, x, y, chunk_size,
+                              batch_size, jit_compile, strategy)
+
+
+def paper_loss_gradient(ensemble, x, y=None, *, num_samples=None,
+                        chunk_size=None, batch_size=None, jit_compile=None,
+                        strategy=None) -> np.ndarray:
+    """The authors' attack gradient: ``grad_x CE(y, logits = p_bar)``.
+
+    ``p_bar = (1/n) sum_{s<n} softmax(f(x, w_s))`` over the first ``n``
+    samples; the cross-entropy then applies a second softmax to these
+    probabilities (``../shared/PAPER.md``, "The original code, exactly",
+    item 1).  For the study of why the paper's attacks were weak; an honest
+    attack on a BNN follows :func:`predictive_loss_gradient`.
+
+    Args:
+      num_samples: ``n``, the first samples used (the authors: 10); ``None``
+        uses all.  Must not exceed the ensemble's size.
+      Others and Raises as :func:`expected_loss_gradient`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]``.
+
+    Example:
+      >>> g = paper_loss_gradient(ens, x_test[:100], y_test[:100],
+      ...                         num_samples=10)
+    """
+    check_ensemble(ensemble)
+    if num_samples is not None:
+        n = validate.positive_int(num_samples, "num_samples")
+        if n > ensemble.num_samples:
+            raise ValueError(f"num_samples must be at most the ensemble's "
+                             f"{ensemble.num_samples} samples, got {n}.")
+        ensemble = ensemble[:n]
+    return _ensemble_gradient("paper", ensemble, x, y, chunk_size,
                               batch_size, jit_compile, strategy)
 
 

@@ -35,12 +35,13 @@ from __future__ import annotations
 import numpy as np
 
 from tfp_bnn_adv import gradients
+from tfp_bnn_adv import validate
 from tfp_bnn_adv.attacks import GRADIENTS
 from tfp_bnn_adv.ensemble import check_ensemble
 
 __all__ = ["clean_accuracy", "adversarial_accuracy", "adversarial_robustness",
            "softmax_robustness", "attack_success_rate", "gradient_norm_stats",
-           "evaluate_attack", "gradient_metrics", "GRADIENT_STATS"]
+           "evaluate_attack", "gradient_metrics", "GRADIENT_STATS", "SEMANTICS"]
 
 GRADIENT_STATS = ("mean_abs", "l1", "l2")
 # Rows of a probability matrix may be off 1 by float32 round-off.
@@ -144,25 +145,62 @@ def adversarial_robustness(p_clean, p_adv) -> float:
     return float(np.mean(clean == adv))
 
 
-def softmax_robustness(p_clean, p_adv) -> float:
+SEMANTICS = ("corrected", "paper")
+
+
+def _softmax_rows(p: np.ndarray) -> np.ndarray:
+    z = np.exp(p - p.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def softmax_robustness(p_clean, p_adv, *, semantics: str = "corrected",
+                       bayesian: bool | None = None) -> float:
     """``1 - (1/N) sum_j max_c |p(x_j)_c - p(x~_j)_c|`` (Carbone et al., 2020).
 
     The y-axis of the paper's robustness-accuracy analysis: 1 when the attack
     leaves every predictive distribution unchanged, 0 when it moves all
     probability mass of every point.
 
+    ``semantics="paper"`` computes it as the authors' code did
+    (``../shared/PAPER.md``, "The original code, exactly", item 6): it
+    applied ``softmax`` to the network's *output*, which for an NN are
+    logits (so this is the same number) but for a BNN already are the
+    predictive probabilities, which get a second softmax.  With ``C``
+    classes a second softmax moves each row by at most ``(e - 1) / (e + C -
+    1)``, so a BNN scores at least ``1 - (e - 1)/(e + 9) ~= 0.853`` for 10
+    classes, whatever the attack does.
+
     Args:
       p_clean: probabilities ``[N, C]`` on clean inputs.
       p_adv: probabilities ``[N, C]`` on the attacked inputs.
+      semantics: ``"corrected"`` (one softmax, the default) or ``"paper"``.
+      bayesian: with ``semantics="paper"``, whether the probabilities are a
+        BNN's posterior predictive (``True``: second softmax) or an NN's
+        softmax (``False``); required there, ignored otherwise.
 
     Returns:
       A float in ``[0, 1]``.
+
+    Example:
+      >>> p = np.array([[1.0, 0.0]]); q = np.array([[0.0, 1.0]])
+      >>> softmax_robustness(p, q)
+      0.0
+      >>> round(softmax_robustness(p, q, semantics="paper", bayesian=True), 3)
+      0.538
     """
+    semantics = validate.choice(semantics, SEMANTICS, "semantics")
     clean = _probabilities(p_clean, "p_clean")
     adv = _probabilities(p_adv, "p_adv")
     if clean.shape != adv.shape:
         raise ValueError(f"p_clean has shape {clean.shape} but p_adv has "
                          f"{adv.shape}.")
+    if semantics == "paper":
+        if not isinstance(bayesian, (bool, np.bool_)):
+            raise TypeError("bayesian must be True (a BNN's predictive "
+                            "probabilities) or False (an NN's softmax) with "
+                            f"semantics='paper', got {bayesian!r}.")
+        if bayesian:
+            clean, adv = _softmax_rows(clean), _softmax_rows(adv)
     return float(1.0 - np.mean(np.max(np.abs(clean - adv), axis=1)))
 
 

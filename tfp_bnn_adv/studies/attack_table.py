@@ -47,7 +47,7 @@ __all__ = ["AttackTableConfig", "run_attack_table", "fingerprint",
 
 ATTACKS = common.ATTACKS
 GRADIENT_ATTACKS = common.GRADIENT_ATTACKS
-GRADIENTS = ("expected", "predictive", "sample")
+GRADIENTS = ("expected", "predictive", "paper", "sample")
 # Everything the table writes besides results.json, figures/, tensorboard/.
 _OWNED = ("table.csv", "table.md", "table_unchanged.csv",
           "table_unchanged.md", "attacks_long.csv", "attacks_long.md")
