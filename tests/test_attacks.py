@@ -379,9 +379,11 @@ def test_pgd_one_sample_matches_keras_loop(fashion, norm, eps):
     ens, model, x, y = fashion
     x, y = x[:20], y[:20]
     ref = keras_pgd(model, x, y, eps, norm, steps=5)
+    # With one sample every definition but the authors' double-softmax loss
+    # is the sample's cross-entropy (that one: tests/test_paper.py).
     outs = [attacks.pgd(ens, x, y, eps=eps, norm=norm, steps=5,
                         random_start=False, gradient=g, jit_compile=JIT)
-            for g in attacks.GRADIENTS]
+            for g in attacks.GRADIENTS if g != "paper"]
     for out in outs:
         if norm == 2:
             np.testing.assert_allclose(out, ref, atol=1e-4)
