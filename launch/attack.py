@@ -30,10 +30,9 @@ from tfp_bnn_adv.studies.attack_table import run_attack_table
 FLAGS = lf.FLAGS
 
 SHARED = lf.use("preset", "dataset", "half_moons_n", "allow_unconverged",
-                "pgd_steps", "square_queries")
+                "pgd_steps", "square_queries", "eps")
 flags.DEFINE_list("posteriors", [], "Saved posteriors to attack: "
                   "label=path or path (the label defaults to the method).")
-flags.DEFINE_float("eps", 0.25, "L-inf attack radius on [0, 1] inputs.")
 flags.DEFINE_list("eps_sweep", [], "Extra radii for the attack table.")
 flags.DEFINE_list("attacks", list(ATTACKS), "Attacks of the attack table.")
 flags.DEFINE_list("gradients", ["expected", "predictive"],
@@ -42,7 +41,6 @@ lf.register("posteriors", lambda v: lf.check_posteriors(v, "posteriors"))
 lf.register("eps_sweep", lambda v: lf.float_list(v, "eps_sweep"))
 lf.register("attacks", lambda v: lf.check_choices(v, "attacks", ATTACKS))
 lf.register("gradients", lambda v: lf.check_choices(v, "gradients", GRADIENTS))
-lf.positive_float("eps", allow_zero=True)
 lf.adopt(__name__, SHARED)
 
 

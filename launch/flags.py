@@ -277,6 +277,11 @@ def _define_enum(name: str, default: str, values, help_text: str):
     return define
 
 
+def _define_eps():
+    flags.DEFINE_float("eps", 0.25, "L-inf attack radius on [0, 1] inputs.")
+    positive_float("eps", allow_zero=True)
+
+
 def _define_trajectory_length():
     flags.DEFINE_float("trajectory_length", None, "HMC integration time; the "
                        "leapfrog count per iteration follows from it and the "
@@ -287,6 +292,7 @@ def _define_trajectory_length():
 
 _SHARED = {
     "preset": _define_preset,
+    "eps": _define_eps,
     "dataset": _define_dataset,
     "num_train": _define_num_train,
     "half_moons_n": _define_half_moons_n,

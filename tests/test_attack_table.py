@@ -48,7 +48,8 @@ def test_table_cells_are_the_attacks_results(moons_ensembles, tmp_path):
     assert "half_moons / Deep ensemble (eps=0.1)" in md
     header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["dataset / method", "clean", "Rand"]
-    assert header[-3:] == ["paper Rand", "paper FGSM", "paper PGD"]
+    assert header[-3:] == ["published Rand", "published FGSM",
+                           "published PGD"]
     assert (tmp_path / "figures" / "attack_table.png").exists()
 
 
@@ -122,7 +123,8 @@ def test_allow_unconverged_writes_the_table_marked(moons_ensembles, tmp_path,
     cols = ["Rand"]
     conv = list(common.CONVERGENCE_HEADER)
     assert header == (["dataset / method", "clean"] + cols + conv +
-                      ["paper Rand", "paper FGSM", "paper PGD"])
+                      ["published Rand", "published FGSM",
+                           "published PGD"])
     assert set(body) == {"half_moons / HMC short (UNCONVERGED)",
                          "half_moons / HMC long", "half_moons / NN"}
     short = body["half_moons / HMC short (UNCONVERGED)"]

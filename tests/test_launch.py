@@ -182,7 +182,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
             square_queries=5, allow_unconverged=True):
         quickstart.main(["quickstart"])
     printed = capsys.readouterr().out
-    assert "fashion_mnist / HMC" in printed and "paper FGSM" in printed
+    assert "fashion_mnist / HMC" in printed and "published FGSM" in printed
     # An unconverged HMC posterior is never presented as plain "HMC".
     top = _results(tmp_path)
     converged = top["HMC/convergence/converged"]

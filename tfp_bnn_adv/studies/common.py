@@ -75,7 +75,8 @@ from tfp_bnn_adv import validate
 from tfp_bnn_adv.inference import hmc
 
 __all__ = ["StudyOutput", "Progress", "markdown_table",
-           "ATTACKS", "GRADIENT_ATTACKS", "run_attack", "load_model",
+           "ATTACKS", "GRADIENT_ATTACKS", "run_attack", "limit_samples",
+           "load_model",
            "load_data", "Seeds", "SWEEP_DATA_SEED", "study_seeds",
            "check_field",
            "UNCONVERGED", "CONVERGENCE_HEADER", "CONVERGENCE_NOTE",
@@ -309,13 +310,16 @@ GRADIENT_ATTACKS = ("fgsm", "pgd")
 def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
                gradient: str | None = None, pgd_steps: int | None = None,
                pgd_restarts: int | None = None,
+               pgd_step_size: float | None = None,
+               pgd_random_start: bool | None = None,
                random_trials: int | None = None,
                square_queries: int | None = None):
     """One attack of :data:`ATTACKS`, by name.
 
     Settings left ``None`` take the attack's own default (``pgd``: 40 steps,
-    1 restart, step size ``2.5 eps / steps``; ``random_attack``: 1 trial;
-    ``square_attack``: 1000 queries; FGSM and PGD: the expected gradient).
+    1 restart, step size ``2.5 eps / steps``, a random start;
+    ``random_attack``: 1 trial; ``square_attack``: 1000 queries; FGSM and
+    PGD: the expected gradient).
 
     Args:
       ensemble: the :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` attacked.
@@ -325,8 +329,9 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
       eps: the L-inf radius, ``>= 0``.
       seed: the attack's seed.
       gradient: FGSM's and PGD's gradient definition (``"expected"``,
-        ``"predictive"``, ``"sample"``); ignored by the others.
-      pgd_steps, pgd_restarts: PGD's steps and restarts.
+        ``"predictive"``, ``"paper"``, ``"sample"``); ignored by the others.
+      pgd_steps, pgd_restarts, pgd_step_size, pgd_random_start: PGD's
+        settings.
       random_trials: best-of-k of the random attack.
       square_queries: Square Attack's query budget per example.
 
@@ -347,6 +352,8 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
     elif attack == "pgd":
         fn, options = attacks.pgd, {"steps": pgd_steps,
                                     "restarts": pgd_restarts,
+                                    "step_size": pgd_step_size,
+                                    "random_start": pgd_random_start,
                                     "gradient": gradient}
     elif attack == "square":
         fn, options = attacks.square_attack, {"max_queries": square_queries}
@@ -354,6 +361,22 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}.")
     return fn(ensemble, x, y, eps, seed=seed,
               **{k: v for k, v in options.items() if v is not None})
+
+
+def limit_samples(ensemble, max_samples: int | None):
+    """At most ``max_samples`` samples, evenly spaced over the ensemble.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble`.
+      max_samples: ``None`` keeps all.
+
+    Returns:
+      The ensemble, or its samples at ``round(linspace(0, S - 1, max))``.
+    """
+    if not max_samples or ensemble.num_samples <= max_samples:
+        return ensemble
+    return ensemble[np.round(np.linspace(0, ensemble.num_samples - 1,
+                                         max_samples)).astype(int)]
 
 
 def load_model(input_shape: Sequence[int], num_classes: int, *,

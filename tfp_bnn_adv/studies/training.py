@@ -85,6 +85,13 @@ class InferenceSettings:
         (``"data"``) or the chains (``"chains"``) across replicas.
       matmul_precision: HMC's float32 matmul precision, ``"highest"`` or
         ``"default"`` (see :func:`tfp_bnn_adv.distribute.matmul_precision`).
+      hmc_restart_batch_size, hmc_resample_draws: HMC's emulation of the
+        authors' Pyro loop (``restart_batch_size`` and ``resample_draws`` of
+        :class:`~tfp_bnn_adv.inference.hmc.HMCConfig`); ``None``: full-data
+        HMC, the draws as sampled.
+      vi_kl_weight, vi_init: VI's ``kl_weight`` and ``init`` (the authors'
+        code: ``N / batch_size`` and ``"paper"``; see
+        :mod:`tfp_bnn_adv.paper`).
     """
     method: str = "hmc"
     num_chains: int = 4
@@ -107,6 +114,10 @@ class InferenceSettings:
     seed: int = 0
     hmc_parallelism: str = "data"
     matmul_precision: str = "highest"
+    hmc_restart_batch_size: int | None = None
+    hmc_resample_draws: int | None = None
+    vi_kl_weight: float = 1.0
+    vi_init: str = "default"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -140,7 +151,16 @@ class InferenceSettings:
             keys = ("epochs", "batch_size", "learning_rate")
         else:
             keys = ("epochs", "batch_size", "learning_rate", "num_members")
-        return {**common, **{k: getattr(self, k) for k in keys}}
+        out = {**common, **{k: getattr(self, k) for k in keys}}
+        # The authors' training semantics enter only when set, so the ids and
+        # fingerprints of every ordinary run stay what they were.
+        extra = {"hmc": (("hmc_restart_batch_size", None),
+                         ("hmc_resample_draws", None)),
+                 "vi": (("vi_kl_weight", 1.0), ("vi_init", "default"))}
+        for key, default in extra.get(self.method, ()):
+            if getattr(self, key) != default:
+                out[key] = getattr(self, key)
+        return out
 
 
 def elbo_plateau(losses: Sequence[float], *, window: float = PLATEAU_WINDOW,
@@ -258,6 +278,9 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
     logging.info("Fitting %s posterior on %d points: %s", s.method,
                  len(train_x), s.relevant())
     if s.method == "hmc":
+        emulation = {k: v for k, v in (
+            ("restart_batch_size", s.hmc_restart_batch_size),
+            ("resample_draws", s.hmc_resample_draws)) if v is not None}
         ens, diag = hmc.sample(
             model, train_x, train_y, num_chains=s.num_chains,
             num_burnin_steps=s.num_burnin_steps, num_results=s.num_results,
@@ -269,13 +292,16 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
             prior_scale=s.prior_scale, seed=s.seed, init=s.hmc_init,
             probe_x=probe_x, probe_y=probe_y, max_rhat=max_rhat,
             checkpoint_dir=checkpoint_dir, parallelism=s.hmc_parallelism,
-            matmul_precision=s.matmul_precision)
+            matmul_precision=s.matmul_precision, **emulation)
         info["diagnostics"] = diag.to_dict()
     elif s.method == "vi":
+        paper_init = {"init": s.vi_init} if s.vi_init != "default" else {}
         post = vi.fit(model, train_x, train_y, epochs=s.epochs,
                       batch_size=s.batch_size, learning_rate=s.learning_rate,
                       prior_scale=s.prior_scale, seed=s.seed,
-                      checkpoint_dir=checkpoint_dir or None, verbose=verbose)
+                      kl_weight=s.vi_kl_weight,
+                      checkpoint_dir=checkpoint_dir or None, verbose=verbose,
+                      **paper_init)
         if checkpoint_dir:
             post.save(os.path.join(checkpoint_dir, "vi_posterior.npz"))
         ens = post.sample_ensemble(s.vi_samples, seed=s.seed + 1)
