@@ -31,6 +31,8 @@ from tfp_bnn_adv import validate
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
+    "HALF_MOONS_SCALINGS",
+    "PAPER_POOL_SIZE",
     "fashion_mnist",
     "half_moons",
     "load_dataset",
@@ -180,7 +182,33 @@ class Dataset:
                                    test_x=test_x, test_y=test_y)
 
 
-def half_moons(n=1000, noise=0.1, seed=0, test_fraction=0.2):
+HALF_MOONS_SCALINGS = ("per_feature", "paper")
+# The authors' fixed pool of half-moons points, scaled and sliced.
+PAPER_POOL_SIZE = 30000
+
+
+def _moons_points(n, noise, rng):
+    """``n`` unscaled, unshuffled half-moons points: class 0, then class 1.
+
+    Draws ``t0``, ``t1`` and then the noise from ``rng``, in that order.
+    Returns float64 ``[n, 2]`` inputs and int32 ``[n]`` labels.
+    """
+    n0 = n // 2
+    n1 = n - n0
+    t0 = rng.uniform(0.0, np.pi, size=n0)
+    t1 = rng.uniform(0.0, np.pi, size=n1)
+    x = np.concatenate([
+        np.stack([np.cos(t0), np.sin(t0)], axis=1),
+        np.stack([1.0 - np.cos(t1), 1.0 - np.sin(t1) - 0.5], axis=1),
+    ])
+    y = np.concatenate([np.zeros(n0, np.int32), np.ones(n1, np.int32)])
+    if noise > 0:
+        x = x + rng.normal(0.0, noise, size=x.shape)
+    return x, y
+
+
+def half_moons(n=1000, noise=0.1, seed=0, test_fraction=0.2, *,
+               scaling="per_feature", pool_size=PAPER_POOL_SIZE):
     """Two interleaving half circles, min-max scaled to [0, 1].
 
     Class 0 is the upper half circle ``(cos t, sin t)``, class 1 the shifted
@@ -193,12 +221,27 @@ def half_moons(n=1000, noise=0.1, seed=0, test_fraction=0.2):
     ``n_test = round(n * test_fraction)`` (clamped to ``[1, n - 1]`` so neither
     split is empty) form the test set.
 
+    ``scaling="paper"`` scales as the authors' code did: a pool of
+    ``pool_size`` points (30,000 there) is drawn the same way (class 0 then
+    class 1, then the noise, from ``seed``), the whole pool is scaled by ONE
+    scalar minimum and maximum (over both features of all its points, so
+    neither feature need span [0, 1] exactly), and shuffled once, as
+    scikit-learn's ``make_moons`` does; its first ``n`` points, in that
+    order, are split by the rule above (the first ``n - n_test`` train, the
+    rest test), with no further shuffling (the authors' loader was
+    unshuffled).  A point's value does not depend on ``n``: a larger ``n``
+    extends the same pool prefix.
+
     Args:
       n: Total number of points, int >= 2.
       noise: Standard deviation of the Gaussian noise, float >= 0.
       seed: Non-negative int seed for ``np.random.default_rng``; the same seed
         gives identical arrays.
       test_fraction: Fraction of points in the test set, float in (0, 1).
+      scaling: ``"per_feature"`` (default: each feature over the ``n``
+        points) or ``"paper"`` (one global scale over a fixed pool).
+      pool_size: the pool's size with ``scaling="paper"``, int ``>= n``;
+        only the default applies to ``scaling="per_feature"``.
 
     Returns:
       A ``Dataset`` named ``"half_moons"`` with ``num_classes=2``, float32
@@ -206,38 +249,45 @@ def half_moons(n=1000, noise=0.1, seed=0, test_fraction=0.2):
       ``[N_test]``.
 
     Raises:
-      TypeError: If ``n`` or ``seed`` is not an int, or ``noise`` /
-        ``test_fraction`` is not a real number.
-      ValueError: If ``n < 2``, ``noise < 0`` or not finite, ``seed < 0``, or
-        ``test_fraction`` is not in (0, 1).
+      TypeError: If ``n``, ``seed`` or ``pool_size`` is not an int, or
+        ``noise`` / ``test_fraction`` is not a real number.
+      ValueError: If ``n < 2``, ``noise < 0`` or not finite, ``seed < 0``,
+        ``test_fraction`` is not in (0, 1), ``scaling`` is not one of
+        ``HALF_MOONS_SCALINGS``, ``pool_size < n`` (with ``"paper"``), or
+        ``pool_size`` is not the default with ``"per_feature"``.
 
     Example:
       >>> ds = half_moons(n=1000, noise=0.1, seed=0)
       >>> ds.train_x.shape, ds.test_x.shape, ds.train_x.dtype
       ((800, 2), (200, 2), dtype('float32'))
+      >>> paper = half_moons(n=1000, scaling="paper")   # pool of 30,000
     """
     validate.integer(n, "n", minimum=2)
     validate.nonnegative_real(noise, "noise")
     _check_seed(seed)
     validate.real(test_fraction, "test_fraction", minimum=0.0, maximum=1.0,
                   min_open=True, max_open=True)
+    validate.choice(scaling, HALF_MOONS_SCALINGS, "scaling")
+    validate.integer(pool_size, "pool_size", minimum=2)
+    if scaling == "paper" and pool_size < n:
+        raise ValueError(f"pool_size must be >= n={n} with scaling='paper', "
+                         f"got pool_size={pool_size!r}.")
+    if scaling == "per_feature" and pool_size != PAPER_POOL_SIZE:
+        raise ValueError(f"pool_size={pool_size!r} applies only to "
+                         "scaling='paper'; scaling='per_feature' scales the n "
+                         "points themselves.")
 
     rng = np.random.default_rng(seed)
-    n0 = n // 2
-    n1 = n - n0
-    t0 = rng.uniform(0.0, np.pi, size=n0)
-    t1 = rng.uniform(0.0, np.pi, size=n1)
-    x = np.concatenate([
-        np.stack([np.cos(t0), np.sin(t0)], axis=1),
-        np.stack([1.0 - np.cos(t1), 1.0 - np.sin(t1) - 0.5], axis=1),
-    ])
-    y = np.concatenate([np.zeros(n0, np.int32), np.ones(n1, np.int32)])
-    if noise > 0:
-        x = x + rng.normal(0.0, noise, size=x.shape)
-    lo, hi = x.min(axis=0), x.max(axis=0)
-    x = ((x - lo) / (hi - lo)).astype(np.float32)
-
-    order = rng.permutation(n)
+    if scaling == "per_feature":
+        x, y = _moons_points(n, noise, rng)
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        x = ((x - lo) / (hi - lo)).astype(np.float32)
+        order = rng.permutation(n)
+    else:
+        x, y = _moons_points(pool_size, noise, rng)
+        lo, hi = x.min(), x.max()
+        x = ((x - lo) / (hi - lo)).astype(np.float32)
+        order = rng.permutation(pool_size)[:n]
     x, y = x[order], y[order]
     n_test = min(n - 1, max(1, round(n * test_fraction)))
     n_train = n - n_test
@@ -346,8 +396,8 @@ def load_dataset(name, *, data_dir=None, source="auto", **kwargs):
         ``"half_moons"``.
       source: Passed to ``mnist`` / ``fashion_mnist``; must be ``"auto"`` for
         ``"half_moons"``.
-      **kwargs: ``n``, ``noise``, ``seed``, ``test_fraction`` for
-        ``half_moons``; must be empty for the image sets.
+      **kwargs: ``n``, ``noise``, ``seed``, ``test_fraction``, ``scaling``,
+        ``pool_size`` for ``half_moons``; must be empty for the image sets.
 
     Returns:
       The ``Dataset`` built by the named loader (see its docstring for shapes).

@@ -27,9 +27,13 @@ applied once.
 
 The variational family: every kernel **and** bias gets a prior
 ``N(0, prior_scale**2)`` (independent per scalar) and a mean-field normal
-posterior ``N(loc, softplus(rho)**2)``.  ``loc`` starts at a draw from the
-Keras initialiser of the user's layer (stateless, from ``seed``), ``rho`` at
-``softplus^-1(init_scale)``, the same for every weight.
+posterior ``N(loc, softplus(rho)**2)``.  With ``init="default"``, ``loc``
+starts at a draw from the Keras initialiser of the user's layer (stateless,
+from ``seed``), ``rho`` at ``softplus^-1(init_scale)``, the same for every
+weight.  ``init="paper"`` starts as the authors' Pyro guide did: ``loc`` and
+``rho`` of every weight and bias independent ``N(0, 1)`` draws (stateless,
+from ``seed``), so the initial scale is ``softplus(N(0, 1))``, about 0.7
+on average; ``init_scale`` does not apply.
 
 The training loss is the negative ELBO **per training point**::
 
@@ -38,7 +42,10 @@ The training loss is the negative ELBO **per training point**::
 with ``w`` drawn from ``q`` by the layers (Flipout or reparameterization), the
 mean over the ``B`` examples of the mini-batch and ``N`` the number of
 training points (after any validation split).  Its expectation over
-mini-batches is ``-ELBO / N``; ``kl_weight = 1`` is the ELBO itself.  The KL
+mini-batches is ``-ELBO / N``; ``kl_weight = 1`` is the ELBO itself.  The
+authors' Pyro code sized the data plate to the mini-batch, which weights
+the KL ``N / B`` times as much: ``kl_weight = N / batch_size`` reproduces
+it (about 469 for MNIST's 60,000 points in batches of 128).  The KL
 term enters through ``model.losses``, which ``tf_keras`` ``compile``/``fit``
 add to the loss in the compiled training step.
 
@@ -97,10 +104,13 @@ from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.inference import density
 from tfp_bnn_adv.network import Network
 
-__all__ = ["fit", "VIPosterior", "ESTIMATORS", "DEFAULT_INIT_SCALE",
+__all__ = ["fit", "VIPosterior", "ESTIMATORS", "INITS", "DEFAULT_INIT_SCALE",
            "FORMAT_VERSION", "CHECKPOINT_FILE"]
 
 ESTIMATORS = ("flipout", "reparameterization")
+# How fit starts the posterior: the Keras initialisers and init_scale, or
+# the authors' N(0, 1) loc and rho.
+INITS = ("default", "paper")
 # Small enough that the initial posterior acts almost like the Keras network
 # it starts from (logit noise ~1e-2 x input norm), large enough that the
 # softplus gradient of the scale is not vanishingly small.
@@ -112,8 +122,9 @@ _FORMAT_NAME = "tfp_bnn_adv.VIPosterior"
 CHECKPOINT_FILE = "vi_checkpoint.npz"
 _CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
 _CHECKPOINT_VERSION = 1
-# Streams folded into the seed: training steps, validation passes.
-_TRAIN_STREAM, _VALIDATION_STREAM = 1, 2
+# Streams folded into the seed: training steps, validation passes, and the
+# initial posterior of init="paper".
+_TRAIN_STREAM, _VALIDATION_STREAM, _INIT_STREAM = 1, 2, 3
 
 
 # --------------------------------------------------------------------------
@@ -758,6 +769,23 @@ def _raw_params(post: "VIPosterior") -> tuple[list, list]:
     return post.posterior_loc(), post.posterior_untransformed_scale()
 
 
+def _paper_init(network: Network, seed: int) -> tuple[list, list]:
+    """The authors' initial ``(loc, rho)``: i.i.d. ``N(0, 1)`` everywhere.
+
+    Parameter tensor ``i`` draws its ``loc`` from seed ``2 i`` and its raw
+    scale ``rho`` from seed ``2 i + 1`` of ``split(fold_in(seed, INIT),
+    2 * num_tensors)``, float32 arrays of ``network.param_shapes``.
+    """
+    shapes = network.param_shapes
+    keys = tf.unstack(seeds_lib.split(
+        seeds_lib.fold_in(seed, _INIT_STREAM), 2 * len(shapes)))
+    loc = [seeds_lib.normal(s, keys[2 * i]).numpy()
+           for i, s in enumerate(shapes)]
+    rho = [seeds_lib.normal(s, keys[2 * i + 1]).numpy()
+           for i, s in enumerate(shapes)]
+    return loc, rho
+
+
 class _Checkpoint:
     """The per-epoch checkpoint of one :func:`fit` configuration."""
 
@@ -813,6 +841,9 @@ class _Checkpoint:
         if not isinstance(saved, dict):
             raise ValueError(f"{self.path!r}: its configuration is missing; the "
                              "checkpoint is corrupt.")
+        # Checkpoints written before fit had ``init`` all started from the
+        # default; they resume as such.
+        saved = {"init": "default", **saved}
         for field in sorted(set(saved) | set(self.fields)):
             if saved.get(field) != self.fields.get(field):
                 raise ValueError(
@@ -925,7 +956,8 @@ class _EpochEnd(tf_keras.callbacks.Callback):
 def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
         learning_rate: float = 1e-3, prior_scale: float = 1.0,
         init_scale: float = DEFAULT_INIT_SCALE, kl_weight: float = 1.0,
-        estimator: str = "flipout", validation_split: float = 0.0,
+        estimator: str = "flipout", init: str = "default",
+        validation_split: float = 0.0,
         validation_data=None, early_stopping_patience: int | None = None,
         seed: int = 0, jit_compile=None, checkpoint_dir=None,
         verbose: int = 1) -> VIPosterior:
@@ -948,18 +980,28 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       learning_rate: Adam learning rate ``> 0``.
       prior_scale: std of the ``N(0, prior_scale**2)`` prior on every weight
         and bias (the paper: 1).
-      init_scale: initial posterior std of every weight and bias ``> 0``.
-      kl_weight: multiplier of the KL term ``> 0`` (1 is the ELBO).
+      init_scale: initial posterior std of every weight and bias ``> 0``,
+        with ``init="default"``.  ``init="paper"`` draws every scale, so it
+        refuses any other value than :data:`DEFAULT_INIT_SCALE` and records
+        ``settings["init_scale"] = None``.
+      kl_weight: multiplier of the KL term ``> 0`` (1 is the ELBO).  The
+        authors' code: ``N / batch_size``, about 469 on MNIST (their Pyro
+        data plate had the size of the mini-batch).
       estimator: ``"flipout"`` (default) or ``"reparameterization"``.
+      init: the initial posterior.  ``"default"``: ``loc`` a stateless draw
+        from the Keras initialisers, every scale ``init_scale``.
+        ``"paper"``, the authors' guide: ``loc`` and the raw scale ``rho``
+        of every weight and bias i.i.d. ``N(0, 1)`` (:func:`~tfp_bnn_adv.
+        seeds.normal` from ``seed``), so the scale is ``softplus(rho)``.
       validation_split: fraction in ``[0, 1)`` of the training data held out
         (a random subset drawn from ``seed``) for ``val_loss``/``val_accuracy``.
       validation_data: alternatively, a pair ``(x_val, y_val)``.  Never pass
         the test set: early stopping on it leaks it into training.
       early_stopping_patience: if set, stop when ``val_loss`` has not improved
         for this many epochs, and end with the posterior of the best epoch.
-      seed: int; the initial ``loc`` (stateless draw from the Keras
-        initialisers), the validation split, the order of every epoch and
-        the layers' noise (see the module docstring).
+      seed: int; the initial posterior (see ``init``), the validation
+        split, the order of every epoch and the layers' noise (see the
+        module docstring).
       jit_compile: ``True`` (XLA), ``False`` (TF's kernels), ``"auto"`` or
         ``None`` (the ``TFP_BNN_ADV_JIT`` default): the compile path of the
         training step, resolved without timing by
@@ -1006,6 +1048,14 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     validate.positive_real(prior_scale, "prior_scale")
     validate.positive_real(kl_weight, "kl_weight")
     validate.choice(estimator, ESTIMATORS, "estimator")
+    validate.choice(init, INITS, "init")
+    if init == "paper" and init_scale != DEFAULT_INIT_SCALE:
+        raise ValueError(
+            f"init_scale={init_scale!r} has no effect with init='paper', "
+            "which draws every scale as softplus(N(0, 1)); leave init_scale "
+            f"at its default {DEFAULT_INIT_SCALE} or use init='default'.")
+    if init == "paper":
+        init_scale = None  # recorded as such: no scale was set
     seed = validate.seed_int(seed)
     requested_xla = xla.stochastic_jit(jit_compile)
     checkpoint_dir = validate.directory(checkpoint_dir, "checkpoint_dir",
@@ -1037,11 +1087,16 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
             raise ValueError(f"checkpoint_dir {checkpoint_dir!r} cannot be "
                              f"created: {e}") from e
 
-    loc = network.init_params(seed)
-    scale = [np.full(s, init_scale, np.float32) for s in network.param_shapes]
-    post = VIPosterior(network, loc, scale, estimator=estimator,
+    if init == "default":
+        loc = network.init_params(seed)
+        initial = dict(scale=[np.full(s, init_scale, np.float32)
+                              for s in network.param_shapes])
+    else:
+        loc, rho = _paper_init(network, seed)
+        initial = dict(untransformed_scale=rho)
+    post = VIPosterior(network, loc, estimator=estimator,
                        prior_scale=prior_scale, kl_weight=kl_weight,
-                       num_train=x.shape[0], seed=seed)
+                       num_train=x.shape[0], seed=seed, **initial)
     vmodel = post.variational_model
     # Adam's own XLA switch is on by default with a GPU only; off, the whole
     # step follows the one argument.
@@ -1068,7 +1123,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
             "validation_data": (None if validation_data is None
                                 else files.array_digest(*validation_data)),
             "estimator": estimator, "prior_scale": float(prior_scale),
-            "init_scale": init_scale, "kl_weight": float(kl_weight),
+            "init": init, "init_scale": init_scale,
+            "kl_weight": float(kl_weight),
             "batch_size": batch_size, "learning_rate": learning_rate,
             "validation_split": validation_split,
             "early_stopping_patience": patience, "seed": seed,
@@ -1109,8 +1165,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     post.history = history
     post.settings.update({
         "epochs": epochs, "batch_size": batch_size,
-        "learning_rate": learning_rate, "init_scale": init_scale,
-        "validation_split": validation_split,
+        "learning_rate": learning_rate, "init": init,
+        "init_scale": init_scale, "validation_split": validation_split,
         "validation_size": 0 if validation_data is None else len(validation_data[1]),
         "early_stopping_patience": patience,
         "jit_compile": use_xla, "compile_path": xla.path_name(use_xla),
