@@ -46,8 +46,10 @@ from launch import flags as lf
 from tfp_bnn_adv.studies import quickstart as quickstart_lib
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
+from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
 from tfp_bnn_adv.studies.quickstart import HIDDEN
 from tfp_bnn_adv.studies.quickstart import LABELS
+from tfp_bnn_adv.studies.quickstart import ABLATION_SWITCHES
 from tfp_bnn_adv.studies.quickstart import NUM_TRAIN
 from tfp_bnn_adv.studies.quickstart import SETTINGS
 from tfp_bnn_adv.studies.quickstart import SUBSTUDIES
@@ -128,10 +130,19 @@ def config_from_flags() -> QuickstartConfig:
             "hmc_lengths": ("hmc_lengths", lf.ints),
             "num_test": ("num_test", _count)}))
     sweep = dataclasses.replace(sweep, hmc=sweep.hmc.replace(**hmc_flags))
-    config = QuickstartConfig(
-        table=table, grads=grads, sweep=sweep, num_train=num_train,
-        hidden=hidden, settings={m: _settings(m, seed) for m in SETTINGS},
+    settings = {m: _settings(m, seed) for m in SETTINGS}
+    # The ablation scores the quickstart's own HMC and VI posteriors on the
+    # attack table's test points, PGD and thinning, so its corrected row is
+    # the table's predictive-gradient columns.
+    ablation = PaperAblationConfig.quick(
+        num_train=num_train, hidden=hidden, num_test=table.num_test,
+        pgd_steps=table.pgd_steps, max_samples=table.max_samples,
+        switches=ABLATION_SWITCHES, hmc=settings["hmc"], vi=settings["vi"],
         seed=seed, **data)
+    config = QuickstartConfig(
+        table=table, grads=grads, sweep=sweep, ablation=ablation,
+        num_train=num_train,
+        hidden=hidden, settings=settings, seed=seed, **data)
     config.validate()
     return config
 

@@ -14,6 +14,7 @@ import pytest  # pylint: disable=wrong-import-position
 from launch import attack  # pylint: disable=wrong-import-position
 from launch import flags as lf  # pylint: disable=wrong-import-position
 from launch import gradient_study  # pylint: disable=wrong-import-position
+from launch import paper_ablation  # pylint: disable=wrong-import-position
 from launch import quickstart  # pylint: disable=wrong-import-position
 from launch import robustness_accuracy  # pylint: disable=wrong-import-position
 from launch import train  # pylint: disable=wrong-import-position
@@ -150,6 +151,34 @@ def test_gradient_study_script(tmp_path):
     assert results["unconverged"] and "**Warning:**" in md
 
 
+def test_paper_ablation_script(tmp_path, capsys):
+    kwargs = dict(output_dir=str(tmp_path), num_train=200, num_test=20,
+                  hidden=["8"], epochs=1, vi_samples=12, pgd_steps=2,
+                  ablation_methods=["vi"],
+                  switches=["attack_loss", "softmax_metric", "vi_training"])
+    with flagsaver.flagsaver(**kwargs):
+        paper_ablation.main(["paper_ablation"])
+    printed = capsys.readouterr().out
+    assert "| corrected + vi_training |" in printed
+    results = _results(tmp_path)
+    for row in ("original (all switches on)", "corrected"):
+        assert 0.0 <= results[f"{row}/vi/adv_accuracy/pgd"] <= 1.0
+    assert sorted(results["effects"]) == ["attack_loss", "softmax_metric",
+                                          "vi_training"]
+    for name in ("summary.md", "table.md", "posteriors.md", "flags.txt",
+                 "posteriors/vi.npz", "posteriors/vi_paper.npz",
+                 "figures/switch_effects.png"):
+        assert (tmp_path / name).exists(), name
+    # The authors' VI over-weights the KL by N / B.
+    authors = PosteriorEnsemble.load(tmp_path / "posteriors" / "vi_paper.npz")
+    assert authors.metadata["diagnostics"]["loss_trace"]
+    # A rerun reuses the saved posteriors and gives the same table.
+    before = (tmp_path / "table.md").read_text()
+    with flagsaver.flagsaver(**kwargs):
+        paper_ablation.main(["paper_ablation"])
+    assert (tmp_path / "table.md").read_text() == before
+
+
 def test_robustness_accuracy_script_resumes(tmp_path):
     kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
                   half_moons_n=300, methods=["sgd"], widths=["4"],
@@ -193,8 +222,10 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     # Tiny runs (4 draws per chain) do not all converge; they are flagged.
     assert top["unconverged"] and "**Warning:**" in printed
     assert "(UNCONVERGED)" in printed
-    for sub in ("attack_table", "gradient_study", "robustness_accuracy"):
+    for sub in ("attack_table", "gradient_study", "robustness_accuracy",
+                "paper_ablation"):
         assert (tmp_path / sub / "results.json").exists()
+    assert "Why the paper found BNNs robust" in printed
     assert (tmp_path / "summary.md").exists()
     for method in ("hmc", "vi", "sgd"):
         assert (tmp_path / f"posterior_{method}.npz").exists()

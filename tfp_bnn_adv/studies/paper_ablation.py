@@ -370,16 +370,27 @@ def _effects(scores, rows, config, cols):
 
 
 def _paragraph(effects, scores, rows, config, cols, published) -> str:
+    """Per column: how much of the gap between the corrected and the
+    published number (or, without one, the original) the original semantics
+    closes, and the two switches that move it most."""
     orig, corr = scores[rows[0][0]], scores["corrected"]
     lines = []
     for m, c in cols:
-        gap = orig[m][c] - corr[m][c]
+        o, k = orig[m][c], corr[m][c]
         pub = published.get((m, c))
-        pub_text = f", published {pub:.3f}" if pub is not None else ""
-        if not config.switches or abs(gap) < 0.02:
-            lines.append(f"- {_col_name(m, c)}: corrected {corr[m][c]:.3f}, "
-                         f"original {orig[m][c]:.3f}{pub_text}: the switches "
-                         "move it by less than 0.02.")
+        if pub is not None:
+            gap = pub - k
+            head = (f"- {_col_name(m, c)}: corrected {k:.3f}, original "
+                    f"{o:.3f}, published {pub:.3f}; ")
+            head += (f"the original semantics closes {100 * (o - k) / gap:.0f}%"
+                     " of the gap between corrected and published"
+                     if abs(gap) >= 0.02 else
+                     "the corrected number already matches the published one")
+        else:
+            head = (f"- {_col_name(m, c)}: corrected {k:.3f}, original "
+                    f"{o:.3f} (no published number)")
+        if not config.switches or abs(o - k) < 0.02:
+            lines.append(head + "; the switches move it by less than 0.02.")
             continue
         ranked = sorted(config.switches, key=lambda n: -abs(
             effects[n][f"{m}/{c}"]["turning_off_in_original"]))
@@ -390,18 +401,15 @@ def _paragraph(effects, scores, rows, config, cols, published) -> str:
                          f"turned off in the original, "
                          f"{e['turning_on_in_corrected']:+.3f} when turned on "
                          "alone)")
-        lines.append(f"- {_col_name(m, c)}: corrected {corr[m][c]:.3f}, "
-                     f"original {orig[m][c]:.3f}{pub_text}; most of the gap of "
-                     f"{gap:+.3f}: " + "; ".join(parts) + ".")
+        lines.append(head + "; the switches that move it most: "
+                     + "; ".join(parts) + ".")
     totals = {n: sum(abs(effects[n][f"{m}/{c}"]["turning_off_in_original"]) +
                      abs(effects[n][f"{m}/{c}"]["turning_on_in_corrected"])
                      for m, c in cols) for n in config.switches}
     lead = sorted(totals, key=lambda n: -totals[n])[:2]
     head = ("The switches that move the numbers most, summed over all "
             f"columns: {', '.join(lead)}. " if lead else "")
-    return (head + "Per column, the gap between the original and the "
-            "corrected semantics and the two switches that account for most "
-            "of it:\n\n" + "\n".join(lines) + "\n")
+    return head + "Per column:\n\n" + "\n".join(lines) + "\n"
 
 
 def _plot(out, effects, cols, switches):

@@ -5,9 +5,11 @@ network on a Fashion-MNIST subset (the real data, from Debian's
 dataset-fashion-mnist or ``data_dir``), saves them, and chains the attack
 table on them, the gradient study (half-moons HMC over widths and training
 sizes, and the gradient size against the number of posterior samples on the
-three Fashion-MNIST models) and a small robustness-accuracy sweep, each in
-its own sub-directory; ``summary.md`` gathers the table, the convergence
-evidence and the figures.
+three Fashion-MNIST models), a small robustness-accuracy sweep and a small
+paper ablation (the authors' semantics switch by switch, on the same HMC and
+VI posteriors plus the authors' training of each), each in its own
+sub-directory; ``summary.md`` gathers the table, the ablation's answer, the
+convergence evidence and the figures.
 
 Every HMC posterior is diagnosed (function-space R-hat on held-out test
 points).  If the Fashion-MNIST HMC posterior has not converged (R-hat median
@@ -37,6 +39,9 @@ from tfp_bnn_adv.studies.attack_table import run_attack_table
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
 from tfp_bnn_adv.studies.gradient_study import fingerprint as grad_fingerprint
 from tfp_bnn_adv.studies.gradient_study import run_gradient_study
+from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
+from tfp_bnn_adv.studies.paper_ablation import fingerprint as ablation_fingerprint
+from tfp_bnn_adv.studies.paper_ablation import run_paper_ablation
 from tfp_bnn_adv.studies.robustness_accuracy import RobustnessAccuracyConfig
 from tfp_bnn_adv.studies.robustness_accuracy import fingerprint as sweep_fingerprint
 from tfp_bnn_adv.studies.robustness_accuracy import run_robustness_accuracy
@@ -46,7 +51,7 @@ from tfp_bnn_adv.studies.training import fit_posterior
 __all__ = ["QuickstartConfig", "run_quickstart", "fingerprint",
            "owned_directories",
            "FashionMnistMissingError", "NUM_TRAIN", "HIDDEN", "SETTINGS",
-           "LABELS", "SUBSTUDIES"]
+           "LABELS", "SUBSTUDIES", "ABLATION_SWITCHES"]
 
 # The largest Fashion-MNIST HMC posterior we measured to converge within the
 # quickstart's budget on 2 cores: 500 points, 784-16-10, 4 chains of 700
@@ -65,7 +70,12 @@ SETTINGS = {
     "sgd": InferenceSettings(method="sgd", epochs=8, learning_rate=1e-3),
 }
 LABELS = {"hmc": "HMC", "vi": "VI", "sgd": "NN (SGD)"}
-SUBSTUDIES = ("attack_table", "gradient_study", "robustness_accuracy")
+# The switches of the quickstart's small ablation (see the README for the
+# measured run that chose them).
+ABLATION_SWITCHES = ("attack_loss", "pgd_schedule", "first_samples",
+                     "softmax_metric", "hmc_training", "vi_training")
+SUBSTUDIES = ("attack_table", "gradient_study", "robustness_accuracy",
+              "paper_ablation")
 
 
 class FashionMnistMissingError(FileNotFoundError):
@@ -84,6 +94,9 @@ class QuickstartConfig:
       settings: ``method -> InferenceSettings`` of the ``"hmc"``, ``"vi"``
         and ``"sgd"`` fits (keys of :data:`LABELS`; :data:`SETTINGS`).
       table, grads, sweep: the three studies' configs.
+      ablation: the paper ablation's config (``None``: skipped); it scores
+        the quickstart's own HMC and VI posteriors, so its training subset,
+        architecture and seed must be the quickstart's.
       data_dir, data_source: where Fashion-MNIST is read from.
       seed: the training subset's seed
         (:func:`~tfp_bnn_adv.studies.common.study_seeds`; the settings and
@@ -99,6 +112,7 @@ class QuickstartConfig:
     table: AttackTableConfig
     grads: GradientStudyConfig
     sweep: RobustnessAccuracyConfig
+    ablation: PaperAblationConfig | None = None
     data_dir: str | None = None
     data_source: str = "auto"
     seed: int = 0
@@ -113,6 +127,18 @@ class QuickstartConfig:
                              f"InferenceSettings, got {sorted(self.settings)}.")
         for config in (self.table, self.grads, self.sweep):
             config.validate()
+        if self.ablation is not None:
+            self.ablation.validate()
+            mine = (self.num_train, tuple(self.hidden), self.seed,
+                    self.data_dir, self.data_source)
+            theirs = (self.ablation.num_train, tuple(self.ablation.hidden),
+                      self.ablation.seed, self.ablation.data_dir,
+                      self.ablation.data_source)
+            if mine != theirs:
+                raise ValueError(
+                    "ablation must use the quickstart's training data, "
+                    "architecture and seed (num_train, hidden, seed, "
+                    f"data_dir, data_source): {theirs} != {mine}.")
 
 
 def fingerprint(config: QuickstartConfig) -> dict[str, Any]:
@@ -132,7 +158,9 @@ def fingerprint(config: QuickstartConfig) -> dict[str, Any]:
         "max_rhat": config.max_rhat,
         "attack_table": table_fingerprint(config.table)["fields"],
         "gradient_study": grad_fingerprint(config.grads)["fields"],
-        "robustness_accuracy": sweep_fingerprint(config.sweep)["fields"]})
+        "robustness_accuracy": sweep_fingerprint(config.sweep)["fields"],
+        "paper_ablation": (None if config.ablation is None else
+                           ablation_fingerprint(config.ablation)["fields"])})
 
 
 def owned_directories(methods=tuple(SETTINGS)) -> tuple:
@@ -194,7 +222,7 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
             f"posterior_{m}.npz" for m in config.settings))
     ensembles, reports = {}, {}
     for method, settings in config.settings.items():
-        logging.info("[quickstart] stage 1/4: %s on Fashion-MNIST (%d points)",
+        logging.info("[quickstart] stage 1/5: %s on Fashion-MNIST (%d points)",
                      method, len(ds.train_x))
         model = common.load_model(ds.input_shape, ds.num_classes,
                                   hidden=config.hidden)
@@ -218,26 +246,37 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
     # posteriors above, whose configuration the quickstart's fingerprint has
     # just checked; their own fingerprints hold the posteriors' SHA-256,
     # which a refit may change in the last bits, so they start afresh.
-    logging.info("[quickstart] stage 2/4: attack table")
+    logging.info("[quickstart] stage 2/5: attack table")
     table = run_attack_table(
         config.table, out.path("attack_table"),
         ensembles={LABELS[m]: e for m, e in ensembles.items()},
         overwrite=True)
 
-    logging.info("[quickstart] stage 3/4: gradient study")
+    logging.info("[quickstart] stage 3/5: gradient study")
     grads = run_gradient_study(
         config.grads, out.path("gradient_study"),
         image_ensembles=ensembles, overwrite=True)
 
-    logging.info("[quickstart] stage 4/4: robustness-accuracy sweep")
+    logging.info("[quickstart] stage 4/5: robustness-accuracy sweep")
     sweep = run_robustness_accuracy(config.sweep,
                                     out.path("robustness_accuracy"))
 
+    ablation = None
+    if config.ablation is not None:
+        logging.info("[quickstart] stage 5/5: paper ablation")
+        ablation = run_paper_ablation(
+            config.ablation, out.path("paper_ablation"),
+            ensembles={m: ensembles[m] for m in config.ablation.methods},
+            overwrite=True)
+
     minutes = (time.perf_counter() - start) / 60
-    figures = table["figures"] + grads["figures"] + sweep["figures"]
+    figures = table["figures"] + grads["figures"] + sweep["figures"] + (
+        ablation["figures"] if ablation else [])
     unconverged = [f"{study}: {label}" for study, res in (
         ("attack table", table), ("gradient study", grads),
-        ("robustness-accuracy sweep", sweep)) for label in res["unconverged"]]
+        ("robustness-accuracy sweep", sweep)) + ((
+            ("paper ablation", ablation),) if ablation else ())
+        for label in res["unconverged"]]
     warning = ("**Warning:** unconverged HMC posteriors were used because "
                "--allow_unconverged was given; they are marked (UNCONVERGED) "
                "and their numbers are not those of the posterior: "
@@ -246,7 +285,11 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
                             for label, r in reports.items()
                             if r["method"] in ("hmc", "vi"))
     summary = (f"# tfp_bnn_adv quickstart ({minutes:.1f} min)\n\n" + warning
-               + table["table_markdown"] + "\n## Convergence\n\n"
+               + table["table_markdown"]
+               + ("\n## Why the paper found BNNs robust (paper ablation)\n\n"
+                  + ablation["paragraph"] + "\n" + ablation["table_markdown"]
+                  if ablation else "")
+               + "\n## Convergence\n\n"
                + convergence + "\n\n## Figures\n\n"
                + "\n".join(f"- {f}" for f in figures) + "\n")
     summary_path = out.path("summary.md")
@@ -255,4 +298,5 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
     return {"unconverged": unconverged, "summary": summary_path,
             "summary_markdown": summary, "convergence": reports,
             "figures": figures, "attack_table": table,
-            "gradient_study": grads, "robustness_accuracy": sweep}
+            "gradient_study": grads, "robustness_accuracy": sweep,
+            "paper_ablation": ablation}
