@@ -15,7 +15,9 @@ The package follows TFP's own seams:
 * :mod:`~.sample`: :func:`sample`, a network and data in, a diagnosed
   :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` out;
 
-all configured by one frozen, validated :class:`HMCConfig`.
+all configured by one frozen, validated :class:`HMCConfig`, which can also
+emulate the paper's sampler (:meth:`HMCConfig.as_authors`: HMC restarted on
+every batch of training points, the last run's draws resampled).
 """
 
 from tfp_bnn_adv.inference.hmc.config import HMCConfig
@@ -30,6 +32,8 @@ from tfp_bnn_adv.inference.hmc.driver import CHECKPOINT_FILE
 from tfp_bnn_adv.inference.hmc.driver import ChainResult
 from tfp_bnn_adv.inference.hmc.driver import run_chains
 from tfp_bnn_adv.inference.hmc.kernel import warmup_windows
+from tfp_bnn_adv.inference.hmc.sample import restart_batches
+from tfp_bnn_adv.inference.hmc.sample import resample_indices
 from tfp_bnn_adv.inference.hmc.sample import sample
 from tfp_bnn_adv.inference.hmc.target import log_likelihood
 from tfp_bnn_adv.inference.hmc.target import log_prior
@@ -42,4 +46,5 @@ __all__ = ["sample", "run_chains", "HMCConfig", "Diagnostics", "ChainResult",
            "log_likelihood", "shard_log_likelihood", "log_prior", "shard_data",
            "replicated_log_likelihood", "to_inference_data", "plot_traces",
            "convergence_summary", "warmup_windows", "KERNELS", "INITS",
-           "MASS_MATRICES", "PARALLELISMS", "CHECKPOINT_FILE"]
+           "MASS_MATRICES", "PARALLELISMS", "CHECKPOINT_FILE",
+           "restart_batches", "resample_indices"]

@@ -95,6 +95,13 @@ class Diagnostics:
       num_leapfrog_steps: leapfrog steps of the whole run, summed over chains.
       jit: ``"xla"`` or ``"default"`` (TF kernels).
       num_segments: compiled calls the run was split into.
+      emulation: ``None``, or for a run with ``restart_batch_size`` or
+        ``resample_draws`` set (:meth:`HMCConfig.as_authors`) what was
+        emulated: ``{"restart_batch_size", "num_batches", "num_train",
+        "last_batch_start", "last_batch_stop", "last_batch_points",
+        "resample_draws", "draws_before_resampling", "distinct_samples",
+        "wall_seconds_all_batches"}``.  Every other field, ``converged``
+        included, describes the last run's chains before resampling.
 
     Example:
       >>> _, diag = sample(model, x, y, num_chains=4, seed=0)
@@ -133,6 +140,7 @@ class Diagnostics:
     inverse_mass_max: float = float("nan")
     mean_leapfrog_steps: float = float("nan")
     max_rhat: float = 1.1
+    emulation: dict | None = None
 
     @property
     def converged(self) -> bool:
@@ -150,19 +158,43 @@ class Diagnostics:
             elif isinstance(v, float):
                 v = _finite_or_none(v)
             out[f.name] = v
+        if self.emulation is None:
+            # Only emulations carry the key: other runs' dicts stay as they were.
+            del out["emulation"]
         out["converged"] = self.converged
         return out
 
     def summary(self) -> str:
-        """One line for logs and tables."""
+        """One line for logs and tables (an emulation says what it is)."""
         state = "converged" if self.converged else "UNCONVERGED"
-        return (f"{state}: function R-hat median {self.function_rhat_median:.3f}"
+        return (f"{self._emulation_text()}{state}: function R-hat median {self.function_rhat_median:.3f}"
                 f" (p90 {self.function_rhat_p90:.3f}, "
                 f"{100 * self.function_rhat_frac_below:.0f}% < 1.1), ESS min "
                 f"{self.function_ess_min:.0f}; log-lik R-hat "
                 f"{self.rhat_log_likelihood:.3f}, acceptance "
                 f"{np.mean(self.acceptance_rate):.2f}, divergent "
                 f"{self.num_divergent}")
+
+    def _emulation_text(self) -> str:
+        e = self.emulation
+        if e is None:
+            return ""
+        parts = []
+        if e.get("restart_batch_size") is not None:
+            parts.append(
+                f"posterior conditioned on the last batch only (training "
+                f"points {e['last_batch_start']}-{e['last_batch_stop'] - 1}, "
+                f"{e['last_batch_points']} of {e['num_train']}; HMC restarted "
+                f"on each of {e['num_batches']} batches of "
+                f"{e['restart_batch_size']})")
+        if e.get("resample_draws") is not None:
+            parts.append(
+                f"{e['resample_draws']} draws with replacement from the "
+                f"{'last ' if e.get('restart_batch_size') else ''}run's "
+                f"{e['draws_before_resampling']}, "
+                f"{e['distinct_samples']} distinct")
+        return ("PAPER EMULATION (" + "; ".join(parts) +
+                "); diagnostics of the last run before resampling: ")
 
 
 def convergence_summary(diagnostics: dict | None, max_rhat: float = 1.1
