@@ -486,8 +486,10 @@ def run_paper_ablation(config: PaperAblationConfig, output_dir: str, *,
         reports[label] = common.record_posterior(out, label, ens,
                                                  config.max_rhat)
         em = (ens.metadata.get("diagnostics") or {}).get("emulation")
-        note = ("last batch only; " + ", ".join(f"{k} {v}" for k, v in
-                                                em.items()) if em else "")
+        note = (f"conditioned on the last {em.get('last_batch_points')} of "
+                f"{em.get('num_train')} points ({em.get('num_batches')} "
+                f"restarts); {em.get('distinct_samples')} distinct of "
+                f"{ens.num_samples} draws" if em else "")
         post_rows.append([common.mark(label, reports[label]), ens.num_samples,
                           note] + common.convergence_columns(reports[label]))
     # The corrected posteriors carry the verdict; the authors' emulation is
