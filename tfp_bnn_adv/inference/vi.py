@@ -32,8 +32,8 @@ starts at a draw from the Keras initialiser of the user's layer (stateless,
 from ``seed``), ``rho`` at ``softplus^-1(init_scale)``, the same for every
 weight.  ``init="paper"`` starts as the authors' Pyro guide did: ``loc`` and
 ``rho`` of every weight and bias independent ``N(0, 1)`` draws (stateless,
-from ``seed``), so the initial scale is ``softplus(N(0, 1))``, about 0.7
-on average; ``init_scale`` does not apply.
+from ``seed``), so the initial scale is ``softplus(N(0, 1))``, 0.8 on
+average; ``init_scale`` does not apply.
 
 The training loss is the negative ELBO **per training point**::
 
@@ -991,8 +991,9 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       init: the initial posterior.  ``"default"``: ``loc`` a stateless draw
         from the Keras initialisers, every scale ``init_scale``.
         ``"paper"``, the authors' guide: ``loc`` and the raw scale ``rho``
-        of every weight and bias i.i.d. ``N(0, 1)`` (:func:`~tfp_bnn_adv.
-        seeds.normal` from ``seed``), so the scale is ``softplus(rho)``.
+        of every weight and bias i.i.d. ``N(0, 1)``
+        (:func:`tfp_bnn_adv.seeds.normal` from ``seed``), so the scale is
+        ``softplus(rho)``.
       validation_split: fraction in ``[0, 1)`` of the training data held out
         (a random subset drawn from ``seed``) for ``val_loss``/``val_accuracy``.
       validation_data: alternatively, a pair ``(x_val, y_val)``.  Never pass
@@ -1049,12 +1050,13 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     validate.positive_real(kl_weight, "kl_weight")
     validate.choice(estimator, ESTIMATORS, "estimator")
     validate.choice(init, INITS, "init")
-    if init == "paper" and init_scale != DEFAULT_INIT_SCALE:
-        raise ValueError(
-            f"init_scale={init_scale!r} has no effect with init='paper', "
-            "which draws every scale as softplus(N(0, 1)); leave init_scale "
-            f"at its default {DEFAULT_INIT_SCALE} or use init='default'.")
     if init == "paper":
+        if init_scale != DEFAULT_INIT_SCALE:
+            raise ValueError(
+                f"init_scale={init_scale!r} has no effect with init='paper', "
+                "which draws every scale as softplus(N(0, 1)); leave "
+                f"init_scale at its default {DEFAULT_INIT_SCALE} or use "
+                "init='default'.")
         init_scale = None  # recorded as such: no scale was set
     seed = validate.seed_int(seed)
     requested_xla = xla.stochastic_jit(jit_compile)
