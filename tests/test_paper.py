@@ -220,8 +220,11 @@ def test_semantics_switches():
     assert corr.vi_overrides(60000, 128) == {}
     assert orig.vi_overrides(60000, 128) == {"kl_weight": 60000 / 128,
                                              "init": "paper"}
-    assert corr.hmc_overrides() == {}
-    assert orig.hmc_overrides()["restart_batch_size"] == 5000
+    assert corr.hmc_overrides(60000) == {}
+    authors = orig.hmc_overrides(60000)
+    assert authors["restart_batch_size"] == 5000
+    # int(100 / (60000 // 5000)) + 1 draws per run, as the authors' code.
+    assert authors["num_results"] == 9 and authors["resample_draws"] == 100
 
 
 def test_semantics_validation():

@@ -246,7 +246,7 @@ def _training_settings(config, method: str, authors: bool, num_train: int):
     settings = getattr(config, method)
     sem = config.semantics().replace(**{_TRAINING[method]: authors})
     if method == "hmc":
-        o = sem.hmc_overrides()
+        o = sem.hmc_overrides(num_train)
         if not o:
             return settings
         return settings.replace(
