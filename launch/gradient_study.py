@@ -1,11 +1,15 @@
 r"""Experiment 1: the vanishing expected gradient.
 
 Half-moons with HMC over widths and training-set sizes, and an image dataset
-(--dataset) with HMC and VI, measuring the mean |component| of the expected
-and the predictive loss gradient on test points as the number of posterior
-samples grows; the deterministic network as comparison.  Writes
-``results.json``, ``gradients.csv`` / ``.md`` and ``figures/``.  HMC flags
-given explicitly (--num_results, --trajectory_length, ...) override the
+(--dataset) with HMC and VI, measuring the mean |component| of Theorem 1's
+expected gradient and of the posterior predictive's loss gradient (Feng et
+al.) on test points as the number of posterior samples grows; the
+deterministic network as comparison.  Beside it, for every image posterior,
+the authors' Figure 1 measure, with which alone their published numbers
+compare: the L-inf norm of one selected image's double-softmax gradient for
+the first 1, 10, 100 samples, on the first --figure1_images test images.
+Writes ``results.json``, ``gradients.csv`` / ``.md`` and ``figures/``.  HMC
+flags given explicitly (--num_results, --trajectory_length, ...) override the
 preset's HMC settings of both parts; an unconverged HMC posterior stops the
 study unless --allow_unconverged is given.  A rerun in the same --output_dir
 with other settings is refused, naming what differs, unless --overwrite.
@@ -18,6 +22,7 @@ Example (paper scale, hours on a CPU):
 import dataclasses
 
 from absl import app
+from absl import flags
 
 from launch import flags as lf
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
@@ -29,6 +34,9 @@ FLAGS = lf.FLAGS
 SHARED = lf.use("preset", "dataset", "num_train", "hidden", "keras_model",
                 "allow_unconverged", "widths", "train_sizes", "sample_counts",
                 "methods", *lf.HMC_FLAGS)
+flags.DEFINE_integer("figure1_images", None, "Test images of the authors' "
+                     "Figure 1 measure (default: the preset's).",
+                     lower_bound=1)
 lf.adopt(__name__, SHARED)
 
 
@@ -53,6 +61,8 @@ def config_from_flags() -> GradientStudyConfig:
         overrides["num_test"] = lf.count(FLAGS.num_test)
     if FLAGS.num_train is not None:
         overrides["image_num_train"] = lf.count(FLAGS.num_train)
+    if FLAGS.figure1_images is not None:
+        overrides["figure1_images"] = FLAGS.figure1_images
     config = make(**overrides)
     hmc = lf.hmc_overrides()
     config = dataclasses.replace(config,

@@ -5,10 +5,12 @@ import json
 
 import numpy as np
 import pytest  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import data  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import gradients  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import models  # pylint: disable=wrong-import-position
+from tfp_bnn_adv import paper  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.ensemble import PosteriorEnsemble  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.studies import common  # pylint: disable=wrong-import-position
@@ -209,3 +211,127 @@ def test_fingerprint_covers_what_fits_the_image_posteriors(tmp_path):
     given = gs.fingerprint(config, image_ensembles={"hmc": ens})
     assert set(given["fields"]["image_ensembles"]) == {"hmc"}
     assert "image_hmc" not in given["fields"]
+
+
+def _image_ensembles(hmc_metadata):
+    """HMC: 100 random draws; VI: 10 draws of zero output kernel (a zero
+    gradient: no image's norm falls); SGD: one net (k = 1 only)."""
+    net = Network.from_keras(models.mlp((28, 28, 1), 10, (4,)))
+    vi = net.init_params(1, num_samples=10)
+    vi[-2] = tf.zeros_like(vi[-2])
+    return {"hmc": PosteriorEnsemble(net, net.init_params(0, num_samples=100),
+                                     metadata=hmc_metadata(1.0)),
+            "vi": PosteriorEnsemble(net, vi, metadata={"method": "vi"}),
+            "sgd": PosteriorEnsemble(net, net.init_params(2, num_samples=1),
+                                     metadata={"method": "sgd"})}
+
+
+def _image_config(**kw):
+    # "mnist" names the data so the published numbers sit in their column;
+    # the loader is patched to hand Fashion-MNIST (MNIST is not stored here).
+    return gs.GradientStudyConfig.quick(**{
+        "moons_widths": (4,), "moons_train_sizes": (40,),
+        "include_deterministic": False, "image_dataset": "mnist",
+        "sample_counts": (1, 2), "num_test": 10, "figure1_images": 12, **kw})
+
+
+@pytest.fixture
+def fashion_as_mnist(monkeypatch, hmc_metadata):
+    fashion = data.fashion_mnist().subset(num_test=300, seed=0)
+    monkeypatch.setattr(gs.common, "load_data", lambda name, **kw: fashion)
+    monkeypatch.setattr(gs, "fit_posterior", _fake_fit(1.0, hmc_metadata, []))
+    return fashion
+
+
+def test_figure1_measure_is_the_authors_on_the_first_images(
+        tmp_path, fashion_as_mnist, hmc_metadata):
+    ensembles = _image_ensembles(hmc_metadata)
+    results = gs.run_gradient_study(_image_config(), str(tmp_path),
+                                    image_ensembles=ensembles)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    x, y = fashion_as_mnist.test_x[:12], fashion_as_mnist.test_y[:12]
+    for method, counts in (("hmc", (1, 10, 100)), ("vi", (1, 10)),
+                           ("sgd", (1,))):
+        key = f"mnist/{method}/width=4/n_train=5000/paper_measure"
+        norms = paper.figure1_gradient_norms(ensembles[method], x, y,
+                                             sample_counts=counts)
+        falls = [i for i in range(12) if len(counts) > 1 and all(
+            norms[i, j + 1] < norms[i, j] for j in range(len(counts) - 1))]
+        assert saved[f"{key}/sample_counts"] == list(counts)
+        assert saved[f"{key}/num_images"] == 12
+        for j, k in enumerate(counts):
+            base = f"{key}/linf_one_image/samples={k}"
+            assert saved[f"{base}/median_all"] == pytest.approx(
+                np.median(norms[:, j]), rel=1e-6)
+            if falls:
+                assert saved[f"{base}/first_selected"] == pytest.approx(
+                    norms[falls[0], j], rel=1e-6)
+                assert saved[f"{base}/median_selected"] == pytest.approx(
+                    np.median(norms[falls, j]), rel=1e-6)
+            else:
+                assert saved[f"{base}/first_selected"] is None
+                assert saved[f"{base}/median_selected"] is None
+        for k in set(gs.FIGURE1_SAMPLE_COUNTS) - set(counts):  # above S
+            assert f"{key}/linf_one_image/samples={k}/median_all" not in saved
+        if method == "hmc":  # random draws: some images fall, some do not
+            assert 0 < len(falls) < 12
+            assert saved[f"{key}/fraction_selected"] == len(falls) / 12
+            assert saved[f"{key}/first_selected_index"] == falls[0]
+        elif method == "vi":  # a zero gradient never falls
+            assert not falls and saved[f"{key}/fraction_selected"] == 0.0
+            assert saved[f"{key}/first_selected_index"] is None
+            assert "falls at every step" in saved[f"{key}/no_selection"]
+        else:  # one sample: nothing to select from
+            assert saved[f"{key}/fraction_selected"] is None
+            assert "1 sample(s)" in saved[f"{key}/no_selection"]
+    assert results["mnist/hmc/width=4/n_train=5000/paper_measure/"
+                   "fraction_selected"] == saved[
+                       "mnist/hmc/width=4/n_train=5000/paper_measure/"
+                       "fraction_selected"]
+    # The Markdown labels each measure; the published numbers sit next to
+    # the authors' measure, not next to ours.
+    md = (tmp_path / "gradients.md").read_text()
+    ours_label = gs.OURS_LABEL.format(n=10).replace("|", r"\|")
+    assert ours_label.replace("<", r"\<").replace(">", r"\>") in md
+    assert gs.AUTHORS_LABEL in md and "the paper reports" not in md
+
+    def row(method, k):
+        rows = [line.strip("| ").split(" | ") for line in md.splitlines()
+                if line.startswith(f"| mnist | {method} | {k} |")]
+        assert len(rows) == 1, (method, k, rows)
+        return [cell.strip() for cell in rows[0]]
+
+    hmc = "mnist/hmc/width=4/n_train=5000"
+    for k, published in ((1, "0.574"), (10, "0.045"), (100, "0.011")):
+        first = saved[f"{hmc}/paper_measure/linf_one_image/samples={k}/"
+                      "first_selected"]
+        assert row("HMC", k)[4:6] == [f"{first:.3g}", published]
+    ours = saved[f"{hmc}/samples=2/grad_mean_abs/expected"]
+    assert row("HMC", 2)[3:6] == [f"{ours:.3g}", "not measured", ""]
+    assert row("HMC", 1)[3] == (
+        f"{saved[f'{hmc}/samples=1/grad_mean_abs/expected']:.3g}")
+    selected = round(12 * saved[f"{hmc}/paper_measure/fraction_selected"])
+    assert row("HMC", 1)[-1] == f"{selected} of 12"
+    assert row("VI", 1)[4:6] == ["none selected", "4.730"]
+    assert row("NN (SGD)", 1)[4:6] == ["n/a", ""]
+    assert "NN (SGD): no image selected" in md
+    assert (tmp_path / "figures" / "figure1_mnist.png").stat().st_size > 1000
+
+
+def test_figure1_images_is_validated_and_fingerprinted(
+        tmp_path, fashion_as_mnist, hmc_metadata):
+    with pytest.raises(ValueError, match="figure1_images"):
+        gs.GradientStudyConfig.quick(figure1_images=0).validate()
+    assert gs.GradientStudyConfig.quick().figure1_images == 50
+    assert gs.GradientStudyConfig.paper().figure1_images == 100
+    assert gs.fingerprint(gs.GradientStudyConfig.quick(
+        figure1_images=7))["fields"]["figure1_images"] == 7
+    ensembles = {"sgd": _image_ensembles(hmc_metadata)["sgd"]}
+    gs.run_gradient_study(_image_config(), str(tmp_path),
+                          image_ensembles=ensembles)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(common.ConfigMismatchError,
+                       match=r"figure1_images: 12 \(saved\) -> 13 \(now\)"):
+        gs.run_gradient_study(_image_config(figure1_images=13), str(tmp_path),
+                              image_ensembles=ensembles)
+    assert (tmp_path / "results.json").read_text() == before
