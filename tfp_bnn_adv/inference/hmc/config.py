@@ -283,7 +283,9 @@ class HMCConfig:
         * The random numbers are ours, so no draw is reproduced.
 
         Args:
-          **overrides: any fields of :class:`HMCConfig`, replacing these.
+          **overrides: any fields of :class:`HMCConfig`, replacing these;
+            a ``trajectory_length`` replaces ``num_leapfrog_steps=10``
+            (the two exclude each other).
 
         Returns:
           A validated :class:`HMCConfig`.
