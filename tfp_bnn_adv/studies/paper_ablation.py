@@ -252,7 +252,8 @@ def _training_settings(config, method: str, authors: bool, num_train: int):
         return settings.replace(
             num_chains=o["num_chains"], num_burnin_steps=o["num_burnin_steps"],
             num_results=o["num_results"], step_size=o["step_size"],
-            num_leapfrog_steps=o["num_leapfrog_steps"], trajectory_length=None,
+            num_leapfrog_steps=o["num_leapfrog_steps"],
+            trajectory_length=o["trajectory_length"],
             mass_matrix=o["mass_matrix"],
             hmc_restart_batch_size=o["restart_batch_size"],
             hmc_resample_draws=o["resample_draws"])
