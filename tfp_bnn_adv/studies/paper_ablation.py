@@ -63,6 +63,8 @@ _ATTACK_NAMES = {"random": "Rand", "fgsm": "FGSM", "pgd": "PGD"}
 # The attack whose softmax robustness is the table's fourth column
 # (experiment 3 scored FGSM by default).
 METRIC_ATTACK = "fgsm"
+# Numbers this close count as the same in the generated paragraph.
+_CLOSE = 0.05
 _OWNED = ("table.md", "table.csv", "posteriors.md", "posteriors.csv",
           "summary.md", "posteriors", "ckpt")
 
@@ -383,15 +385,22 @@ def _paragraph(effects, scores, rows, config, cols, published) -> str:
             gap = pub - k
             head = (f"- {_col_name(m, c)}: corrected {k:.3f}, original "
                     f"{o:.3f}, published {pub:.3f}; ")
-            head += (f"the original semantics closes {100 * (o - k) / gap:.0f}%"
-                     " of the gap between corrected and published"
-                     if abs(gap) >= 0.02 else
-                     "the corrected number already matches the published one")
+            if abs(gap) < _CLOSE:
+                head += (f"the corrected number is within {_CLOSE:g} of the "
+                         "published one")
+            elif (o - k) / gap <= 0:
+                head += ("the original semantics moves it away from the "
+                         "published number")
+            else:
+                head += (f"the original semantics closes "
+                         f"{100 * (o - k) / gap:.0f}% of the gap between the "
+                         "corrected and the published number")
         else:
             head = (f"- {_col_name(m, c)}: corrected {k:.3f}, original "
                     f"{o:.3f} (no published number)")
         if not config.switches or abs(o - k) < 0.02:
-            lines.append(head + "; the switches move it by less than 0.02.")
+            lines.append(head + "; the original and the corrected semantics "
+                         "differ by less than 0.02.")
             continue
         ranked = sorted(config.switches, key=lambda n: -abs(
             effects[n][f"{m}/{c}"]["turning_off_in_original"]))
