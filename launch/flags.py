@@ -33,6 +33,7 @@ from absl import logging
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
+from tfp_bnn_adv import paper
 from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.training import METHODS
 
@@ -282,6 +283,13 @@ def _define_eps():
     positive_float("eps", allow_zero=True)
 
 
+def _define_switches():
+    names = paper.ATTACK_SWITCHES + paper.TRAINING_SWITCHES
+    flags.DEFINE_list("switches", list(names), "The paper-semantics switches "
+                      f"the ablation turns on and off: {', '.join(names)}.")
+    register("switches", lambda v: check_choices(v, "switches", names))
+
+
 def _define_trajectory_length():
     flags.DEFINE_float("trajectory_length", None, "HMC integration time; the "
                        "leapfrog count per iteration follows from it and the "
@@ -293,6 +301,7 @@ def _define_trajectory_length():
 _SHARED = {
     "preset": _define_preset,
     "eps": _define_eps,
+    "switches": _define_switches,
     "dataset": _define_dataset,
     "num_train": _define_num_train,
     "half_moons_n": _define_half_moons_n,

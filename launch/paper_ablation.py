@@ -23,7 +23,6 @@ from absl import app
 from absl import flags
 
 from launch import flags as lf
-from tfp_bnn_adv.studies.paper_ablation import ABLATED
 from tfp_bnn_adv.studies.paper_ablation import METHODS
 from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
 from tfp_bnn_adv.studies.paper_ablation import fingerprint
@@ -31,11 +30,9 @@ from tfp_bnn_adv.studies.paper_ablation import run_paper_ablation
 
 FLAGS = lf.FLAGS
 
-SHARED = lf.use("preset", "dataset", "num_train", "hidden", "eps",
+SHARED = lf.use("preset", "dataset", "num_train", "hidden", "eps", "switches",
                 "allow_unconverged", "pgd_steps", "epochs", "vi_samples",
                 *lf.HMC_FLAGS)
-flags.DEFINE_list("switches", list(ABLATED), "The switches ablated: "
-                  f"{', '.join(ABLATED)}.")
 flags.DEFINE_list("ablation_methods", list(METHODS), "Posteriors: "
                   f"{', '.join(METHODS)}.")
 flags.DEFINE_enum("corrected_gradient", "predictive", ["predictive", "expected"],
@@ -47,7 +44,6 @@ flags.DEFINE_integer("hmc_batch_size", None, "Points per restarted HMC run in "
 flags.DEFINE_integer("max_samples", None, "Thin larger posteriors to this "
                      "many samples before attacking (default: the preset's).",
                      lower_bound=1)
-lf.register("switches", lambda v: lf.check_choices(v, "switches", ABLATED))
 lf.register("ablation_methods",
             lambda v: lf.check_choices(v, "ablation_methods", METHODS))
 lf.adopt(__name__, SHARED)

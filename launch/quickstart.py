@@ -69,7 +69,7 @@ DEFAULT_OUTPUT_DIR = "quickstart_out"
 SHARED = lf.use("num_train", "hidden", "allow_unconverged", "widths",
                 "train_sizes", "sample_counts", "training_lengths",
                 "hmc_lengths", "pgd_steps", "square_queries", "epochs",
-                "vi_samples", *lf.HMC_FLAGS)
+                "vi_samples", "switches", *lf.HMC_FLAGS)
 lf.adopt(__name__, SHARED)
 
 # The name the quickstart's config had when it lived here.
@@ -137,7 +137,9 @@ def config_from_flags() -> QuickstartConfig:
     ablation = PaperAblationConfig.quick(
         num_train=num_train, hidden=hidden, num_test=table.num_test,
         pgd_steps=table.pgd_steps, max_samples=table.max_samples,
-        switches=ABLATION_SWITCHES, hmc=settings["hmc"], vi=settings["vi"],
+        switches=(tuple(FLAGS.switches) if lf.explicit("switches")
+                  else ABLATION_SWITCHES),
+        hmc=settings["hmc"], vi=settings["vi"],
         seed=seed, **data)
     config = QuickstartConfig(
         table=table, grads=grads, sweep=sweep, ablation=ablation,
