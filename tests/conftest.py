@@ -52,3 +52,39 @@ def hmc_metadata():
     12.4); with ``traces``, random ``[20, 4]`` traces for the trace plot.
     """
     return _hmc_metadata
+
+
+def _logistic_quadrature(x, y, prior_var, *, half_width=7, points=61):
+    """Posterior mean and covariance of logistic regression, by quadrature.
+
+    Parameters ``(bias, w_1, ..., w_D)`` with prior ``N(0, prior_var I)``;
+    the grid spans ``half_width`` Laplace standard deviations either side of
+    the mode (found by Newton's method), ``points`` per axis.
+    """
+    xb = np.concatenate([np.ones((len(x), 1)), x.astype(np.float64)], axis=1)
+    d = xb.shape[1]
+    theta = np.zeros(d)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-xb @ theta))
+        grad = xb.T @ (y - p) - theta / prior_var
+        hess = -(xb.T * (p * (1 - p))) @ xb - np.eye(d) / prior_var
+        theta = theta - np.linalg.solve(hess, grad)
+    sd = np.sqrt(np.diag(np.linalg.inv(-hess)))
+    axes = [np.linspace(m - half_width * s, m + half_width * s, points)
+            for m, s in zip(theta, sd)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, d)
+    logits = grid @ xb.T
+    logp = (np.sum(y * logits - np.logaddexp(0, logits), axis=1) -
+            0.5 * np.sum(grid**2, axis=1) / prior_var)
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    mean = w @ grid
+    cov = (grid - mean).T @ ((grid - mean) * w[:, None])
+    return mean, cov
+
+
+@pytest.fixture
+def logistic_quadrature():
+    """``f(x, y, prior_var, *, half_width=7, points=61) -> (mean, cov)``: the
+    exact logistic-regression posterior moments by grid quadrature."""
+    return _logistic_quadrature

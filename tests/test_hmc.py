@@ -63,32 +63,6 @@ def _logistic_data():
     return x, y
 
 
-def _logistic_reference(x, y, prior_var):
-    """Posterior mean and covariance of (bias, w1, w2) by grid quadrature.
-
-    Logistic regression with prior N(0, prior_var I); the grid spans 7
-    Laplace standard deviations around the mode, 61 points per axis.
-    """
-    xb = np.concatenate([np.ones((len(x), 1)), x.astype(np.float64)], axis=1)
-    theta = np.zeros(3)
-    for _ in range(50):  # Newton's method for the mode
-        p = 1 / (1 + np.exp(-xb @ theta))
-        grad = xb.T @ (y - p) - theta / prior_var
-        hess = -(xb.T * (p * (1 - p))) @ xb - np.eye(3) / prior_var
-        theta = theta - np.linalg.solve(hess, grad)
-    sd = np.sqrt(np.diag(np.linalg.inv(-hess)))
-    axes = [np.linspace(m - 7 * s, m + 7 * s, 61) for m, s in zip(theta, sd)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    logits = grid @ xb.T
-    loglik = np.sum(y * logits - np.logaddexp(0, logits), axis=1)
-    logp = loglik - 0.5 * np.sum(grid**2, axis=1) / prior_var
-    w = np.exp(logp - logp.max())
-    w /= w.sum()
-    mean = w @ grid
-    cov = (grid - mean).T @ ((grid - mean) * w[:, None])
-    return mean, cov
-
-
 def _rhat_numpy(trace):
     """Split R-hat (Brooks and Gelman's corrected form, as TFP) of [R, C]."""
     r = trace.shape[0] // 2
@@ -254,9 +228,9 @@ def test_mass_matrix_adapts_to_a_badly_scaled_gaussian():
                    np.zeros(4), np.diag(sd[::33]**2))
 
 
-def test_logistic_regression_nuts_core():
+def test_logistic_regression_nuts_core(logistic_quadrature):
     x, y = _logistic_data()
-    mean, cov = _logistic_reference(x, y, prior_var=4.0)
+    mean, cov = logistic_quadrature(x, y, prior_var=4.0)
     xb = tf.constant(np.concatenate([np.ones((40, 1)), x], 1), tf.float32)
     yf = tf.constant(y, tf.float32)
 
@@ -273,13 +247,13 @@ def test_logistic_regression_nuts_core():
     assert out.diagnostics.kernel == "nuts" and out.diagnostics.jit == "xla"
 
 
-def test_logistic_regression_through_keras_network():
+def test_logistic_regression_through_keras_network(logistic_quadrature):
     # A 2-class softmax layer has 6 weights; its likelihood depends only on
     # the differences d = (b1 - b0, w1 - w0), whose prior is N(0, 2 I) and
     # whose posterior is the logistic regression one.  The sums are left
     # with their prior N(0, 2 I), independent of d.
     x, y = _logistic_data()
-    mean, cov = _logistic_reference(x, y, prior_var=2.0)
+    mean, cov = logistic_quadrature(x, y, prior_var=2.0)
     model = keras.Sequential([keras.Input((2,)),
                               keras.layers.Dense(2, activation="softmax")])
     ens, diag = hmc.sample(model, x, y, num_chains=4, num_burnin_steps=300,

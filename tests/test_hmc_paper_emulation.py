@@ -36,31 +36,6 @@ def _shifting_data():
     return x, y
 
 
-def _quadrature_mean(x, y, prior_var):
-    """Posterior mean of the logit difference d = (b1 - b0, w1 - w0).
-
-    The likelihood depends on the four weights only through d, whose prior
-    is N(0, prior_var I) (a difference of two N(0, 1) weights has variance
-    2); the sums are independent of d and of the data.  Grid quadrature,
-    201 points per axis over 8 Laplace standard deviations around the mode.
-    """
-    xb = np.concatenate([np.ones((len(x), 1)), x.astype(np.float64)], axis=1)
-    theta = np.zeros(2)
-    for _ in range(50):  # Newton's method for the mode
-        p = 1 / (1 + np.exp(-xb @ theta))
-        grad = xb.T @ (y - p) - theta / prior_var
-        hess = -(xb.T * (p * (1 - p))) @ xb - np.eye(2) / prior_var
-        theta = theta - np.linalg.solve(hess, grad)
-    sd = np.sqrt(np.diag(np.linalg.inv(-hess)))
-    axes = [np.linspace(m - 8 * s, m + 8 * s, 201) for m, s in zip(theta, sd)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
-    logits = grid @ xb.T
-    logp = (np.sum(y * logits - np.logaddexp(0, logits), axis=1) -
-            0.5 * np.sum(grid**2, axis=1) / prior_var)
-    w = np.exp(logp - logp.max())
-    return (w / w.sum()) @ grid
-
-
 def _logit_difference(ens):
     kernel, bias = (p.numpy().astype(np.float64) for p in ens.params)
     return np.stack([bias[:, 1] - bias[:, 0], kernel[:, 0, 1] - kernel[:, 0, 0]],
@@ -76,10 +51,13 @@ def _distinct_rows(ens):
 # --------------------------------------------------------------------------
 # Batch restarts condition on the last batch only.
 # --------------------------------------------------------------------------
-def test_restarts_condition_on_the_last_batch_only():
+def test_restarts_condition_on_the_last_batch_only(logistic_quadrature):
     x, y = _shifting_data()
-    last = _quadrature_mean(x[30:], y[30:], prior_var=2.0)
-    full = _quadrature_mean(x, y, prior_var=2.0)
+    # The likelihood depends on the four weights only through the logit
+    # difference d = (b1 - b0, w1 - w0), whose prior is N(0, 2 I).
+    last = logistic_quadrature(x[30:], y[30:], 2.0, half_width=8,
+                               points=201)[0]
+    full = logistic_quadrature(x, y, 2.0, half_width=8, points=201)[0]
     # The slopes differ clearly: about -2.4 (last batch) and +0.3 (all).
     assert last[1] < -2.0 and full[1] > 0.2
     chains, draws = 4, 500
