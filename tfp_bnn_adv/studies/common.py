@@ -381,7 +381,8 @@ def limit_samples(ensemble, max_samples: int | None):
 
 def load_model(input_shape: Sequence[int], num_classes: int, *,
                hidden: Sequence[int] = (), keras_model=None,
-               architecture: str = "mlp", filters: Sequence[int] = ()):
+               architecture: str = "mlp", filters: Sequence[int] = (),
+               negative_slope: float | None = None):
     """The Keras model a study fits: a ``.keras`` file, else a built-in one.
 
     Args:
@@ -393,6 +394,8 @@ def load_model(input_shape: Sequence[int], num_classes: int, *,
         uncompiled; ``input_shape`` and the rest are then ignored).
       architecture: ``"mlp"`` or ``"cnn"``.
       filters: the CNN's convolution filters.
+      negative_slope: the built-in models' Leaky-ReLU slope (``None``:
+        Keras' 0.2; the authors' PyTorch nets: 0.01).
 
     Returns:
       A built, uncompiled ``keras.Model``.
@@ -401,8 +404,12 @@ def load_model(input_shape: Sequence[int], num_classes: int, *,
         return keras.saving.load_model(keras_model, compile=False)
     if architecture == "cnn":
         return models.cnn(input_shape, num_classes, tuple(filters),
-                          hidden=tuple(h for h in hidden if h))
-    return models.mlp(input_shape, num_classes, tuple(hidden))
+                          hidden=tuple(h for h in hidden if h),
+                          negative_slope=negative_slope,
+                          **({"activation": "leaky_relu"} if negative_slope
+                             else {}))
+    return models.mlp(input_shape, num_classes, tuple(hidden),
+                      negative_slope=negative_slope)
 
 
 def load_data(name: str, *, data_dir=None, data_source: str = "auto",
