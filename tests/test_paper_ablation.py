@@ -131,6 +131,9 @@ def test_config_is_checked(tmp_path):
         pa.run_paper_ablation(_config(methods=("sgd",)), str(tmp_path))
     with pytest.raises(ValueError, match="dataset must be one of"):
         pa.run_paper_ablation(_config(dataset="half_moons"), str(tmp_path))
+    with pytest.raises(ValueError, match="negative_slope must be a finite"):
+        pa.run_paper_ablation(_config(negative_slope=-0.5), str(tmp_path))
+    assert pa.PaperAblationConfig.paper().negative_slope == 0.01
     with pytest.raises(ValueError, match="ensembles keys"):
         pa.run_paper_ablation(_config(), str(tmp_path),
                               ensembles={"sgd": None})
