@@ -45,6 +45,7 @@ from tfp_bnn_adv.ensemble import predict_proba_graph
 
 __all__ = ["expected_loss_gradient", "predictive_loss_gradient",
            "per_sample_loss_gradients", "paper_loss_gradient",
+           "paper_expected_loss_gradient",
            "loss_gradient_graph",
            "per_sample_gradient_graph", "prepare_inputs", "PreparedInputs",
            "GRADIENT_KINDS"]
@@ -54,21 +55,28 @@ GRADIENT_KINDS = ("expected", "predictive", "paper")
 _NEG = -1e30
 
 
-def _per_sample_ce(network, params, x, y):
-    """Cross-entropy of every sample: ``[c, B]`` from logits ``[c, B, C]``."""
+def _per_sample_ce(network, params, x, y, double_softmax=False):
+    """Cross-entropy of every sample: ``[c, B]`` from logits ``[c, B, C]``.
+
+    ``double_softmax`` takes the per-sample softmax as the logits, as the
+    authors' code did (Figure 1's per-sample loss).
+    """
     logits = network.apply_stack(params, x)
+    if double_softmax:
+        logits = tf.nn.softmax(logits)
     labels = tf.broadcast_to(y[None], tf.shape(logits)[:2])
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
 
-def _expected(network, params, x, y, chunk_size):
+def _expected(network, params, x, y, chunk_size, double_softmax=False):
     s = params[0].shape[0]
 
     def body(state, chunk):
         grad, loss = state
         with tf.GradientTape() as tape:
             tape.watch(x)
-            ce = tf.reduce_sum(_per_sample_ce(network, chunk, x, y), axis=0)
+            ce = tf.reduce_sum(_per_sample_ce(network, chunk, x, y,
+                                              double_softmax), axis=0)
         # Each example's loss depends only on its own input, so the gradient
         # of the batch sum holds every example's own gradient.
         return grad + tape.gradient(ce, x), loss + ce
@@ -256,7 +264,8 @@ def _map(fn, ensemble, inputs: PreparedInputs, batch_axis=None):
 
 def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile,
                        strategy):
-    """``kind`` is one of :data:`GRADIENT_KINDS` or ``"per_sample"``."""
+    """``kind`` is one of :data:`GRADIENT_KINDS`, ``"per_sample"`` or
+    ``"paper_expected"``."""
     check_ensemble(ensemble)
     inputs = prepare_inputs(ensemble, x, y, batch_size=batch_size,
                             chunk_size=chunk_size, jit_compile=jit_compile,
@@ -269,6 +278,11 @@ def _ensemble_gradient(kind, ensemble, x, y, chunk_size, batch_size, jit_compile
                 lambda p, xb, yb: per_sample_gradient_graph(
                     net, p, xb, yb, chunk)[0],
                 jit_compile, "per_sample_loss_gradients")
+        if kind == "paper_expected":
+            return xla.compile_fn(
+                lambda p, xb, yb: _expected(net, p, xb, yb, chunk,
+                                            double_softmax=True)[0],
+                jit_compile, "paper_expected_loss_gradient")
         return xla.compile_fn(
             lambda p, xb, yb: loss_gradient_graph(net, p, xb, yb, kind,
                                                   chunk)[0],
@@ -360,6 +374,25 @@ def paper_loss_gradient(ensemble, x, y=None, *, num_samples=None,
                              f"{ensemble.num_samples} samples, got {n}.")
         ensemble = ensemble[:n]
     return _ensemble_gradient("paper", ensemble, x, y, chunk_size,
+                              batch_size, jit_compile, strategy)
+
+
+def paper_expected_loss_gradient(ensemble, x, y=None, *, chunk_size=None,
+                                 batch_size=None, jit_compile=None,
+                                 strategy=None) -> np.ndarray:
+    """Figure 1's gradient: ``(1/S) sum_s grad_x CE(y, logits = softmax f(x, w_s))``.
+
+    The expected gradient as the authors' code computed it for Figure 1
+    (``../shared/PAPER.md``, item 7): each sample's softmax taken as logits
+    by the cross-entropy.  :func:`tfp_bnn_adv.paper.figure1_gradient_norms`
+    measures it as the paper did.
+
+    Args and Raises as :func:`expected_loss_gradient`.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]``.
+    """
+    return _ensemble_gradient("paper_expected", ensemble, x, y, chunk_size,
                               batch_size, jit_compile, strategy)
 
 

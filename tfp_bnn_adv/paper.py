@@ -63,12 +63,10 @@ import math
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 
-from tfp_bnn_adv import chunking
+from tfp_bnn_adv import gradients
 from tfp_bnn_adv import metrics
 from tfp_bnn_adv import validate
-from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
 
 __all__ = ["PaperSemantics", "SWITCHES", "ATTACK_SWITCHES", "TRAINING_SWITCHES",
@@ -180,9 +178,6 @@ class PaperSemantics:
         """The names of the switches that are on, in :data:`SWITCHES` order."""
         return tuple(name for name in SWITCHES if getattr(self, name))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     # ------------------------------------------------------------- attacks
     @property
     def gradient(self) -> str:
@@ -279,24 +274,6 @@ class PaperSemantics:
 # --------------------------------------------------------------------------
 # Figure 1 of the paper: the size of one image's expected gradient.
 # --------------------------------------------------------------------------
-def _double_softmax_expected_graph(network, params, x, y, chunk_size):
-    """``(1/S) sum_s grad_x CE(y, logits = softmax f(x, w_s))``; pure."""
-    s = params[0].shape[0]
-
-    def body(grad, chunk):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            q = tf.nn.softmax(network.apply_stack(chunk, x))
-            labels = tf.broadcast_to(y[None], tf.shape(q)[:2])
-            total = tf.reduce_sum(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, q))
-        return grad + tape.gradient(total, x)
-
-    grad = chunking.fold_sample_chunks(params, chunk_size, body,
-                                       tf.zeros_like(x))
-    return grad / s
-
-
 def figure1_gradient_norms(ensemble, x, y, *,
                            sample_counts: Sequence[int] = (1, 10, 100),
                            jit_compile=None) -> np.ndarray:
@@ -305,7 +282,8 @@ def figure1_gradient_norms(ensemble, x, y, *,
     The authors' measure (``../shared/PAPER.md``, item 7): for the first
     ``k`` posterior samples, ``max |(1/k) sum_{s<k} grad_x CE(y, logits =
     softmax f(x, w_s))|`` (the per-sample loss again takes probabilities as
-    logits).  Not the package's measure (the mean ``|component|`` of the
+    logits; :func:`~tfp_bnn_adv.gradients.paper_expected_loss_gradient`).
+    Not the package's measure (the mean ``|component|`` of the
     expected gradient over all points, :func:`~tfp_bnn_adv.metrics.gradient_norm_stats`).
 
     Args:
@@ -331,22 +309,10 @@ def figure1_gradient_norms(ensemble, x, y, *,
     if counts[-1] > ensemble.num_samples:
         raise ValueError(f"sample_counts asks for {counts[-1]} samples but the "
                          f"ensemble has {ensemble.num_samples}.")
-    x, y = ensemble.network.check_inputs(x, y)
-    out = np.zeros((x.shape[0], len(counts)))
+    out = np.zeros((len(x), len(counts)))
     for j, k in enumerate(counts):
-        sub = ensemble[:k]
-        batch, chunk = sub.batch_and_chunk(x.shape[0], None, None)
-
-        def build(net, chunk=chunk):
-            return xla.compile_fn(
-                lambda p, xb, yb: _double_softmax_expected_graph(
-                    net, p, xb, yb, chunk),
-                jit_compile, "figure1_gradient")
-
-        fn = xla.cached_function(sub.network, ("figure1", chunk, jit_compile),
-                                 build)
-        grad = chunking.map_batches(lambda xb, yb: fn(sub.params, xb, yb),
-                                    [x, y], batch)
+        grad = gradients.paper_expected_loss_gradient(ensemble[:k], x, y,
+                                                      jit_compile=jit_compile)
         out[:, j] = np.abs(grad.reshape(len(grad), -1)).max(axis=1)
     return out
 
