@@ -40,7 +40,6 @@ from typing import Any, Mapping
 from absl import logging
 import numpy as np
 
-from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import files
 from tfp_bnn_adv import metrics
 from tfp_bnn_adv import paper
@@ -140,7 +139,8 @@ class PaperAblationConfig:
     def paper(cls, **overrides) -> "PaperAblationConfig":
         """The authors' sizes and net: all training data, 1000 test points,
         2x512 with Leaky-ReLU slope 0.01."""
-        return dataclasses.replace(cls(negative_slope=0.01), **overrides)
+        return dataclasses.replace(
+            cls(negative_slope=paper.PaperSemantics().leaky_slope), **overrides)
 
     @classmethod
     def quick(cls, **overrides) -> "PaperAblationConfig":
@@ -321,14 +321,20 @@ class _Scorer:
     def __init__(self, config, x, y, attack_seed):
         self.config, self.x, self.y = config, x, y
         self.attack_seed = attack_seed
-        self._probs: dict = {}
+        self._clean: dict = {}
+        self._adv: dict = {}
 
-    def _probabilities(self, key, ens, sem, attack):
+    def _clean_probabilities(self, key, target, sem):
+        memo = (key, sem.first_samples)
+        if memo not in self._clean:
+            self._clean[memo] = target.predict_proba(self.x)
+        return self._clean[memo]
+
+    def _adv_probabilities(self, key, target, sem, attack):
         pgd_key = sem.pgd_schedule if attack == "pgd" else None
         grad_key = sem.gradient if attack != "random" else None
         memo = (key, sem.first_samples, grad_key, pgd_key, attack)
-        if memo not in self._probs:
-            target = sem.attack_ensemble(ens)
+        if memo not in self._adv:
             # Column i of the ordinary attack table uses attack_seed + i.
             seed = self.attack_seed + ATTACKS.index(attack)
             opts = sem.pgd_options(self.x, self.config.pgd_steps)
@@ -338,15 +344,15 @@ class _Scorer:
                 pgd_step_size=opts["step_size"],
                 pgd_random_start=opts["random_start"],
                 random_trials=self.config.random_trials)
-            self._probs[memo] = (target.predict_proba(self.x),
-                                 target.predict_proba(x_adv))
-        return self._probs[memo]
+            self._adv[memo] = target.predict_proba(x_adv)
+        return self._adv[memo]
 
     def score(self, key, ens, sem) -> dict[str, float]:
-        out = {}
+        target = sem.attack_ensemble(ens)
+        p_clean = self._clean_probabilities(key, target, sem)
+        out = {"clean_accuracy": metrics.clean_accuracy(p_clean, self.y)}
         for attack in ATTACKS:
-            p_clean, p_adv = self._probabilities(key, ens, sem, attack)
-            out["clean_accuracy"] = metrics.clean_accuracy(p_clean, self.y)
+            p_adv = self._adv_probabilities(key, target, sem, attack)
             out[f"adv_accuracy/{attack}"] = metrics.adversarial_accuracy(
                 p_adv, self.y)
             out[f"softmax_robustness/{attack}"] = sem.softmax_robustness(
@@ -380,11 +386,10 @@ def _switch_text(name: str, config) -> str:
 def _effects(scores, rows, config, cols):
     """Per switch and column: how far turning it off moves the original,
     and turning it on moves the corrected."""
-    table = {label: scores[label] for label, _ in rows}
-    orig, corr = table[rows[0][0]], table["corrected"]
+    orig, corr = scores[rows[0][0]], scores["corrected"]
     effects = {}
     for name in config.switches:
-        off, on = table[f"original, {name} off"], table[f"corrected + {name}"]
+        off, on = scores[f"original, {name} off"], scores[f"corrected + {name}"]
         effects[name] = {
             f"{m}/{c}": {"turning_off_in_original": orig[m][c] - off[m][c],
                          "turning_on_in_corrected": on[m][c] - corr[m][c]}
