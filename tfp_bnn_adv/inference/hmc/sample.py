@@ -180,14 +180,18 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
     run = functools.partial(
         _run, network, config=config, strategy=strategy, replicas=replicas,
         explicit_state=explicit_state)
-    if batches is None:
+    def run_fingerprint(points: int):
+        """The shard size of a run on ``points`` and its checkpoint fields."""
         shard_size = config.shard_size or target_lib.auto_shard_size(
-            network, config.num_chains, n)
-        fingerprint = {"architecture": _architecture_hash(network),
-                       "data": data_hash, "num_train": n,
-                       "num_chains": config.num_chains,
-                       "prior_scale": config.prior_scale,
-                       "shard_size": shard_size, "init": init_cfg}
+            network, config.num_chains, points)
+        return shard_size, {"architecture": _architecture_hash(network),
+                            "data": data_hash, "num_train": n,
+                            "num_chains": config.num_chains,
+                            "prior_scale": config.prior_scale,
+                            "shard_size": shard_size, "init": init_cfg}
+
+    if batches is None:
+        shard_size, fingerprint = run_fingerprint(n)
         if config.resample_draws is not None:
             # Only when set, so every other run's checkpoints keep their digest.
             fingerprint["resample_draws"] = config.resample_draws
@@ -197,9 +201,8 @@ def sample(network, train_x, train_y, *, config: HMCConfig | None = None,
         batch_wall = result.diagnostics.wall_seconds
     else:
         result, shard_size, fingerprint, batch_wall = _run_batches(
-            run, network, x, y, batches, config=config, init_cfg=init_cfg,
-            data_hash=data_hash, checkpoint_dir=checkpoint_dir,
-            segment_callback=segment_callback)
+            run, run_fingerprint, x, y, batches, config=config,
+            checkpoint_dir=checkpoint_dir, segment_callback=segment_callback)
 
     probs = diag_lib.probe_probabilities(network, result.states, probe[0])
     fs = diag_lib.function_space(probs, probe[1])
@@ -316,9 +319,12 @@ def _check_checkpoint_layout(checkpoint_dir, config: HMCConfig) -> None:
             "mixed.")
 
 
-def _run_batches(run, network, x, y, batches, *, config, init_cfg, data_hash,
+def _run_batches(run, run_fingerprint, x, y, batches, *, config,
                  checkpoint_dir, segment_callback):
     """One run per restart batch; returns the last one's result.
+
+    ``run_fingerprint(points)`` gives a run's shard size and checkpoint
+    fields, as for a full-data run.
 
     Returns:
       ``(result, shard_size, fingerprint, wall_seconds)``: the last run's
@@ -328,21 +334,14 @@ def _run_batches(run, network, x, y, batches, *, config, init_cfg, data_hash,
     n, total = int(x.shape[0]), len(batches)
     wall = 0.0
     for b, (lo, hi) in enumerate(batches):
-        shard_size = config.shard_size or target_lib.auto_shard_size(
-            network, config.num_chains, hi - lo)
-        fingerprint = {"architecture": _architecture_hash(network),
-                       "data": data_hash, "num_train": n,
-                       "num_chains": config.num_chains,
-                       "prior_scale": config.prior_scale,
-                       "shard_size": shard_size, "init": init_cfg,
-                       # Named so that a refused checkpoint of another
-                       # batch size names restart_batch_size (keys are
-                       # compared in sorted order).
-                       "restart_batch_size": config.restart_batch_size,
-                       "restart_batch_index": b,
-                       "restart_num_batches": total,
-                       "restart_range": [lo, hi],
-                       "resample_draws": config.resample_draws}
+        shard_size, fingerprint = run_fingerprint(hi - lo)
+        fingerprint.update({
+            # Named so that a refused checkpoint of another batch size
+            # names restart_batch_size (keys are compared in sorted order).
+            "restart_batch_size": config.restart_batch_size,
+            "restart_batch_index": b, "restart_num_batches": total,
+            "restart_range": [lo, hi],
+            "resample_draws": config.resample_draws})
         batch_dir = (None if checkpoint_dir is None else
                      _batch_dir(checkpoint_dir, b))
         logging.info("HMC paper emulation: batch %d/%d (training points "
