@@ -33,8 +33,8 @@ from absl import logging
 from tfp_bnn_adv import data as data_lib
 from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
-from tfp_bnn_adv import paper
 from tfp_bnn_adv.studies import common
+from tfp_bnn_adv.studies.paper_ablation import ABLATED
 from tfp_bnn_adv.studies.training import METHODS
 
 FLAGS = flags.FLAGS
@@ -284,10 +284,10 @@ def _define_eps():
 
 
 def _define_switches():
-    names = paper.ATTACK_SWITCHES + paper.TRAINING_SWITCHES
-    flags.DEFINE_list("switches", list(names), "The paper-semantics switches "
-                      f"the ablation turns on and off: {', '.join(names)}.")
-    register("switches", lambda v: check_choices(v, "switches", names))
+    flags.DEFINE_list("switches", list(ABLATED), "The paper-semantics "
+                      "switches the ablation turns on and off: "
+                      f"{', '.join(ABLATED)}.")
+    register("switches", lambda v: check_choices(v, "switches", ABLATED))
 
 
 def _define_trajectory_length():

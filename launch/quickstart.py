@@ -49,7 +49,6 @@ from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
 from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
 from tfp_bnn_adv.studies.quickstart import HIDDEN
 from tfp_bnn_adv.studies.quickstart import LABELS
-from tfp_bnn_adv.studies.quickstart import ABLATION_SWITCHES
 from tfp_bnn_adv.studies.quickstart import NUM_TRAIN
 from tfp_bnn_adv.studies.quickstart import SETTINGS
 from tfp_bnn_adv.studies.quickstart import SUBSTUDIES
@@ -137,8 +136,7 @@ def config_from_flags() -> QuickstartConfig:
     ablation = PaperAblationConfig.quick(
         num_train=num_train, hidden=hidden, num_test=table.num_test,
         pgd_steps=table.pgd_steps, max_samples=table.max_samples,
-        switches=(tuple(FLAGS.switches) if lf.explicit("switches")
-                  else ABLATION_SWITCHES),
+        switches=tuple(FLAGS.switches),
         hmc=settings["hmc"], vi=settings["vi"],
         seed=seed, **data)
     config = QuickstartConfig(

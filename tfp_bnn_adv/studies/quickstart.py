@@ -51,7 +51,7 @@ from tfp_bnn_adv.studies.training import fit_posterior
 __all__ = ["QuickstartConfig", "run_quickstart", "fingerprint",
            "owned_directories",
            "FashionMnistMissingError", "NUM_TRAIN", "HIDDEN", "SETTINGS",
-           "LABELS", "SUBSTUDIES", "ABLATION_SWITCHES"]
+           "LABELS", "SUBSTUDIES"]
 
 # The largest Fashion-MNIST HMC posterior we measured to converge within the
 # quickstart's budget on 2 cores: 500 points, 784-16-10, 4 chains of 700
@@ -70,10 +70,6 @@ SETTINGS = {
     "sgd": InferenceSettings(method="sgd", epochs=8, learning_rate=1e-3),
 }
 LABELS = {"hmc": "HMC", "vi": "VI", "sgd": "NN (SGD)"}
-# The switches of the quickstart's small ablation (see the README for the
-# measured run that chose them).
-ABLATION_SWITCHES = ("attack_loss", "pgd_schedule", "first_samples",
-                     "softmax_metric", "hmc_training", "vi_training")
 SUBSTUDIES = ("attack_table", "gradient_study", "robustness_accuracy",
               "paper_ablation")
 
