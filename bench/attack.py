@@ -303,7 +303,8 @@ def apgd_comparison(args, jit) -> dict:
     out = {"apgd_case": (
         f"APGD-{steps} CE on the log posterior predictive, L-inf eps={eps:g}, "
         f"{n} Fashion-MNIST test images, S={s} MLP 784-512-512-10 (Gaussian "
-        f"around an Adam fit), batch {b}"),
+        f"around an Adam fit), batch {b}; both sides timed after a warm-up, "
+        "compile time excluded"),
         "apgd_clean_accuracy": ens.accuracy(x, y, batch_size=b)}
     common.log(out["apgd_case"])
 
