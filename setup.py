@@ -28,7 +28,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "arviz>=0.20,<1"],
-        "bench": ["jax[cpu]==0.10.2", "numpyro==0.22.0"],
+        "bench": ["jax[cpu]==0.10.2", "numpyro==0.22.0",
+                  "adversarial-robustness-toolbox==1.20.1"],
         "arviz": ["arviz>=0.20,<1"],
     },
     entry_points={

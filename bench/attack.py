@@ -1,4 +1,6 @@
-"""PGD-40 with the expected gradient: compiled and batched vs the original loop.
+"""Attack speed: PGD-40 vs the original loop, APGD-100 vs ART.
+
+PGD-40 with the expected gradient, compiled and batched, vs the original loop.
 
 The case: PGD-40 (L-inf, eps=0.1, expected loss gradient) on 1000
 Fashion-MNIST test images against a 100-sample MLP ensemble 784-512-512-10.
@@ -18,11 +20,46 @@ fp32 matmul peak the attack reaches, counting
 ``steps x S x N x 2 x forward FLOPs`` (a forward pass plus the input-gradient
 backward pass, which costs about as much as the forward).
 
-Usage: ``python -m bench.attack [--json] [--batch_size 125] [--sweep]``.
+APGD-100 against ART (``--apgd``, on by default): our
+``attacks.apgd(..., loss="ce", gradient="predictive")`` beside the
+Adversarial Robustness Toolbox's ``AutoProjectedGradientDescent`` (ART
+1.20.1, the ``bench`` extra) on the same posterior's predictive, the same
+points and eps, in the same process.  The case is a trained posterior, so
+robust accuracy means something: the same MLP 784-512-512-10, its mode fitted
+by Adam (2 epochs on 10k Fashion-MNIST training images) and ``S`` samples
+drawn around it from a Gaussian with, per weight tensor, a standard deviation
+of a quarter of that tensor's RMS (accuracy as the mode's).  ART gets the
+ensemble as a ``TensorFlowV2Classifier`` whose model returns the log
+posterior predictive ``log (1/S) sum_s softmax f(x, w_s)`` (a log-sum-exp
+over our vectorised, XLA-compiled ``apply_stack``), so its CE loss is ours
+(``-log p_bar_y``) and its forward pass is as fast as ours: the comparison
+measures the attack, not the ensemble.  The bench asserts that these outputs
+equal ``log ensemble.predict_proba`` and prints the largest difference.
+Both sides are timed after a warm-up, so compile time is excluded: ours
+after a first call on one batch (its time is reported as
+``apgd_first_call_seconds`` and, less the steady-state time of one batch, as
+``apgd_compile_seconds``), ART after a 2-iteration run on all the points
+(which compiles every batch shape ART will see).  ART attacks only the
+points classified correctly at the start (its own shortcut); ours attacks
+all.  Each ART iteration is a loss-gradient call (an eager tape around the
+compiled model) and a second forward pass for the loss, with the step logic
+in NumPy on the host; ours is one compiled ``while_loop`` per batch.  Keys:
+``apgd_speedup_vs_art`` (ART seconds / ours; target >= 5) and
+``apgd_robust_accuracy_minus_art`` (ours minus ART's robust accuracy on the
+same points; <= 0 means we are at least as strong; target <= 0.01);
+``apgd_fraction_of_gradient_throughput`` is ``steps`` calls of
+``predictive_loss_gradient`` on the same batches divided by APGD's time
+(1.0: the attack costs no more than its gradients).  Without ART installed
+the ART keys are skipped with a message.
+
+Usage: ``python -m bench.attack [--json] [--batch_size 125] [--sweep]
+[--nopgd] [--noapgd] [--apgd_samples 100] [--apgd_batch_size 100]
+[--apgd_eps 0.05] [--apgd_images 200]``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -35,8 +72,10 @@ import tensorflow as tf  # pylint: disable=wrong-import-order
 
 from tfp_bnn_adv import attacks
 from tfp_bnn_adv import data
+from tfp_bnn_adv import gradients
 from tfp_bnn_adv import models
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
+from tfp_bnn_adv.inference import sgd
 from tfp_bnn_adv.network import Network
 
 flags.adopt_module_key_flags(common)  # --json in every --help
@@ -57,6 +96,28 @@ flags.DEFINE_integer("loop_images", 2, "images the per-call loop attacks "
                      "before extrapolating")
 flags.DEFINE_bool("sweep", False, "also time batch size / chunk size / XLA "
                   "choices")
+flags.DEFINE_bool("pgd", True, "run PGD-40 against the per-call loop")
+flags.DEFINE_bool("apgd", True, "run APGD against ART's "
+                  "AutoProjectedGradientDescent")
+flags.DEFINE_integer("apgd_samples", 100, "S: posterior samples of the APGD "
+                     "case", lower_bound=1)
+flags.DEFINE_integer("apgd_batch_size", 100, "B: images per compiled APGD "
+                     "call, and ART's batch_size", lower_bound=1)
+flags.DEFINE_float("apgd_eps", 0.05, "L-inf radius of the APGD comparison, "
+                   "in (0, 1]", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("apgd_images", 200, "test images attacked by both APGDs",
+                     lower_bound=1, upper_bound=10000)
+flags.DEFINE_integer("apgd_steps", 100, "APGD iterations (ART's max_iter)",
+                     lower_bound=1)
+flags.register_validator("apgd_eps", lambda eps: eps > 0,
+                         "--apgd_eps must be > 0 (ART rejects eps = 0)")
+
+# The APGD case's posterior: a Gaussian around one Adam fit (see the module
+# docstring).  Fixed, so figures from different runs are comparable.
+APGD_TRAIN_IMAGES = 10000
+APGD_TRAIN_EPOCHS = 2
+APGD_POSTERIOR_SCALE = 0.25
+ART_LOG_TOLERANCE = 1e-4
 
 
 def make_case(num_samples: int = NUM_SAMPLES):
@@ -138,11 +199,175 @@ def sweep(ens, x, y) -> dict:
     return out
 
 
-def main(argv) -> None:
-    del argv
-    args = FLAGS
-    jit = {"xla": True, "default": False, "auto": "auto"}[args.jit]
+def make_apgd_case(num_samples: int, num_images: int, seed: int = 0):
+    """A trained posterior for APGD: ``S`` Gaussian draws around an Adam fit.
 
+    Returns:
+      ``(ensemble, x, y)``: the ensemble and the first ``num_images``
+      Fashion-MNIST test images (float32 ``[N, 28, 28, 1]``) and labels.
+    """
+    ds = data.fashion_mnist()
+    mode = sgd.train_ensemble(
+        models.mlp((28, 28, 1), 10, hidden=HIDDEN),
+        ds.train_x[:APGD_TRAIN_IMAGES], ds.train_y[:APGD_TRAIN_IMAGES],
+        num_members=1, epochs=APGD_TRAIN_EPOCHS, seed=seed, verbose=0)
+    rng = np.random.default_rng(seed)
+    params = []
+    for p in mode.params:
+        w = np.asarray(p[0])
+        scale = APGD_POSTERIOR_SCALE * float(np.sqrt(np.mean(w ** 2)))
+        params.append(w[None] + scale * rng.standard_normal(
+            (num_samples,) + w.shape, dtype=np.float32))
+    ens = PosteriorEnsemble(mode.network, params)
+    return ens, ds.test_x[:num_images], ds.test_y[:num_images]
+
+
+def art_classifier(ens, jit_compile):
+    """``ens``'s posterior predictive as an ART ``TensorFlowV2Classifier``.
+
+    The model returns ``log (1/S) sum_s softmax f(x, w_s)`` ``[B, C]`` as
+    "logits": their softmax is the predictive itself, so ART's
+    cross-entropy from logits is ``-log p_bar_y``, the loss of our
+    ``gradient="predictive"``.  It is one compiled function over the whole
+    stack, as fast a forward pass as ours.
+    """
+    import art.estimators.classification  # pylint: disable=g-import-not-at-top
+    net, params = ens.network, ens.params
+    log_s = math.log(ens.num_samples)
+
+    @tf.function(jit_compile=jit_compile)
+    def log_predictive(x):
+        log_p = tf.nn.log_softmax(net.apply_stack(params, x))  # [S, B, C]
+        return tf.reduce_logsumexp(log_p, axis=0) - log_s
+
+    def model(x, training=False):
+        del training  # no dropout in this network
+        return log_predictive(x)
+
+    return art.estimators.classification.TensorFlowV2Classifier(
+        model=model, nb_classes=net.num_classes, input_shape=net.input_shape,
+        loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
+        clip_values=(0.0, 1.0))
+
+
+def check_art_outputs(ens, classifier, x) -> float:
+    """Largest |ART's output - log predict_proba|; raises past the tolerance.
+
+    Entries whose float32 probability underflows to 0 (log -inf on our side,
+    finite on ART's log-sum-exp side) are left out.
+    """
+    ours = ens.predict_proba(x)
+    theirs = classifier.predict(x)
+    finite = ours > 0
+    diff = float(np.max(np.abs(theirs[finite] - np.log(ours[finite]))))
+    if not diff <= ART_LOG_TOLERANCE:
+        raise AssertionError(
+            f"ART's classifier outputs differ from log ensemble.predict_proba "
+            f"by {diff:g} > {ART_LOG_TOLERANCE:g}: the two attacks would not "
+            "attack the same model.")
+    return diff
+
+
+def art_apgd(classifier, eps, steps, batch_size):
+    """ART's APGD-CE with the published settings: step 2 eps, 1 start."""
+    from art.attacks.evasion import AutoProjectedGradientDescent  # pylint: disable=g-import-not-at-top
+    return AutoProjectedGradientDescent(
+        classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps,
+        targeted=False, nb_random_init=1, batch_size=batch_size,
+        loss_type="cross_entropy", verbose=False)
+
+
+def run_art_apgd(attack, x, y, steps):
+    """``attack`` on ``(x, y)`` with ``steps`` iterations, seeded."""
+    attack.set_params(max_iter=steps)
+    np.random.seed(0)  # ART's random start draws from NumPy's global state
+    return attack.generate(x, y)
+
+
+def run_our_apgd(ens, x, y, eps, steps, batch_size, chunk_size, jit):
+    return attacks.apgd(ens, x, y, eps, loss="ce", steps=steps,
+                        gradient="predictive", seed=0, batch_size=batch_size,
+                        chunk_size=chunk_size, jit_compile=jit)
+
+
+def robust_accuracy(ens, x_adv, y, batch_size) -> float:
+    return float(np.mean(ens.predict(x_adv, batch_size=batch_size) == y))
+
+
+def apgd_comparison(args, jit) -> dict:
+    """APGD against ART on one trained posterior (see the module docstring)."""
+    s, b, eps, steps = (args.apgd_samples, args.apgd_batch_size,
+                        args.apgd_eps, args.apgd_steps)
+    ens, x, y = make_apgd_case(s, args.apgd_images)
+    n = len(x)
+    out = {"apgd_case": (
+        f"APGD-{steps} CE on the log posterior predictive, L-inf eps={eps:g}, "
+        f"{n} Fashion-MNIST test images, S={s} MLP 784-512-512-10 (Gaussian "
+        f"around an Adam fit), batch {b}; both sides timed after a warm-up, "
+        "compile time excluded"),
+        "apgd_clean_accuracy": ens.accuracy(x, y, batch_size=b)}
+    common.log(out["apgd_case"])
+
+    try:
+        import art  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        art = None
+        common.log("ART is not installed: it is a bench extra "
+                   "(pip install -e '.[bench]'); skipping the ART keys.")
+    if art is not None:
+        # ART's model compiles as ours does (XLA unless --jit=default).
+        classifier = art_classifier(ens, jit is not False)
+        out["art_version"] = art.__version__
+        out["art_max_abs_log_prob_difference"] = check_art_outputs(
+            ens, classifier, x)
+        common.log("ART: warm-up (2 iterations on every point), then "
+                   f"APGD-{steps}")
+        # One attack object for both runs: it wraps the classifier in its own
+        # estimator, whose traced functions the warm-up must reach.
+        attack = art_apgd(classifier, eps, steps, b)
+        run_art_apgd(attack, x, y, 2)
+        start = time.perf_counter()
+        x_art = run_art_apgd(attack, x, y, steps)
+        out["art_apgd_seconds"] = time.perf_counter() - start
+        out["art_robust_accuracy"] = robust_accuracy(ens, x_art, y, b)
+        common.log(f"ART: {out['art_apgd_seconds']:.1f} s, robust accuracy "
+                   f"{out['art_robust_accuracy']:.3f}")
+
+    if not hasattr(attacks, "apgd"):
+        common.log("attacks.apgd is not in this tree: skipping our APGD keys.")
+        return out
+    common.log(f"ours: first call on one batch, then APGD-{steps} on all")
+    start = time.perf_counter()
+    run_our_apgd(ens, x[:b], y[:b], eps, steps, b, args.chunk_size, jit)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    x_ours = run_our_apgd(ens, x, y, eps, steps, b, args.chunk_size, jit)
+    seconds = time.perf_counter() - start
+    batches = math.ceil(n / b)
+    out["apgd_seconds"] = seconds
+    out["apgd_first_call_seconds"] = first
+    out["apgd_compile_seconds"] = max(first - seconds / batches, 0.0)
+    out["apgd_robust_accuracy"] = robust_accuracy(ens, x_ours, y, b)
+    out["apgd_max_perturbation"] = float(np.max(np.abs(x_ours - x)))
+    common.log(f"ours: {seconds:.1f} s, robust accuracy "
+               f"{out['apgd_robust_accuracy']:.3f}")
+
+    common.log(f"gradient throughput: predictive_loss_gradient, batch {b}")
+    grad_seconds = common.time_call(
+        lambda: gradients.predictive_loss_gradient(
+            ens, x, y, batch_size=b, chunk_size=args.chunk_size,
+            jit_compile=jit), repeats=3)
+    out["predictive_gradient_seconds"] = grad_seconds
+    out["apgd_fraction_of_gradient_throughput"] = steps * grad_seconds / seconds
+    if "art_apgd_seconds" in out:
+        out["apgd_speedup_vs_art"] = out["art_apgd_seconds"] / seconds
+        out["apgd_robust_accuracy_minus_art"] = (
+            out["apgd_robust_accuracy"] - out["art_robust_accuracy"])
+    return out
+
+
+def pgd_comparison(args, jit) -> dict:
+    """PGD-40 against the original per-call loop (see the module docstring)."""
     ens, x, y = make_case()
     batch, chunk = ens.batch_and_chunk(NUM_IMAGES, args.batch_size,
                                        args.chunk_size)
@@ -176,12 +401,24 @@ def main(argv) -> None:
         "pgd_fraction_of_matmul_peak": gflops / peak,
         "batch_size": batch,
         "chunk_size": chunk,
-        "jit": args.jit,
-        "load_average_1min": os.getloadavg()[0],
-        **common.machine_info(),
     }
     if args.sweep:
         results.update(sweep(ens, x, y))
+    return results
+
+
+def main(argv) -> None:
+    del argv
+    args = FLAGS
+    jit = {"xla": True, "default": False, "auto": "auto"}[args.jit]
+    results = {}
+    if args.pgd:
+        results.update(pgd_comparison(args, jit))
+    if args.apgd:
+        results.update(apgd_comparison(args, jit))
+    results.update({"jit": args.jit,
+                    "load_average_1min": os.getloadavg()[0],
+                    **common.machine_info()})
     common.report(results, args.json)
 
 
