@@ -358,9 +358,10 @@ def test_apgd_at_least_as_strong_as_pgd_and_in_the_ball(fashion, norm, eps):
 @pytest.mark.parametrize("gradient", attacks.GRADIENTS)
 def test_every_gradient_and_eot_stays_in_the_ball_and_is_seeded(small, gradient):
     ens, x, y = small
-    for norm, eot in ((np.inf, None), (2, 2)):
-        kw = dict(eps=0.2, norm=norm, steps=4, restarts=2, gradient=gradient,
-                  eot_samples=eot, clip=(LO, HI), seed=5, jit_compile=JIT)
+    for norm, eot, restarts in ((np.inf, None, 2), (2, 2, 1)):
+        kw = dict(eps=0.2, norm=norm, steps=4, restarts=restarts,
+                  gradient=gradient, eot_samples=eot, clip=(LO, HI), seed=5,
+                  jit_compile=JIT)
         x_adv = attacks.apgd(ens, x, y, **kw)
         assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
         assert np.all(distance(x_adv, x, norm) <= 0.2 * (1 + 1e-6))
