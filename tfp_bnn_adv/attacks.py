@@ -67,12 +67,17 @@ from tfp_bnn_adv.ensemble import predict_proba_graph
 from tfp_bnn_adv.gradients import loss_gradient_graph
 from tfp_bnn_adv.gradients import prepare_inputs
 
-__all__ = ["fgsm", "pgd", "random_attack", "square_attack",
-           "square_attack_with_queries", "NORMS", "GRADIENTS", "RANDOM_KINDS"]
+__all__ = ["fgsm", "pgd", "apgd", "random_attack", "square_attack",
+           "square_attack_with_queries",
+           "NORMS", "GRADIENTS", "RANDOM_KINDS", "APGD_LOSSES", "AUTO_ATTACKS",
+           "AUTO_VERSIONS"]
 
 NORMS = (np.inf, 2)
 GRADIENTS = ("expected", "predictive", "paper", "sample")
 RANDOM_KINDS = ("ternary", "uniform")
+APGD_LOSSES = ("ce", "dlr")
+AUTO_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
+AUTO_VERSIONS = ("standard", "rand", "custom")
 
 # Square Attack: p is halved once the query count, rescaled to a budget of
 # 10000, passes each of these (Andriushchenko et al., 2020, L-inf schedule).
@@ -452,6 +457,347 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
 
 
 # --------------------------------------------------------------------------
+# APGD (Croce & Hein, 2020): losses, scores and the step-size schedule.
+# --------------------------------------------------------------------------
+# The published checkpoints p_0 = 0, p_1 = 0.22,
+# p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), in hundredths: every
+# increment is a multiple of 0.01, so integers keep w_j = ceil(p_j N) exact
+# (0.22 * 100 is 22.000000000000004 in floating point).
+def _checkpoint_percents() -> tuple[int, ...]:
+    p = [0, 22]
+    while p[-1] < 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return tuple(p)
+
+
+_APGD_CHECKPOINTS = _checkpoint_percents()
+# A finite stand-in for -inf: never the maximum, and exp() of it is 0.
+_NEG = -1e30
+_DLR_DELTA = 1e-12
+
+
+def _class_value(z, c):
+    """``z[..., b, c_b]`` for labels ``c`` ``[B]`` and scores ``[..., B, C]``."""
+    return tf.reduce_sum(z * tf.one_hot(c, z.shape[-1], dtype=z.dtype), -1)
+
+
+def _dlr_loss(z, y):
+    """DLR loss ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``.
+
+    ``z`` ``[..., B, C]`` (C >= 3), ``y`` int ``[B]``; returns ``[..., B]``.
+    ``pi`` sorts the scores in decreasing order, so the loss does not change
+    when every score is shifted by a constant or scaled by a positive factor.
+    """
+    top = tf.math.top_k(z, 3).values
+    other = tf.reduce_max(
+        tf.where(tf.one_hot(y, z.shape[-1]) > 0, _NEG, z), axis=-1)
+    return -(_class_value(z, y) - other) / (
+        top[..., 0] - top[..., 2] + _DLR_DELTA)
+
+
+def _targeted_dlr_loss(z, y, t):
+    """Targeted DLR ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``.
+
+    ``z`` ``[..., B, C]`` (C >= 4), labels ``y`` and targets ``t`` int
+    ``[B]``; returns ``[..., B]``, growing as ``z_t`` overtakes ``z_y``.
+    """
+    top = tf.math.top_k(z, 4).values
+    return -(_class_value(z, y) - _class_value(z, t)) / (
+        top[..., 0] - 0.5 * (top[..., 2] + top[..., 3]) + _DLR_DELTA)
+
+
+def _ce_loss(z, c, log_probs):
+    """Cross-entropy of class ``c`` under scores ``z`` ``[..., B, C]``.
+
+    ``log_probs``: ``z`` already holds log-probabilities (the predictive's
+    ``log p_bar``), so the loss is ``-z_c`` exactly; otherwise ``z`` are
+    logits and a softmax normalises them.
+    """
+    if log_probs:
+        return -_class_value(z, c)
+    labels = tf.broadcast_to(c, tf.shape(z)[:-1])
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, z)
+
+
+def _apgd_loss(loss, targeted, y, t, log_probs):
+    """``z -> [..., B]``: the loss APGD maximises, from scores ``z``."""
+    if loss == "dlr":
+        return ((lambda z: _targeted_dlr_loss(z, y, t)) if targeted else
+                (lambda z: _dlr_loss(z, y)))
+    if targeted:  # towards t: maximise log p(t), i.e. minimise CE(z, t)
+        return lambda z: -_ce_loss(z, t, log_probs)
+    return lambda z: _ce_loss(z, y, log_probs)
+
+
+def _log_predictive_graph(network, params, x, chunk):
+    """``log (1/S) sum_s softmax f(x, w_s)``, float32 ``[B, C]``.
+
+    A running log-sum-exp of the per-sample log-softmax over sample chunks,
+    so a class whose mean probability rounds to 0 or 1 in float32 keeps a
+    finite, exact log-probability.
+    """
+    s = params[0].shape[0]
+
+    def body(lse, chunk_params):
+        ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
+        return tf.reduce_logsumexp(
+            tf.stack([lse, tf.reduce_logsumexp(ls, axis=0)]), axis=0)
+
+    init = tf.fill([tf.shape(x)[0], network.num_classes],
+                   tf.constant(_NEG, tf.float32))
+    lse = chunking.fold_sample_chunks(params, chunk, body, init)
+    return lse - math.log(s)
+
+
+def _objective_predictive(network, params, x, loss_fn, chunk):
+    """``L(z)`` with ``z = log p_bar``: ``(loss [B], grad, z [B, C])``.
+
+    ``L`` is a nonlinear function of a sum over samples, so with several
+    chunks it takes two passes (memory stays one chunk): the first
+    computes ``z``, the second back-propagates the fixed cotangent
+    ``u = dL/dz`` through ``dz_c/dx = sum_s w_sc d log softmax_sc / dx`` with
+    ``w_sc = exp(log softmax_sc - log S - z_c)``, which never divides by a
+    tiny ``p_bar``.
+    """
+    s = params[0].shape[0]
+    if chunk >= s:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            ls = tf.nn.log_softmax(network.apply_stack(params, x))
+            z = tf.reduce_logsumexp(ls, axis=0) - math.log(s)
+            f = loss_fn(z)
+            total = tf.reduce_sum(f)
+        return f, tape.gradient(total, x), z
+    z = _log_predictive_graph(network, params, x, chunk)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        f = loss_fn(z)
+        total = tf.reduce_sum(f)
+    u = tape.gradient(total, z)
+
+    def body(grad, chunk_params):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
+            w = tf.stop_gradient(tf.exp(ls - math.log(s) - z))
+            total = tf.reduce_sum(u * w * ls)
+        return grad + tape.gradient(total, x)
+
+    grad = chunking.fold_sample_chunks(params, chunk, body, tf.zeros_like(x))
+    return f, grad, z
+
+
+def _objective_paper(network, params, x, loss_fn, chunk):
+    """``L(z)`` with ``z = p_bar`` taken as logits (the authors' code)."""
+    s = params[0].shape[0]
+    if chunk >= s:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z = tf.reduce_mean(tf.nn.softmax(network.apply_stack(params, x)),
+                               axis=0)
+            f = loss_fn(z)
+            total = tf.reduce_sum(f)
+        return f, tape.gradient(total, x), z
+    z = predict_proba_graph(network, params, x, chunk)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        f = loss_fn(z)
+        total = tf.reduce_sum(f)
+    u = tape.gradient(total, z) / s
+
+    def body(grad, chunk_params):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            p = tf.nn.softmax(network.apply_stack(chunk_params, x))
+            total = tf.reduce_sum(u * p)
+        return grad + tape.gradient(total, x)
+
+    grad = chunking.fold_sample_chunks(params, chunk, body, tf.zeros_like(x))
+    return f, grad, z
+
+
+def _objective_expected(network, params, x, loss_fn, chunk):
+    """The mean over samples of ``L(f(x, w_s))`` on per-sample logits; the
+    third output is ``p_bar`` (accumulated in the same pass)."""
+    s = params[0].shape[0]
+
+    def body(state, chunk_params):
+        grad, f_sum, p_sum = state
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = network.apply_stack(chunk_params, x)
+            f = loss_fn(logits)
+            total = tf.reduce_sum(f)
+        return (grad + tape.gradient(total, x), f_sum + tf.reduce_sum(f, 0),
+                p_sum + tf.reduce_sum(tf.nn.softmax(logits), 0))
+
+    b = tf.shape(x)[:1]
+    init = (tf.zeros_like(x), tf.zeros(b, tf.float32),
+            tf.zeros([b[0], network.num_classes], tf.float32))
+    grad, f_sum, p_sum = chunking.fold_sample_chunks(params, chunk, body, init)
+    return f_sum / s, grad / s, p_sum / s
+
+
+_OBJECTIVES = {"predictive": _objective_predictive, "paper": _objective_paper,
+               "expected": _objective_expected}
+
+
+def _draw_samples(params, k, seed):
+    """``k`` distinct posterior samples, a stateless uniform draw."""
+    s = params[0].shape[0]
+    order = tf.argsort(seeds.uniform([s], seed), stable=True)
+    pick = order[:k]
+    return [tf.gather(p, pick) for p in params]
+
+
+def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
+               norm, has_clip, stop_early, trace=False):
+    """One APGD run of ``steps`` steps from ``x_start`` (Croce & Hein, 2020).
+
+    ``objective(x, t) -> (loss [B], grad, wrong [B])`` evaluates the loss to
+    maximise, its input gradient and whether ``x`` is misclassified; ``t``
+    is -1 at the start, then the step index.  Per example: ``eta`` starts at
+    ``2 eps``; step ``t`` moves to ``z = P(x + eta dir(g))`` and then
+    ``P(x + a (z - x) + (1 - a)(x - x_prev))``, ``a = 1`` at ``t = 0`` and
+    ``momentum`` after; after ``n`` steps, ``n`` a checkpoint ``w_j``,
+    ``eta`` is halved and the run restarts from the best point if the loss
+    rose in fewer than ``rho`` of the steps since the last checkpoint or if
+    ``eta`` was not halved there and the best loss has not improved since.
+    The loss of the restarted point is its best loss, which the next step's
+    rise is compared with.
+
+    Returns:
+      ``(x_wrong, found, x_best, f_best)``: the misclassified point of the
+      highest loss met (``found`` says whether there is one), and the
+      best-loss point and its loss; with ``trace``, also ``eta`` ``[T, B]``
+      and ``x`` ``[T, B, ...]`` after each step's checkpoint.
+    """
+    ex = [-1] + [1] * (x0.shape.rank - 1)
+    batch = tf.shape(x0)[0]
+    f, g, wrong = objective(x_start, tf.constant(-1))
+    checkpoints = (tf.constant(_APGD_CHECKPOINTS[1:], tf.int32) * steps +
+                   99) // 100
+    eta = tf.fill([batch], 2.0 * eps)
+    state = dict(
+        t=tf.constant(0), x=x_start, x_prev=x_start, g=g, f=f,
+        x_best=x_start, g_best=g, f_best=f, x_wrong=x_start, f_wrong=f,
+        found=wrong, eta=eta, rises=tf.zeros([batch], tf.int32),
+        last=tf.constant(0), f_best_last=f,
+        halved_last=tf.zeros([batch], tf.bool))
+    if trace:
+        state["eta_trace"] = tf.TensorArray(x0.dtype, size=steps)
+        state["x_trace"] = tf.TensorArray(x0.dtype, size=steps)
+
+    def cond(st):
+        go = st["t"] < steps
+        if stop_early:
+            go = go & ~tf.reduce_all(st["found"])
+        return go
+
+    def body(st):
+        t, x = st["t"], st["x"]
+        a = tf.where(t == 0, tf.ones_like(momentum), momentum)
+        eta_x = tf.reshape(st["eta"], ex)
+        z = _project(x0, x + eta_x * _step_direction(st["g"], norm), eps, norm,
+                     lo, hi, has_clip)
+        x_new = _project(x0, x + a * (z - x) + (1.0 - a) * (x - st["x_prev"]),
+                         eps, norm, lo, hi, has_clip)
+        f_new, g_new, wrong = objective(x_new, t)
+        rises = st["rises"] + tf.cast(f_new > st["f"], tf.int32)
+        take = wrong & (~st["found"] | (f_new > st["f_wrong"]))
+        x_wrong = tf.where(tf.reshape(take, ex), x_new, st["x_wrong"])
+        f_wrong = tf.where(take, f_new, st["f_wrong"])
+        better = f_new > st["f_best"]
+        better_x = tf.reshape(better, ex)
+        x_best = tf.where(better_x, x_new, st["x_best"])
+        g_best = tf.where(better_x, g_new, st["g_best"])
+        f_best = tf.where(better, f_new, st["f_best"])
+        n = t + 1
+        at_check = tf.reduce_any(tf.equal(checkpoints, n))
+        since = tf.cast(n - st["last"], rho.dtype)
+        oscillating = tf.cast(rises, rho.dtype) < rho * since
+        stalled = ~st["halved_last"] & (f_best <= st["f_best_last"])
+        halve = at_check & (oscillating | stalled)
+        halve_x = tf.reshape(halve, ex)
+        eta = tf.where(halve, 0.5 * st["eta"], st["eta"])
+        out = dict(
+            t=n, x=tf.where(halve_x, x_best, x_new), x_prev=x,
+            g=tf.where(halve_x, g_best, g_new),
+            f=tf.where(halve, f_best, f_new), x_best=x_best, g_best=g_best,
+            f_best=f_best, x_wrong=x_wrong, f_wrong=f_wrong,
+            found=st["found"] | wrong, eta=eta,
+            rises=tf.where(at_check, 0, rises),
+            last=tf.where(at_check, n, st["last"]),
+            f_best_last=tf.where(at_check, f_best, st["f_best_last"]),
+            halved_last=tf.where(at_check, halve, st["halved_last"]))
+        if trace:
+            out["eta_trace"] = st["eta_trace"].write(t, eta)
+            out["x_trace"] = st["x_trace"].write(t, out["x"])
+        return (out,)
+
+    (st,) = tf.while_loop(cond, body, (state,))
+    result = (st["x_wrong"], st["found"], st["x_best"], st["f_best"])
+    if trace:
+        result += (st["eta_trace"].stack(), st["x_trace"].stack())
+    return result
+
+
+def _targets(network, params, x0, y, num_targets, chunk):
+    """Per example the ``num_targets`` other classes the clean posterior
+    predictive ranks highest, int32 ``[B, num_targets]``."""
+    p = predict_proba_graph(network, params, x0, chunk)
+    p = tf.where(tf.one_hot(y, network.num_classes) > 0, -1.0, p)
+    return tf.math.top_k(p, num_targets).indices
+
+
+def _apgd_graph(network, params, x0, y, idx, seed, eps, steps, rho, momentum,
+                lo, hi, *, norm, gradient, loss, targeted, num_targets,
+                restarts, eot_samples, chunk, has_clip, random_start):
+    """APGD on one batch: ``restarts`` runs per target (one target if
+    untargeted), the worst case kept per example."""
+    s = params[0].shape[0]
+    drawn = gradient == "sample" or eot_samples is not None
+    k = eot_samples or (1 if gradient == "sample" else s)
+    kind = "expected" if gradient == "sample" else gradient
+    draw_chunk = min(chunk, k)
+    targets = (_targets(network, params, x0, y, num_targets, chunk)
+               if targeted else None)
+
+    def run(r):
+        target = targets[:, r // restarts] if targeted else None
+        loss_fn = _apgd_loss(loss, targeted, y, target, kind == "predictive")
+        start_seed, sample_seed = tf.unstack(
+            seeds.split(seeds.fold_in(seed, r), 2))
+        # One stream per batch for the sample draws, keyed by its first row.
+        sample_seed = seeds.fold_in(sample_seed, idx[0])
+
+        def objective(x, t):
+            used, used_chunk = params, chunk
+            if drawn:
+                used = _draw_samples(params, k, seeds.fold_in(sample_seed, t + 1))
+                used_chunk = draw_chunk
+            f, g, z = _OBJECTIVES[kind](network, used, x, loss_fn, used_chunk)
+            return f, g, tf.not_equal(tf.argmax(z, -1, output_type=tf.int32), y)
+
+        x_start = x0
+        if random_start:
+            x_start = _project(x0, _random_start(x0, eps, norm, start_seed, idx),
+                               eps, norm, lo, hi, has_clip)
+        x_wrong, found, x_best, _ = _apgd_loop(
+            objective, x0, x_start, eps, steps, rho, momentum, lo, hi,
+            norm=norm, has_clip=has_clip, stop_early=not drawn)
+        if drawn:
+            # Misclassified by the drawn samples is a candidate; the posterior
+            # predictive, the classifier attacked, decides.
+            found &= _score(network, params, x_wrong, y, chunk)[0]
+        return tf.where(tf.reshape(found, [-1] + [1] * (x0.shape.rank - 1)),
+                        x_wrong, x_best)
+
+    return _best_of(run, lambda x: _score(network, params, x, y, chunk),
+                    restarts * (num_targets if targeted else 1))
+
+
+# --------------------------------------------------------------------------
 # Public attacks.
 # --------------------------------------------------------------------------
 def _run_gradient_attack(name, ensemble, x, y, options: _AttackOptions,
@@ -590,6 +936,171 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
         _GradientSteps(norm=norm, steps=steps, step_size=step_size,
                        random_start=random_start, restarts=restarts,
                        gradient=gradient))
+
+
+def _check_apgd_loss(loss, targeted, num_classes, dlr_fallback) -> str:
+    """The loss APGD runs: ``loss``, or ``"ce"`` for a DLR the classes
+    cannot support when ``dlr_fallback`` allows it."""
+    loss = validate.choice(loss, APGD_LOSSES, "loss")
+    need = 4 if targeted else 3
+    if loss == "dlr" and num_classes < need:
+        name = "targeted DLR" if targeted else "DLR"
+        if not dlr_fallback:
+            raise ValueError(
+                f"loss='dlr' ({name}) needs at least {need} classes, the "
+                f"network has {num_classes}; use loss='ce' or pass "
+                "dlr_fallback=True to fall back to cross-entropy.")
+        logging.warning("apgd: %s needs at least %d classes, the network has "
+                        "%d; falling back to %scross-entropy (dlr_fallback)",
+                        name, need, num_classes,
+                        "targeted " if targeted else "")
+        return "ce"
+    return loss
+
+
+def _check_bool(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+    return value
+
+
+def _check_eot(eot_samples, num_samples):
+    if eot_samples is None:
+        return None
+    return validate.integer(eot_samples, "eot_samples", minimum=1,
+                            maximum=num_samples)
+
+
+def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
+         num_targets=9, steps=100, restarts=1, norm=np.inf,
+         gradient="predictive", eot_samples=None, rho=0.75, momentum=0.75,
+         clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
+         jit_compile=None, strategy=None, dlr_fallback=False,
+         _random_start=True) -> np.ndarray:
+    """Auto-PGD (Croce & Hein, 2020): PGD with the published step-size rule.
+
+    Per example: a random start in the ``eps``-ball (clipped to ``clip``),
+    step size ``eta = 2 eps``, and ``steps`` steps
+    ``z = P(x_k + eta sign(g_k))`` (L2: ``g_k / ||g_k||_2``),
+    ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with
+    ``a = 1`` on the first step and ``momentum`` after (``P`` projects onto
+    the ball and ``clip``).  At the checkpoints ``w_j = ceil(p_j steps)``,
+    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``,
+    ``eta`` is halved and the run restarts from its best point if the loss
+    rose in fewer than a fraction ``rho`` of the steps since the last
+    checkpoint, or if ``eta`` was not halved there and the best loss did
+    not improve since.  A run returns a point the posterior predictive
+    misclassifies if it met one (the one of highest loss), else its
+    best-loss point.  Across restarts and targets each example keeps the
+    worst case for the posterior predictive (misclassified first, then the
+    higher ``-log p(y | x_adv)``); run 0 is the single run.
+
+    Scores ``z`` per ``gradient`` (``S`` posterior samples):
+    ``"predictive"``: ``z = log (1/S) sum_s softmax f(x, w_s)`` (a
+    log-sum-exp; scale-free like logits); ``"expected"``: the loss of every
+    sample's logits, averaged over samples; ``"paper"``:
+    ``z = (1/S) sum_s softmax f(x, w_s)`` taken as logits, as the authors'
+    code did; ``"sample"``: the logits of one posterior sample drawn afresh
+    at every step (``eot_samples`` of them, loss averaged, if given).
+    ``loss="ce"`` is the cross-entropy of ``z`` (``-log p_bar_y`` for
+    ``"predictive"``); ``loss="dlr"`` is
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``, ``pi`` sorting
+    ``z`` in decreasing order.  ``targeted=True`` runs, for each of the
+    ``num_targets`` classes other than ``y`` that the clean posterior
+    predictive ranks highest (ranks 2 to ``num_targets + 1`` for a correctly
+    classified point), ``restarts`` runs of ``steps`` steps on the targeted
+    DLR ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``
+    (``loss="dlr"``) or on ``-CE(z, t)`` (``loss="ce"``); any
+    misclassification counts as success.
+
+    ``eot_samples=k`` evaluates every step on ``k`` distinct posterior
+    samples drawn afresh (stateless, per batch and step) instead of all
+    ``S``; the loss of the drawn samples drives the step-size rule and the
+    best point, and the full posterior predictive decides whether the
+    returned point is misclassified.  The whole run (steps, restarts and
+    targets) is one compiled ``tf.while_loop`` per batch; ``eps``, ``steps``,
+    ``rho`` and ``momentum`` are tensors, so sweeping them does not
+    recompile.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` with ``S``
+        samples and ``C`` classes.
+      x: inputs ``[B, *input_shape]``, values inside ``clip``.
+      y: int labels ``[B]``; ``None`` attacks the ensemble's own predictions.
+      eps: radius of the threat ball, >= 0 (required).
+      loss: ``"ce"`` or ``"dlr"`` (:data:`APGD_LOSSES`).
+      targeted: run the targeted variant.
+      num_targets: targets per example when ``targeted``, in ``[1, C - 1]``.
+      steps: steps per run, >= 1.
+      restarts: runs per target, >= 1, each from a new random start.
+      norm: ``np.inf`` or ``2``.
+      gradient: ``"predictive"``, ``"expected"``, ``"paper"`` or
+        ``"sample"``.
+      eot_samples: ``None`` (all ``S``) or posterior samples per step in
+        ``[1, S]``.
+      rho: the oscillation threshold, in ``(0, 1]``.
+      momentum: the paper's ``alpha``, the weight of the new step ``z - x_k``
+        against the previous one, in ``[0, 1]``; ``1`` means no momentum
+        (``x_{k+1} = z``).
+      clip: ``(low, high)`` data range, or ``None``.
+      seed: int or stateless seed.
+      batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
+      dlr_fallback: when the DLR loss needs more classes than the network
+        has (3, or 4 when targeted), use cross-entropy (targeted when
+        ``targeted``) and log a warning instead of raising.
+
+    Returns:
+      float32 numpy array ``[B, *input_shape]`` with ``||x_adv - x|| <= eps``,
+      inside ``clip``.
+
+    Raises:
+      TypeError/ValueError: naming the argument, as :func:`fgsm`, and for an
+        unknown ``loss``, DLR with fewer than 3 classes (targeted DLR with
+        fewer than 4) unless ``dlr_fallback``, ``num_targets`` outside
+        ``[1, C - 1]`` when ``targeted``, ``eot_samples`` outside ``[1, S]``,
+        ``steps`` or ``restarts`` below 1, ``rho`` outside ``(0, 1]`` or
+        ``momentum`` outside ``[0, 1]``.
+
+    Example:
+      >>> x_adv = apgd(ens, x_test, y_test, eps=8 / 255, loss="dlr",
+      ...              targeted=True, num_targets=9, steps=100)
+    """
+    check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    norm = _check_norm(norm)
+    targeted = _check_bool(targeted, "targeted")
+    dlr_fallback = _check_bool(dlr_fallback, "dlr_fallback")
+    num_classes = ensemble.network.num_classes
+    loss = _check_apgd_loss(loss, targeted, num_classes, dlr_fallback)
+    if targeted:
+        num_targets = validate.integer(num_targets, "num_targets", minimum=1,
+                                       maximum=num_classes - 1)
+    steps = validate.positive_int(steps, "steps")
+    restarts = validate.positive_int(restarts, "restarts")
+    gradient = validate.choice(gradient, GRADIENTS, "gradient")
+    eot_samples = _check_eot(eot_samples, ensemble.num_samples)
+    rho = validate.real(rho, "rho", minimum=0.0, maximum=1.0, min_open=True)
+    momentum = validate.real(momentum, "momentum", minimum=0.0, maximum=1.0)
+    random_start = _check_bool(_random_start, "_random_start")
+    clip = _check_clip(clip)
+    options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
+                             chunk_size, jit_compile, strategy)
+    inputs, idx = _prepare(ensemble, x, y, options)
+    chunk, has_clip = inputs.chunk, options.has_clip
+    config = dict(norm=norm, gradient=gradient, loss=loss, targeted=targeted,
+                  num_targets=num_targets if targeted else 1,
+                  restarts=restarts, eot_samples=eot_samples, chunk=chunk,
+                  has_clip=has_clip, random_start=random_start)
+    key = ("attack", "apgd", *sorted(config.items()), jit_compile)
+    fn = xla.cached_function(ensemble.network, key, lambda net: xla.compile_fn(
+        lambda p, xb, yb, ib, *scalars: _apgd_graph(net, p, xb, yb, ib,
+                                                    *scalars, **config),
+        jit_compile, "apgd",
+        stochastic=gradient == "sample" or eot_samples is not None))
+    scalars = (options.seed, tf.constant(eps, tf.float32),
+               tf.constant(steps, tf.int32), tf.constant(rho, tf.float32),
+               tf.constant(momentum, tf.float32), *options.clip_args())
+    return _stream("apgd", fn, ensemble, inputs, idx, scalars)
 
 
 def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
