@@ -17,7 +17,7 @@ from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
 
 # Small budgets: the battery's logic, not its strength, is under test.
-FAST = dict(steps=10, square_queries=300, random_trials=20)
+FAST = dict(steps=10, square_queries=300, random_trials=20, jit_compile=False)
 NUM_TEST = 200
 
 
@@ -87,8 +87,7 @@ def masked(fashion):
     params = list(net.params)
     params[-2], params[-1] = params[-2] * 1e4, params[-1] * 1e4
     ens = PosteriorEnsemble(net.network, params, metadata={"method": "sgd"})
-    return ens, evaluation.robustness_report(ens, x, y, eps=0.25,
-                                             reference=net, **FAST)
+    return ens, evaluation.robustness_report(ens, x, y, eps=0.25, **FAST)
 
 
 def tiny_ensemble(input_shape=(4, 4, 1), classes=3, samples=2):
@@ -126,8 +125,10 @@ def test_masked_model_is_inconclusive_with_zero_gradients_and_square_stronger(
     assert checks["gradient_free_vs_gradient"]["value"] == pytest.approx(
         best_ce - acc["square"])
     assert checks["gradient_free_vs_gradient"]["value"] > 0.02
-    # The unscaled network is the same classifier: transfer from it wins.
-    assert not checks["transfer"]["passed"]
+    # APGD-T's DLR loss on log-probabilities is scale-free: it still breaks
+    # the points, which is why check 2 compares with the CE attacks only.
+    assert acc["apgd-ce+apgd-t/predictive"] < acc["apgd-ce/predictive"] - 0.2
+    assert "transfer" in report["skipped_checks"]
 
 
 def test_sgd_network_is_not_robust_with_every_check_passed(sgd_report,
@@ -347,6 +348,7 @@ def no_attacks(monkeypatch):
     (dict(random_trials=0), ValueError, "random_trials"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(jit_compile="fast"), ValueError, "jit_compile"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(sample_index=2), ValueError, "sample_index"),
     (dict(clip=(1.0, 0.0)), ValueError, "clip"),

@@ -66,6 +66,7 @@ from tfp_bnn_adv import chunking
 from tfp_bnn_adv import files
 from tfp_bnn_adv import gradients as gradients_lib
 from tfp_bnn_adv import validate
+from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
 from tfp_bnn_adv.studies import common
 
@@ -102,7 +103,7 @@ _PER_SAMPLE_FLOATS = 2**24
 
 def _check(passed: bool, value, threshold, explanation: str) -> dict:
     return {"passed": bool(passed), "value": value, "threshold": threshold,
-            "explanation": explanation}
+            "explanation": explanation.strip()}
 
 
 def _bools(a, name: str) -> np.ndarray:
@@ -243,8 +244,10 @@ def gradient_free_check(square_accuracy: float,
     return _check(passed, value, tolerance,
                   f"Square (gradient-free) leaves {_pct(square_accuracy)}; the "
                   f"best cross-entropy gradient attack ({best}) leaves "
-                  f"{_pct(gradient_accuracies[best])}: Square is stronger by "
-                  f"{100 * value:.1f} points (allowed {100 * tolerance:.0f}). "
+                  f"{_pct(gradient_accuracies[best])}: Square is "
+                  f"{'stronger' if value > 0 else 'weaker'} by "
+                  f"{100 * abs(value):.1f} points (it may be stronger by "
+                  f"{100 * tolerance:.0f}). "
                   + ("" if passed else "The cross-entropy gradient is masked "
                      "(e.g. it underflows on confident points)."))
 
@@ -681,7 +684,8 @@ class _Runner:
 
     def correct(self, ensemble, x_adv) -> np.ndarray:
         pred = ensemble.predict(x_adv, batch_size=self.kwargs["batch_size"],
-                                chunk_size=self.kwargs["chunk_size"])
+                                chunk_size=self.kwargs["chunk_size"],
+                                jit_compile=self.kwargs["jit_compile"])
         return pred == self.y
 
     def next_seed(self) -> int:
@@ -734,8 +738,8 @@ def _zero_gradient_flags(ensemble, x, y, gradient, kwargs) -> np.ndarray:
     every (sample, point) pair counts; those gradients are computed a few
     points at a time to bound memory.
     """
-    opts = dict(batch_size=kwargs["batch_size"],
-                chunk_size=kwargs["chunk_size"], strategy=kwargs["strategy"])
+    opts = {k: kwargs[k] for k in ("batch_size", "chunk_size", "jit_compile",
+                                   "strategy")}
     if gradient == "expected":
         return zero_gradient_flags(
             gradients_lib.expected_loss_gradient(ensemble, x, y, **opts))
@@ -761,7 +765,8 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
                       steps=100, square_queries=5000, random_trials=100,
                       batch_size=None, chunk_size=None, robust_fraction=0.5,
                       strategy=None, gradients=None, clip=(0.0, 1.0),
-                      sample_index=None, max_rhat=1.1) -> dict:
+                      sample_index=None, max_rhat=1.1,
+                      jit_compile=None) -> dict:
     """Attacks ``ensemble`` with the battery, runs the checks, gives a verdict.
 
     See the module docstring for the battery, the checks and the verdict.
@@ -792,7 +797,9 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         twice as many.
       square_queries: Square's query budget per point.
       random_trials: random draws per point.
-      batch_size, chunk_size, strategy: as in :func:`tfp_bnn_adv.attacks.fgsm`.
+      batch_size, chunk_size, jit_compile, strategy: as in
+        :func:`tfp_bnn_adv.attacks.fgsm`, for every attack, gradient and
+        prediction.
       robust_fraction: in ``(0, 1]``; "robust" needs a worst-case accuracy
         of at least this fraction of the clean accuracy.
       gradients: further gradient definitions whose FGSM, PGD, APGD-CE and
@@ -829,7 +836,7 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         for a bad ``ensemble``, ``x``/``y`` (shapes, labels, values outside
         ``clip``), ``eps`` outside ``(0, high - low]``, a bad ``eps_grid``,
         ``gradient(s)``, ``steps``, ``square_queries``, ``random_trials``,
-        ``batch_size``, ``chunk_size``, ``robust_fraction`` outside
+        ``batch_size``, ``chunk_size``, ``jit_compile``, ``robust_fraction`` outside
         ``(0, 1]``, ``seed``, ``sample_index``, ``max_rhat``, an
         ``output_dir`` that cannot be a directory, or a ``reference`` of
         another input shape or number of classes.
@@ -859,6 +866,7 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
     random_trials = validate.positive_int(random_trials, "random_trials")
     validate.optional_positive_int(batch_size, "batch_size")
     chunking.check_chunk_size(chunk_size)
+    xla.resolve_jit(jit_compile)
     robust_fraction = validate.real(robust_fraction, "robust_fraction",
                                     minimum=0.0, maximum=1.0, min_open=True)
     max_rhat = common.check_max_rhat(max_rhat)
@@ -893,22 +901,28 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
              + 3 * len(grid) + 1)
     progress = common.Progress("evaluation", total)
     kwargs = dict(clip=(lo, hi), batch_size=batch_size, chunk_size=chunk_size,
-                  strategy=strategy)
+                  jit_compile=jit_compile, strategy=strategy)
     run = _Runner(ensemble, x, y, eps, kwargs, seed, progress)
     clean = run.clean
     clean_accuracy = float(np.mean(clean))
     logging.info("[evaluation] %s; clean accuracy %.3f on %d points, eps=%g",
                  statement, clean_accuracy, n, eps)
+    # Every setting spelled out, so that the report records it.
+    pgd_options = dict(steps=steps, step_size=2.5 * eps / steps,
+                       random_start=True, restarts=1, norm=np.inf)
+    apgd_options = dict(loss="ce", steps=steps, restarts=1, rho=0.75,
+                        momentum=0.75, norm=np.inf)
+    square_options = dict(max_queries=square_queries, p_init=0.3)
     broken = {}
     for g in grads:
-        r, _ = run.attack(f"fgsm/{g}", attacks.fgsm, gradient=g)
+        r, _ = run.attack(f"fgsm/{g}", attacks.fgsm, gradient=g, norm=np.inf)
         broken[f"fgsm/{g}"] = clean & ~r
-        r, _ = run.attack(f"pgd/{g}", attacks.pgd, steps=steps, gradient=g)
+        r, _ = run.attack(f"pgd/{g}", attacks.pgd, gradient=g, **pgd_options)
         broken[f"pgd/{g}"] = clean & ~r
         auto_seed = run.next_seed()
         result = attacks.auto_attack(
             ensemble, x, y, eps, version="custom",
-            attacks=("apgd-ce", "apgd-t"), gradient=g, steps=steps,
+            attacks=("apgd-ce", "apgd-t"), gradient=g, steps=steps, norm=np.inf,
             seed=auto_seed, dlr_fallback=dlr_fallback, **kwargs)
         by = np.asarray(result.broken_by).astype(str)
         # APGD-CE runs first, on every clean-correct point: the points it
@@ -921,40 +935,35 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         r_t = clean & np.asarray(result.robust, bool)
         run.record(f"apgd-ce+apgd-t/{g}", r_t, auto_settings)
         broken[f"apgd-ce+apgd-t/{g}"] = clean & ~r_t
-    r_sq, _ = run.attack("square", attacks.square_attack,
-                         max_queries=square_queries)
+    r_sq, _ = run.attack("square", attacks.square_attack, **square_options)
     r_rand, _ = run.attack("random", attacks.random_attack, kind="uniform",
                            trials=random_trials)
 
     # ------------------------------------------------ runs the checks need
     name_2x = f"apgd-ce-2x/{g0}"
-    r_2x, _ = run.attack(name_2x, attacks.apgd, loss="ce", steps=2 * steps,
-                         restarts=2, gradient=g0)
+    r_2x, _ = run.attack(name_2x, attacks.apgd, gradient=g0,
+                         **dict(apgd_options, steps=2 * steps, restarts=2))
     single = ensemble[sample_index:sample_index + 1]
     sample_gradient = "expected" if g0 == "sample" else g0
     name_fixed = f"fixed-sample/apgd-ce/{sample_gradient}"
     r_fixed, x_fixed = run.attack(name_fixed, attacks.apgd, target=single,
-                                  loss="ce", steps=steps,
-                                  gradient=sample_gradient)
+                                  gradient=sample_gradient, **apgd_options)
     run.settings[name_fixed]["sample_index"] = sample_index
     single_clean = run.correct(single, x)
     single_robust = single_clean & run.correct(single, x_fixed)
     transfer_names = []
     if reference is not None:
         for name, fn, opts in (
-                (f"transfer/pgd/{g0}", attacks.pgd, dict(steps=steps)),
-                (f"transfer/apgd-ce/{g0}", attacks.apgd,
-                 dict(loss="ce", steps=steps))):
+                (f"transfer/pgd/{g0}", attacks.pgd, pgd_options),
+                (f"transfer/apgd-ce/{g0}", attacks.apgd, apgd_options)):
             run.attack(name, fn, target=reference, gradient=g0, **opts)
             run.settings[name]["source"] = "reference"
             transfer_names.append(name)
 
     # ------------------------------------------------------------ the curves
-    curve_runs = (("fgsm", attacks.fgsm, dict(gradient=g0)),
-                  ("apgd-ce", attacks.apgd, dict(loss="ce", steps=steps,
-                                                 gradient=g0)),
-                  ("square", attacks.square_attack,
-                   dict(max_queries=square_queries)))
+    curve_runs = (("fgsm", attacks.fgsm, dict(gradient=g0, norm=np.inf)),
+                  ("apgd-ce", attacks.apgd, dict(apgd_options, gradient=g0)),
+                  ("square", attacks.square_attack, square_options))
     curves = {a: [] for a in CURVE_ATTACKS}
     for e in grid:
         for attack, fn, opts in curve_runs:
@@ -966,7 +975,8 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
     for attack, fn, opts in curve_runs:
         run.settings[f"curve/{attack}"] = dict(
             attack=fn.__name__, eps=list(grid),
-            seed="derived from seed, one per radius", **opts)
+            seed="derived from seed, one per radius",
+            **{k: _jsonable(v) for k, v in opts.items()})
 
     flags = _zero_gradient_flags(ensemble, x, y, g0, kwargs)
     progress.step(f"zero gradients ({g0}): {np.mean(flags):.3f}")
@@ -1017,7 +1027,8 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         checks["transfer"] = transfer_check(acc[best_transfer], best_white_box)
         transfer = {"accuracy": {k: acc[k] for k in transfer_names},
                     "reference_accuracy": float(reference.accuracy(
-                        x, y, batch_size=batch_size, chunk_size=chunk_size)),
+                        x, y, batch_size=batch_size, chunk_size=chunk_size,
+                        jit_compile=jit_compile)),
                     "reference_samples": reference.num_samples}
     else:
         skipped["transfer"] = "no reference model given"
@@ -1032,7 +1043,8 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         eps=eps, eps_grid=grid, gradient=g0, gradients=grads, seed=seed,
         steps=steps, square_queries=square_queries,
         random_trials=random_trials, batch_size=batch_size,
-        chunk_size=chunk_size, robust_fraction=robust_fraction, clip=[lo, hi],
+        chunk_size=chunk_size, jit_compile=jit_compile,
+        robust_fraction=robust_fraction, clip=[lo, hi],
         norm="inf", sample_index=sample_index, max_rhat=max_rhat,
         dlr_fallback=dlr_fallback, num_points=n))
     report = {
@@ -1126,7 +1138,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "# Robustness report", "",
         f"**{report['verdict_line']}**", "",
         "## Posterior", "",
-        f"- method: {post['method']}, S = {post['num_samples']} samples, "
+        f"- method: {post['method']}, S = {post['num_samples']}, "
         f"inputs {tuple(post['input_shape'])}, {post['num_classes']} classes",
         f"- convergence: {report['diagnostics_statement']}",
         "",
