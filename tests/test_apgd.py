@@ -442,3 +442,167 @@ def test_dlr_needs_enough_classes_unless_fallback(monkeypatch):
         attacks.apgd(ens3, x, y, loss="dlr", targeted=True, num_targets=2,
                      dlr_fallback=True, **kw),
         attacks.apgd(ens3, x, y, loss="ce", targeted=True, num_targets=2, **kw))
+
+
+# --------------------------------------------------------------------------
+# The worst case over attacks.
+# --------------------------------------------------------------------------
+def identity_ensemble(num_classes=4):
+    """A linear 1-sample ensemble predicting ``argmax x``."""
+    net = Network.from_keras(keras.Sequential(
+        [keras.Input((num_classes,)), keras.layers.Dense(num_classes)]))
+    w = np.eye(num_classes, dtype=np.float32)[None]
+    return PosteriorEnsemble(net, [w, np.zeros((1, num_classes), np.float32)])
+
+
+def test_auto_attack_worst_case_counts_robust_only_if_every_attack_failed(
+        monkeypatch):
+    ens = identity_ensemble()
+    y = np.array([0, 1, 2, 3, 0, 1], np.int32)
+    x = np.repeat(0.3 + 0.01 * np.arange(6, dtype=np.float32)[:, None], 4, 1)
+    x[np.arange(6), y] = 0.6
+    x[0] = [0.3, 0.6, 0.3, 0.3]  # misclassified before any attack
+    # Which examples each (fake) attack breaks, if it is given them: every
+    # attack would also break example 1, which apgd-ce takes first.
+    breaks = {"apgd-ce": {1}, "apgd-t": {1, 2}, "square": {1, 2, 3}}
+    seen = {}
+
+    def fake_run(name, ensemble, xs, ys, eps, config, common):
+        rows = [int(np.flatnonzero((x == row).all(1))[0]) for row in xs]
+        seen[name] = rows
+        out = xs.copy()
+        for i, row in enumerate(rows):
+            if row in breaks[name]:
+                out[i] = np.roll(xs[i], 1)  # the label's 0.6 moves on
+        return out
+
+    monkeypatch.setattr(attacks, "_auto_attack_run", fake_run)
+    result = attacks.auto_attack(ens, x, y, eps=0.1, seed=3)
+    assert result.attacks == ("apgd-ce", "apgd-t", "square")
+    assert seen == {"apgd-ce": [1, 2, 3, 4, 5], "apgd-t": [2, 3, 4, 5],
+                    "square": [3, 4, 5]}
+    np.testing.assert_array_equal(result.robust, [0, 0, 0, 0, 1, 1])
+    assert list(result.broken_by) == ["clean", "apgd-ce", "apgd-t", "square",
+                                      "", ""]
+    assert result.clean_accuracy == pytest.approx(5 / 6)
+    assert result.accuracy_after == pytest.approx(
+        {"apgd-ce": 4 / 6, "apgd-t": 3 / 6, "square": 2 / 6})
+    assert result.worst_case_accuracy == pytest.approx(2 / 6)
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(result.x_adv[i], np.roll(x[i], 1))
+    np.testing.assert_array_equal(result.x_adv[[0, 4, 5]], x[[0, 4, 5]])
+    # Every attack has its own seed, recorded with its settings.
+    seeds_used = [tuple(result.settings[n]["seed"]) for n in result.attacks]
+    assert len(set(seeds_used)) == 3
+    import json
+    json.dumps(result.settings)
+
+
+def test_auto_attack_runs_the_real_attacks_consistently(small):
+    ens, x, y = small
+    kw = dict(eps=0.15, steps=4, square_queries=20, num_targets=2,
+              clip=(LO, HI), seed=1, jit_compile=JIT)
+    result = attacks.auto_attack(ens, x, y, **kw)
+    pred_adv = np.exp(log_predictive(ens, result.x_adv)).argmax(1)
+    pred = np.exp(log_predictive(ens, x)).argmax(1)
+    broken = np.isin(result.broken_by, result.attacks)
+    np.testing.assert_array_equal(pred_adv[broken] != y[broken], True)
+    np.testing.assert_array_equal(result.robust, (pred == y) & ~broken)
+    np.testing.assert_array_equal(result.broken_by == "clean", pred != y)
+    np.testing.assert_array_equal(result.x_adv[~broken], x[~broken])
+    assert np.all(distance(result.x_adv, x, np.inf) <= 0.15 + 1e-6)
+    assert result.settings["apgd-t"]["num_targets"] == 2
+    # The same seed, the same result.
+    again = attacks.auto_attack(ens, x, y, **kw)
+    np.testing.assert_array_equal(again.x_adv, result.x_adv)
+    np.testing.assert_array_equal(again.broken_by, result.broken_by)
+
+
+def test_auto_attack_versions(small, monkeypatch):
+    ens, x, y = small
+    calls = []
+
+    def fake_run(name, ensemble, xs, ys, eps, config, common):
+        calls.append((name, dict(config)))
+        return xs
+
+    monkeypatch.setattr(attacks, "_auto_attack_run", fake_run)
+    rand = attacks.auto_attack(ens, x, y, eps=0.1, version="rand")
+    assert rand.attacks == ("apgd-ce", "apgd-dlr")
+    assert [c["eot_samples"] for _, c in calls] == [3, 3]  # min(20, S = 3)
+    assert calls[1][1]["loss"] == "dlr" and not calls[1][1]["targeted"]
+    l2 = attacks.auto_attack(ens, x, y, eps=0.1, norm=2)
+    assert l2.attacks == ("apgd-ce", "apgd-t")  # Square is L-inf only
+    assert "square" in l2.settings["common"]["skipped"]
+    assert l2.settings["apgd-t"]["num_targets"] == 4  # min(9, C - 1)
+    custom = attacks.auto_attack(ens, x, y, eps=0.1, version="custom",
+                                 attacks=["square", "apgd-ce"])
+    assert custom.attacks == ("square", "apgd-ce")
+    assert tuple(custom.accuracy_after) == ("square", "apgd-ce")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(eps=0.1, version="plus"), ValueError, "version"),
+    (dict(eps=0.1, version="custom"), ValueError, "attacks="),
+    (dict(eps=0.1, attacks=["apgd-ce"]), ValueError, "only for version='custom'"),
+    (dict(eps=0.1, version="custom", attacks=["fab-t"]), ValueError, "attacks"),
+    (dict(eps=0.1, version="custom", attacks=["square", "square"]), ValueError,
+     "distinct"),
+    (dict(eps=0.1, version="custom", attacks=["square"], norm=2), ValueError,
+     "L-inf"),
+    (dict(eps=0.1, num_targets=5), ValueError, "num_targets"),
+    (dict(eps=0.1, square_queries=0), ValueError, "square_queries"),
+    (dict(eps=0.1, eot_samples=9), ValueError, "eot_samples"),
+    (dict(eps=2.0 ** 0.5, gradient="none"), ValueError, "gradient"),
+    (dict(eps=-1.0), ValueError, "eps"),
+])
+def test_auto_attack_bad_arguments_raise_before_work(small, monkeypatch,
+                                                     kwargs, error, match):
+    ens, x, y = small
+    monkeypatch.setattr(attacks, "_prepare", _no_work)
+    with pytest.raises(error, match=match):
+        attacks.auto_attack(ens, x, y, **kwargs)
+
+
+def test_auto_attack_dlr_class_check_and_fallback(monkeypatch):
+    ens = identity_ensemble(3)
+    x = np.array([[0.6, 0.4, 0.4], [0.4, 0.6, 0.4]], np.float32)
+    y = np.array([0, 1], np.int32)
+    with monkeypatch.context() as m:
+        m.setattr(attacks, "_prepare", _no_work)
+        with pytest.raises(ValueError, match="at least 4 classes"):
+            attacks.auto_attack(ens, x, y, eps=0.05)
+    result = attacks.auto_attack(ens, x, y, eps=0.05, steps=2,
+                                 square_queries=5, dlr_fallback=True,
+                                 jit_compile=JIT)
+    assert result.settings["apgd-t"]["loss"] == "ce"
+    assert result.settings["apgd-t"]["targeted"]
+
+
+# --------------------------------------------------------------------------
+# The Square Attack's log margins.
+# --------------------------------------------------------------------------
+def test_square_attack_progresses_where_p_y_rounds_to_one():
+    # Two classes, logits (0, 10 sum(x) - 260 + small per-sample offsets):
+    # at x = 0.5 the logit gap is about 100, so p(y = 0) is exactly 1.0 in
+    # float32 and a probability margin stays 1.0 until the gap falls below
+    # ~17 (sum(x) > 24); a square moves sum(x) by at most ~10 of the needed
+    # 10.  Breaking the point takes a sequence of accepted squares, each
+    # visible only in the log margin.
+    d = 32
+    net = Network.from_keras(keras.Sequential([keras.Input((d,)),
+                                               keras.layers.Dense(2)]))
+    w = np.zeros((3, d, 2), np.float32)
+    w[:, :, 1] = 10.0
+    b = np.zeros((3, 2), np.float32)
+    b[:, 1] = [-260.0, -259.0, -261.0]
+    ens = PosteriorEnsemble(net, [w, b])
+    x = np.full((2, d), 0.5, np.float32)
+    y = np.zeros(2, np.int32)
+    p = ens.predict_proba(x)
+    assert np.all(p[:, 0] == np.float32(1.0))
+    x_adv, queries = attacks.square_attack_with_queries(
+        ens, x, y, eps=0.5, max_queries=300, seed=0, jit_compile=JIT)
+    assert np.all(ens.predict(x_adv) == 1)
+    assert np.all(queries < 300)
+    assert np.all(distance(x_adv, x, np.inf) <= 0.5 + 1e-6)

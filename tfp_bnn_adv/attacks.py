@@ -63,12 +63,13 @@ from tfp_bnn_adv import seeds
 from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
+from tfp_bnn_adv.ensemble import predict_proba_checked
 from tfp_bnn_adv.ensemble import predict_proba_graph
 from tfp_bnn_adv.gradients import loss_gradient_graph
 from tfp_bnn_adv.gradients import prepare_inputs
 
 __all__ = ["fgsm", "pgd", "apgd", "random_attack", "square_attack",
-           "square_attack_with_queries",
+           "square_attack_with_queries", "auto_attack", "AutoAttackResult",
            "NORMS", "GRADIENTS", "RANDOM_KINDS", "APGD_LOSSES", "AUTO_ATTACKS",
            "AUTO_VERSIONS"]
 
@@ -82,6 +83,8 @@ AUTO_VERSIONS = ("standard", "rand", "custom")
 # Square Attack: p is halved once the query count, rescaled to a budget of
 # 10000, passes each of these (Andriushchenko et al., 2020, L-inf schedule).
 _SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+# A finite stand-in for -inf: never the maximum, and exp() of it is 0.
+_NEG = -1e30
 
 
 # --------------------------------------------------------------------------
@@ -280,6 +283,26 @@ def _score(network, params, x, y, chunk):
     return wrong, -tf.math.log(p_y)
 
 
+def _log_predictive_graph(network, params, x, chunk):
+    """``log (1/S) sum_s softmax f(x, w_s)``, float32 ``[B, C]``.
+
+    A running log-sum-exp of the per-sample log-softmax over sample chunks,
+    so a class whose mean probability rounds to 0 or 1 in float32 keeps a
+    finite, exact log-probability.
+    """
+    s = params[0].shape[0]
+
+    def body(lse, chunk_params):
+        ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
+        return tf.reduce_logsumexp(
+            tf.stack([lse, tf.reduce_logsumexp(ls, axis=0)]), axis=0)
+
+    init = tf.fill([tf.shape(x)[0], network.num_classes],
+                   tf.constant(_NEG, tf.float32))
+    lse = chunking.fold_sample_chunks(params, chunk, body, init)
+    return lse - math.log(s)
+
+
 def _keep_worse(best, new):
     """Per example, the candidate that is misclassified, else has more loss."""
     (x_b, wrong_b, loss_b), (x_n, wrong_n, loss_n) = best, new
@@ -386,12 +409,15 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
     init_seed, loop_seed = tf.unstack(seeds.split(seed, 2))
 
     def margin(img):
-        # One query: p(y) - max_{c != y} p(c) of the posterior predictive;
-        # negative once the example is misclassified.
-        p = predict_proba_graph(network, params, tf.reshape(img, tf.shape(x0)),
-                                 chunk)
-        onehot = tf.one_hot(y, network.num_classes)
-        return tf.reduce_sum(p * onehot, -1) - tf.reduce_max(p - 2.0 * onehot, -1)
+        # One query: log p(y) - max_{c != y} log p(c) of the posterior
+        # predictive, negative once the example is misclassified.  In logs,
+        # so a posterior whose p(y) rounds to 1.0 in float32 still shows
+        # every proposal's progress.
+        log_p = _log_predictive_graph(
+            network, params, tf.reshape(img, tf.shape(x0)), chunk)
+        is_y = tf.one_hot(y, network.num_classes) > 0
+        return (tf.reduce_sum(tf.where(is_y, log_p, 0.0), -1) -
+                tf.reduce_max(tf.where(is_y, _NEG, log_p), -1))
 
     def perturb(v):
         out = img0 + eps * tf.cast(v, tf.float32)
@@ -471,8 +497,6 @@ def _checkpoint_percents() -> tuple[int, ...]:
 
 
 _APGD_CHECKPOINTS = _checkpoint_percents()
-# A finite stand-in for -inf: never the maximum, and exp() of it is 0.
-_NEG = -1e30
 _DLR_DELTA = 1e-12
 
 
@@ -527,26 +551,6 @@ def _apgd_loss(loss, targeted, y, t, log_probs):
     if targeted:  # towards t: maximise log p(t), i.e. minimise CE(z, t)
         return lambda z: -_ce_loss(z, t, log_probs)
     return lambda z: _ce_loss(z, y, log_probs)
-
-
-def _log_predictive_graph(network, params, x, chunk):
-    """``log (1/S) sum_s softmax f(x, w_s)``, float32 ``[B, C]``.
-
-    A running log-sum-exp of the per-sample log-softmax over sample chunks,
-    so a class whose mean probability rounds to 0 or 1 in float32 keeps a
-    finite, exact log-probability.
-    """
-    s = params[0].shape[0]
-
-    def body(lse, chunk_params):
-        ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
-        return tf.reduce_logsumexp(
-            tf.stack([lse, tf.reduce_logsumexp(ls, axis=0)]), axis=0)
-
-    init = tf.fill([tf.shape(x)[0], network.num_classes],
-                   tf.constant(_NEG, tf.float32))
-    lse = chunking.fold_sample_chunks(params, chunk, body, init)
-    return lse - math.log(s)
 
 
 def _objective_predictive(network, params, x, loss_fn, chunk):
@@ -1079,6 +1083,8 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
     restarts = validate.positive_int(restarts, "restarts")
     gradient = validate.choice(gradient, GRADIENTS, "gradient")
     eot_samples = _check_eot(eot_samples, ensemble.num_samples)
+    if eot_samples == ensemble.num_samples and gradient != "sample":
+        eot_samples = None  # every sample, in a random order: the same loss
     rho = validate.real(rho, "rho", minimum=0.0, maximum=1.0, min_open=True)
     momentum = validate.real(momentum, "momentum", minimum=0.0, maximum=1.0)
     random_start = _check_bool(_random_start, "_random_start")
@@ -1164,7 +1170,10 @@ def square_attack(ensemble, x, y=None, eps=None, *, max_queries=1000,
     """Square Attack (Andriushchenko et al., 2020), L-inf, score-based.
 
     Uses only forward passes of the posterior predictive ``p(c | x)``, never
-    a gradient.  It minimises the margin ``p(y) - max_{c != y} p(c)``: start
+    a gradient.  It minimises the log margin
+    ``log p(y) - max_{c != y} log p(c)``, each ``log p`` a log-sum-exp over
+    the ensemble's log-softmax, so progress registers even where ``p(y)``
+    rounds to 1.0 in float32 (a probability margin would be stuck at 1): start
     from vertical stripes (each column and channel at ``+-eps``); then
     repeatedly set a random square window, one per example, to ``+-eps``
     (one random sign per channel, i.e. a ``+-2 eps`` step projected onto the
@@ -1266,3 +1275,231 @@ def square_attack_with_queries(ensemble, x, y=None, eps=None, *,
     x_adv, queries = _stream("square_attack", fn, ensemble, inputs, idx,
                              scalars)
     return x_adv, queries
+
+
+# --------------------------------------------------------------------------
+# The per-example worst case over attacks (AutoAttack).
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AutoAttackResult:
+    """What :func:`auto_attack` found, per example and per attack.
+
+    Attributes:
+      x_adv: float32 ``[B, *input_shape]``: per example the point of the
+        attack that broke it, else ``x`` (misclassified clean, or robust).
+      robust: bool ``[B]``: correctly classified clean and every attack
+        failed on it.
+      broken_by: numpy unicode ``[B]``: ``""`` for a robust example,
+        ``"clean"`` for one misclassified before any attack, else the name
+        of the first attack that broke it.
+      attacks: the names of the attacks run, in order.
+      clean_accuracy: the posterior predictive's accuracy on ``x``.
+      accuracy_after: attack name -> robust accuracy after the attacks up
+        to and including it (the last one is the worst case).
+      settings: JSON-serialisable: attack name -> every setting it ran
+        with (its derived seed included), and ``"common"`` -> the shared
+        ones (version, eps, norm, clip, seed, skipped attacks).
+    """
+    x_adv: np.ndarray
+    robust: np.ndarray
+    broken_by: np.ndarray
+    attacks: tuple
+    clean_accuracy: float
+    accuracy_after: dict
+    settings: dict
+
+    @property
+    def worst_case_accuracy(self) -> float:
+        """Robust accuracy under the per-example worst case: ``robust.mean()``."""
+        return float(np.mean(self.robust))
+
+
+def _auto_attack_names(version, attacks, norm) -> tuple[list, dict]:
+    """The attacks a version runs, and the ones it skips with the reason."""
+    if version == "custom":
+        if attacks is None:
+            raise ValueError("version='custom' needs attacks=, a sequence "
+                             f"of names from {AUTO_ATTACKS}.")
+        if isinstance(attacks, str):
+            raise TypeError(f"attacks must be a sequence of names from "
+                            f"{AUTO_ATTACKS}, got the string {attacks!r}.")
+        names = [validate.choice(a, AUTO_ATTACKS, "attacks[]")
+                 for a in attacks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"attacks must be a non-empty sequence of "
+                             f"distinct names from {AUTO_ATTACKS}, got "
+                             f"{attacks!r}.")
+        if "square" in names and norm != np.inf:
+            raise ValueError("attacks includes 'square', which is an L-inf "
+                             f"attack, but norm={norm:g}.")
+        return names, {}
+    if attacks is not None:
+        raise ValueError(f"attacks= is only for version='custom', got "
+                         f"version={version!r} with attacks={attacks!r}.")
+    if version == "rand":
+        return ["apgd-ce", "apgd-dlr"], {}
+    if norm != np.inf:
+        return ["apgd-ce", "apgd-t"], {
+            "square": "the Square Attack here is L-inf only"}
+    return ["apgd-ce", "apgd-t", "square"], {}
+
+
+def _auto_attack_run(name, ensemble, x, y, eps, config, common):
+    """Runs one attack of :func:`auto_attack` on ``x``, returns ``x_adv``."""
+    kwargs = {k: v for k, v in config.items() if k not in ("attack", "seed")}
+    seed = np.asarray(config["seed"], np.int32)
+    if name == "square":
+        return square_attack(ensemble, x, y, eps, seed=seed, **kwargs, **common)
+    kwargs["norm"] = np.inf if kwargs["norm"] == "inf" else kwargs["norm"]
+    return apgd(ensemble, x, y, eps, seed=seed, **kwargs, **common)
+
+
+def auto_attack(ensemble, x, y=None, eps=None, *, version="standard",
+                gradient="predictive", attacks=None, norm=np.inf, steps=100,
+                num_targets=None, square_queries=5000, eot_samples=None,
+                clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
+                jit_compile=None, strategy=None,
+                dlr_fallback=False) -> AutoAttackResult:
+    """The per-example worst case over AutoAttack's attacks (Croce & Hein,
+    2020) on a posterior ensemble.
+
+    The attacks run in order, each only on the points still robust (clean
+    correct and not broken by an earlier attack), so a point counts as
+    robust only if every attack failed on it.  A point is broken when the
+    posterior predictive misclassifies the attack's output.
+
+    * ``"standard"``: ``"apgd-ce"`` (:func:`apgd`, cross-entropy, ``steps``
+      steps, no restarts), ``"apgd-t"`` (targeted DLR, ``num_targets``
+      targets of ``steps`` steps each) and ``"square"``
+      (:func:`square_attack`, ``square_queries`` queries; L-inf only, so it
+      is skipped with a logged note for ``norm=2``).  AutoAttack's FAB-T is
+      not implemented.
+    * ``"rand"`` (for randomised models): ``"apgd-ce"`` and ``"apgd-dlr"``
+      (untargeted DLR), each step on ``eot_samples`` posterior samples,
+      ``min(20, S)`` unless given.
+    * ``"custom"``: the names in ``attacks``, from :data:`AUTO_ATTACKS`, in
+      that order.
+
+    Each attack gets its own seed, derived from ``seed`` and the attack's
+    name.
+
+    Args:
+      ensemble: a :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` with ``S``
+        samples and ``C`` classes.
+      x: inputs ``[B, *input_shape]``, values inside ``clip``.
+      y: int labels ``[B]``; ``None`` attacks the ensemble's own predictions.
+      eps: radius of the threat ball, >= 0 (required).
+      version: ``"standard"``, ``"rand"`` or ``"custom"``
+        (:data:`AUTO_VERSIONS`).
+      gradient: the APGD attacks' gradient definition (see :func:`apgd`).
+      attacks: with ``version="custom"`` only (and required then): a
+        sequence of distinct names from :data:`AUTO_ATTACKS`.
+      norm: ``np.inf`` or ``2``.
+      steps: APGD steps per run, >= 1.
+      num_targets: targets of ``"apgd-t"``, in ``[1, C - 1]``; ``None``
+        means ``min(9, C - 1)``.
+      square_queries: the Square Attack's query budget, >= 1.
+      eot_samples: posterior samples per APGD step, in ``[1, S]``; ``None``
+        uses all ``S`` (``"rand"``: ``min(20, S)``).
+      clip: ``(low, high)`` data range, or ``None``.
+      seed: int or stateless seed.
+      batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
+      dlr_fallback: as in :func:`apgd`: with too few classes for a DLR
+        loss, fall back to cross-entropy instead of raising.
+
+    Returns:
+      An :class:`AutoAttackResult`.
+
+    Raises:
+      TypeError/ValueError: naming the argument, before any attack runs:
+        as :func:`apgd`, and for an unknown ``version``, ``attacks`` without
+        ``version="custom"`` (or missing with it, unknown or repeated
+        names, or ``"square"`` with ``norm=2``), ``square_queries < 1``.
+
+    Example:
+      >>> result = auto_attack(ens, x_test, y_test, eps=8 / 255)
+      >>> result.worst_case_accuracy, result.accuracy_after
+    """
+    check_ensemble(ensemble)
+    eps = _check_eps(eps)
+    norm = _check_norm(norm)
+    version = validate.choice(version, AUTO_VERSIONS, "version")
+    names, skipped = _auto_attack_names(version, attacks, norm)
+    gradient = validate.choice(gradient, GRADIENTS, "gradient")
+    steps = validate.positive_int(steps, "steps")
+    square_queries = validate.positive_int(square_queries, "square_queries")
+    num_classes, num_samples = ensemble.network.num_classes, ensemble.num_samples
+    if num_targets is None:
+        num_targets = min(9, num_classes - 1)
+    num_targets = validate.integer(num_targets, "num_targets", minimum=1,
+                                   maximum=num_classes - 1)
+    eot_samples = _check_eot(eot_samples, num_samples)
+    if version == "rand" and eot_samples is None:
+        eot_samples = min(20, num_samples)
+    dlr_fallback = _check_bool(dlr_fallback, "dlr_fallback")
+    clip = _check_clip(clip)
+    base_seed = seeds.stateless(seed)
+    norm_setting = "inf" if norm == np.inf else int(norm)
+    settings = {}
+    for name in names:
+        attack_seed = seeds.fold_in(base_seed, AUTO_ATTACKS.index(name))
+        config = {"seed": [int(v) for v in attack_seed.numpy()]}
+        if name == "square":
+            config.update(attack="square_attack", max_queries=square_queries,
+                          p_init=0.3)
+        else:
+            targeted = name == "apgd-t"
+            loss = "ce" if name == "apgd-ce" else _check_apgd_loss(
+                "dlr", targeted, num_classes, dlr_fallback)
+            config.update(attack="apgd", loss=loss, targeted=targeted,
+                          steps=steps, restarts=1, norm=norm_setting,
+                          gradient=gradient, eot_samples=eot_samples,
+                          rho=0.75, momentum=0.75)
+            if targeted:
+                config["num_targets"] = num_targets
+        settings[name] = config
+    for name, why in skipped.items():
+        logging.info("auto_attack: %s skipped: %s (norm=%s).", name, why,
+                     norm_setting)
+    settings["common"] = {
+        "version": version, "eps": eps, "norm": norm_setting,
+        "clip": list(clip) if clip is not None else None,
+        "seed": [int(v) for v in base_seed.numpy()],
+        "skipped": dict(skipped), "fab_t": "not implemented"}
+
+    options = _AttackOptions(eps, clip, base_seed, batch_size, chunk_size,
+                             jit_compile, strategy)
+    inputs, _ = _prepare(ensemble, x, y, options)
+    x_np, y_np = inputs.x.numpy(), inputs.y.numpy()
+
+    def predicted(points):
+        return np.argmax(predict_proba_checked(
+            ensemble, tf.constant(points), inputs.batch, inputs.chunk,
+            jit_compile), axis=-1)
+
+    robust = predicted(x_np) == y_np
+    clean_accuracy = float(np.mean(robust))
+    broken_by = np.where(robust, "", "clean").astype(
+        f"<U{max(len(n) for n in AUTO_ATTACKS + ('clean',))}")
+    x_adv = x_np.copy()
+    common = dict(clip=clip, batch_size=batch_size, chunk_size=chunk_size,
+                  jit_compile=jit_compile, strategy=strategy)
+    accuracy_after = {}
+    for name in names:
+        todo = np.flatnonzero(robust)
+        if todo.size:
+            start = time.perf_counter()
+            out = np.asarray(_auto_attack_run(name, ensemble, x_np[todo],
+                                              y_np[todo], eps, settings[name],
+                                              common), np.float32)
+            hit = predicted(out) != y_np[todo]
+            x_adv[todo[hit]] = out[hit]
+            robust[todo[hit]] = False
+            broken_by[todo[hit]] = name
+            logging.info("auto_attack: %s broke %d of %d points, %.1f s", name,
+                         int(hit.sum()), todo.size, time.perf_counter() - start)
+        accuracy_after[name] = float(np.mean(robust))
+    return AutoAttackResult(
+        x_adv=x_adv, robust=robust, broken_by=broken_by, attacks=tuple(names),
+        clean_accuracy=clean_accuracy, accuracy_after=accuracy_after,
+        settings=settings)
