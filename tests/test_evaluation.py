@@ -349,6 +349,7 @@ def no_attacks(monkeypatch):
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(jit_compile="fast"), ValueError, "jit_compile"),
+    (dict(strategy="mirrored"), TypeError, "strategy"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(sample_index=2), ValueError, "sample_index"),
     (dict(clip=(1.0, 0.0)), ValueError, "clip"),

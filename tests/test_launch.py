@@ -108,7 +108,7 @@ def test_evaluate_script(trained, tmp_path, capsys):
                   posterior=str(trained["hmc"] / "posterior.npz"),
                   reference=str(trained["ensemble"] / "posterior.npz"),
                   num_examples=20, steps=2, square_queries=5, random_trials=2,
-                  eps=0.1, gradient="expected")
+                  eps=0.1, gradient="expected", jit="default")
     with flagsaver.flagsaver(**kwargs):
         evaluate.main(["evaluate"])
     printed = capsys.readouterr().out

@@ -63,6 +63,7 @@ import numpy as np
 
 from tfp_bnn_adv import attacks
 from tfp_bnn_adv import chunking
+from tfp_bnn_adv import distribute
 from tfp_bnn_adv import files
 from tfp_bnn_adv import gradients as gradients_lib
 from tfp_bnn_adv import validate
@@ -168,13 +169,13 @@ def iterative_check(pairs: Mapping[str, tuple], *,
 
     For each ``(single-step, iterative)`` pair of one gradient definition,
     the fraction of points the single step broke and the iterative attack
-    did not.  An iterative attack starts where FGSM's step points and keeps
-    any misclassified point it passes, so with an honest gradient it finds
-    what FGSM finds; a single step beating it is Athalye et al.'s first sign
-    of masking (a gradient that is informative only far from the point, or a
-    loss surface that traps small steps).  The tolerance, 1 point, allows
-    for the few points right at the decision boundary that a random start
-    moves away from.
+    did not.  An iterative attack takes many steps along the same gradient
+    and keeps any misclassified point it passes, so with an honest gradient
+    it finds what one step finds; a single step beating it is Athalye et
+    al.'s first sign of masking (a gradient that is informative only far
+    from the point, or a loss surface that traps small steps).  The
+    tolerance, 1 point, allows for the few points right at the decision
+    boundary that a random start moves away from.
 
     Args:
       pairs: label (e.g. ``"fgsm/predictive vs pgd/predictive"``) ->
@@ -836,7 +837,8 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         for a bad ``ensemble``, ``x``/``y`` (shapes, labels, values outside
         ``clip``), ``eps`` outside ``(0, high - low]``, a bad ``eps_grid``,
         ``gradient(s)``, ``steps``, ``square_queries``, ``random_trials``,
-        ``batch_size``, ``chunk_size``, ``jit_compile``, ``robust_fraction`` outside
+        ``batch_size``, ``chunk_size``, ``jit_compile``, ``strategy``,
+        ``robust_fraction`` outside
         ``(0, 1]``, ``seed``, ``sample_index``, ``max_rhat``, an
         ``output_dir`` that cannot be a directory, or a ``reference`` of
         another input shape or number of classes.
@@ -867,6 +869,7 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
     validate.optional_positive_int(batch_size, "batch_size")
     chunking.check_chunk_size(chunk_size)
     xla.resolve_jit(jit_compile)
+    distribute.current_strategy(strategy)
     robust_fraction = validate.real(robust_fraction, "robust_fraction",
                                     minimum=0.0, maximum=1.0, min_open=True)
     max_rhat = common.check_max_rhat(max_rhat)
