@@ -371,3 +371,27 @@ def test_bad_input_is_refused_before_any_attack(change, error, match,
     with pytest.raises(error, match=match):
         evaluation.robustness_report(ens, args.pop("x"), args.pop("y"), **args)
     assert not (tmp_path / "never").exists()
+
+
+def test_sample_gradient_flags_count_every_sample_and_point(monkeypatch):
+    """gradient="sample": one flag per (sample, point), computed a few points
+    at a time; sample 1's scaled logits saturate the float32 softmax."""
+    ens = tiny_ensemble(samples=2)
+    params = [p.numpy() for p in ens.params]
+    params[-2][1] *= 1e4
+    params[-1][1] *= 1e4
+    ens = PosteriorEnsemble(ens.network, params)
+    x = np.random.default_rng(0).uniform(0, 1, (7, 4, 4, 1)).astype(np.float32)
+    y = ens.predict(x).astype(np.int32)
+    expected = []
+    for s in range(2):
+        z = mlp_logits([p[s] for p in params], x, np.float32)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        expected.append((e.sum(axis=1) == 1.0) & (z.argmax(1) == y))
+    expected = np.concatenate(expected)
+    assert expected[7:].sum() >= 5 and not expected[:7].any()
+    monkeypatch.setattr(evaluation, "_PER_SAMPLE_FLOATS", 2 * 16 * 3)
+    flags = evaluation._zero_gradient_flags(  # pylint: disable=protected-access
+        ens, x, y, "sample", dict(batch_size=None, chunk_size=None,
+                                  jit_compile=False, strategy=None))
+    np.testing.assert_array_equal(flags, expected)

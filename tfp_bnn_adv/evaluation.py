@@ -736,8 +736,8 @@ def _zero_gradient_flags(ensemble, x, y, gradient, kwargs) -> np.ndarray:
     """:func:`zero_gradient_flags` of the ``gradient`` loss at ``x``.
 
     ``"sample"`` follows one sample's cross-entropy gradient per step, so
-    every (sample, point) pair counts; those gradients are computed a few
-    points at a time to bound memory.
+    every (sample, point) pair counts: bool ``[S * N]``, sample-major; those
+    gradients are computed a few points at a time to bound memory.
     """
     opts = {k: kwargs[k] for k in ("batch_size", "chunk_size", "jit_compile",
                                    "strategy")}
@@ -752,13 +752,13 @@ def _zero_gradient_flags(ensemble, x, y, gradient, kwargs) -> np.ndarray:
             gradients_lib.paper_loss_gradient(ensemble, x, y, **opts))
     size = int(np.prod(x.shape[1:]))
     step = max(1, _PER_SAMPLE_FLOATS // (ensemble.num_samples * size))
-    flags = []
+    flags = []  # [S, b] per slice of points
     for i in range(0, x.shape[0], step):
         g = gradients_lib.per_sample_loss_gradients(
             ensemble, x[i:i + step], y[i:i + step], **opts)
         flags.append(zero_gradient_flags(
-            g.reshape((-1,) + tuple(g.shape[2:]))))
-    return np.concatenate(flags)
+            g.reshape((-1,) + tuple(g.shape[2:]))).reshape(g.shape[:2]))
+    return np.concatenate(flags, axis=1).ravel()
 
 
 def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
