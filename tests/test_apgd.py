@@ -3,6 +3,7 @@ margins, against NumPy re-implementations, closed forms, finite differences
 and per-attack bookkeeping done by hand."""
 
 import fractions
+import json
 import math
 
 import keras
@@ -260,8 +261,10 @@ def test_schedule_follows_scripted_losses_and_both_conditions():
 def test_one_step_without_momentum_is_a_signed_step(small):
     # Without the random start, one step of APGD is z = P(x + 2 eps sign(g)):
     # the L-inf ball makes that x + eps sign(g), clipped; whatever the
-    # momentum (it does not act on the first step).
-    ens, x, y = small
+    # momentum (it does not act on the first step).  Labels are the clean
+    # predictions: a misclassified start would itself be the point returned.
+    ens, x, _ = small
+    y = log_predictive(ens, x).argmax(1)
     eps = 0.05
     g = finite_difference(lambda v: -log_predictive(ens, v)[np.arange(len(y)), y],
                           x)
@@ -355,9 +358,10 @@ def test_apgd_at_least_as_strong_as_pgd_and_in_the_ball(fashion, norm, eps):
 @pytest.mark.parametrize("gradient", attacks.GRADIENTS)
 def test_every_gradient_and_eot_stays_in_the_ball_and_is_seeded(small, gradient):
     ens, x, y = small
-    for norm, eot in ((np.inf, None), (2, 2)):
-        kw = dict(eps=0.2, norm=norm, steps=4, restarts=2, gradient=gradient,
-                  eot_samples=eot, clip=(LO, HI), seed=5, jit_compile=JIT)
+    for norm, eot, restarts in ((np.inf, None, 2), (2, 2, 1)):
+        kw = dict(eps=0.2, norm=norm, steps=4, restarts=restarts,
+                  gradient=gradient, eot_samples=eot, clip=(LO, HI), seed=5,
+                  jit_compile=JIT)
         x_adv = attacks.apgd(ens, x, y, **kw)
         assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
         assert np.all(distance(x_adv, x, norm) <= 0.2 * (1 + 1e-6))
@@ -365,6 +369,21 @@ def test_every_gradient_and_eot_stays_in_the_ball_and_is_seeded(small, gradient)
         np.testing.assert_array_equal(attacks.apgd(ens, x, y, **kw), x_adv)
         other = attacks.apgd(ens, x, y, **dict(kw, seed=6))
         assert not np.array_equal(other, x_adv)
+
+
+def test_batches_do_not_change_the_result_and_xla_agrees(small):
+    # Random starts are per example and a batch stops only once every
+    # example in it has a misclassified point, which is then frozen.
+    ens, x, y = small
+    kw = dict(eps=0.3, loss="dlr", steps=6, restarts=2, seed=4, chunk_size=2)
+    whole = attacks.apgd(ens, x, y, jit_compile=JIT, **kw)
+    assert (np.exp(log_predictive(ens, whole)).argmax(1) != y).any()
+    np.testing.assert_array_equal(
+        attacks.apgd(ens, x, y, batch_size=2, jit_compile=JIT, **kw), whole)
+    kw = dict(eps=0.3, loss="dlr", steps=6, seed=4)
+    np.testing.assert_allclose(attacks.apgd(ens, x, y, jit_compile=True, **kw),
+                               attacks.apgd(ens, x, y, jit_compile=JIT, **kw),
+                               atol=1e-5)
 
 
 def test_targets_are_the_runners_up_and_more_targets_never_weaker(small):
@@ -494,8 +513,7 @@ def test_auto_attack_worst_case_counts_robust_only_if_every_attack_failed(
     # Every attack has its own seed, recorded with its settings.
     seeds_used = [tuple(result.settings[n]["seed"]) for n in result.attacks]
     assert len(set(seeds_used)) == 3
-    import json
-    json.dumps(result.settings)
+    json.dumps(result.settings, allow_nan=False)
 
 
 def test_auto_attack_runs_the_real_attacks_consistently(small):

@@ -1,4 +1,5 @@
-"""Adversarial attacks on posterior ensembles: FGSM, PGD, random, Square Attack.
+"""Adversarial attacks on posterior ensembles: FGSM, PGD, APGD, random, Square
+Attack, and AutoAttack's per-example worst case.
 
 Every attack is a pure function in the shape of cleverhans' attacks,
 ``attack(ensemble, x, y, eps, ...) -> x_adv``: it returns float32 inputs of
@@ -6,7 +7,7 @@ the shape of ``x`` inside the threat set, the ``eps``-ball around ``x`` (L-inf
 or L2) intersected with the data range ``clip``.  ``y=None`` attacks the
 ensemble's own predictions.
 
-Gradient attacks (:func:`fgsm`, :func:`pgd`) take ``gradient=``:
+Gradient attacks (:func:`fgsm`, :func:`pgd`, :func:`apgd`) take ``gradient=``:
 
 * ``"expected"``: Theorem 1's expected loss gradient
   ``(1/S) sum_s grad_x CE(f(x, w_s), y)`` (Carbone et al., 2020); Theorem 1
@@ -21,29 +22,40 @@ Gradient attacks (:func:`fgsm`, :func:`pgd`) take ``gradient=``:
 * ``"sample"``: the cross-entropy gradient of one posterior sample, drawn
   afresh at every step, as an expectation-over-transformation attacker would.
 
+:func:`apgd` is Croce & Hein's (2020) step-size-free PGD (momentum,
+checkpoints that halve the step, best-point tracking) with the
+cross-entropy or the scale-free DLR loss, untargeted or targeted; on an
+ensemble its "logits" follow ``gradient`` (for ``"predictive"``, the log
+posterior-predictive probabilities), and ``eot_samples`` draws a few
+posterior samples per step for very large ensembles.
+
 :func:`random_attack` needs no gradient, and :func:`square_attack`
 (Andriushchenko et al., 2020) only queries the posterior predictive
-probabilities: it tells real robustness from gradients that merely vanish.
+(log-probability margins): it tells real robustness from gradients that
+merely vanish.  :func:`auto_attack` runs APGD-CE, APGD-T and Square (or the
+"rand" or a custom list) each on the points still robust, and reports per
+example which attack broke it (:class:`AutoAttackResult`).
 
 How it runs: the data stream through fixed-size batches, the last one padded
 (:func:`tfp_bnn_adv.chunking.map_batches`), and each batch is attacked by one
-compiled function (PGD's steps and restarts, the random trials and the Square
-Attack's queries are ``tf.while_loop``s inside it), compiled once per network
-and configuration (:func:`tfp_bnn_adv.xla.cached_function`).  ``eps``, step
-sizes, step and query counts are tensors, so sweeping them does not
-recompile.
+compiled function (PGD's and APGD's steps, restarts and targets, the random
+trials and the Square Attack's queries are ``tf.while_loop``s inside it),
+compiled once per network and configuration
+(:func:`tfp_bnn_adv.xla.cached_function`).  ``eps``, step sizes, step and
+query counts are tensors, so sweeping them does not recompile.
 
 Randomness is stateless: the same ``seed`` gives the same ``x_adv``.  Random
 starts and random-attack noise come from one stream per example (seed,
 restart or trial, example index), so they do not depend on ``batch_size``;
-the sample draws of ``gradient="sample"`` and the Square Attack's proposals
-come from one stream per batch, so they do.  Every draw goes through
-:mod:`tfp_bnn_adv.seeds`, which builds floats from Philox integer bits
-because TensorFlow's and XLA's float samplers differ.  The random attack,
-the Square Attack and ``gradient="sample"`` are stochastic code in the sense
-of :mod:`tfp_bnn_adv.xla`: their ``jit_compile="auto"`` path is fixed by the
-platform (XLA on GPU/TPU, TF's kernels on CPU), never chosen by a timing, so
-a seed gives the same ``x_adv`` on every run.
+the sample draws of ``gradient="sample"`` and ``eot_samples`` and the Square
+Attack's proposals come from one stream per batch, so they do.  Every draw
+goes through :mod:`tfp_bnn_adv.seeds`, which builds floats from Philox
+integer bits because TensorFlow's and XLA's float samplers differ.  The
+random attack, the Square Attack, ``gradient="sample"`` and APGD's
+``eot_samples`` are stochastic code in the sense of :mod:`tfp_bnn_adv.xla`:
+their ``jit_compile="auto"`` path is fixed by the platform (XLA on GPU/TPU,
+TF's kernels on CPU), never chosen by a timing, so a seed gives the same
+``x_adv`` on every run.
 """
 
 from __future__ import annotations
@@ -670,11 +682,18 @@ def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
     The loss of the restarted point is its best loss, which the next step's
     rise is compared with.
 
+    ``stop_early``: ``wrong`` is final (the posterior predictive's own
+    verdict), so the first misclassified point is kept and the loop ends
+    once every example has one; the result then does not depend on which
+    examples share the batch.  Otherwise (``wrong`` from drawn samples, to
+    be confirmed by the caller) the misclassified point of the highest loss
+    is kept and every step runs.
+
     Returns:
-      ``(x_wrong, found, x_best, f_best)``: the misclassified point of the
-      highest loss met (``found`` says whether there is one), and the
-      best-loss point and its loss; with ``trace``, also ``eta`` ``[T, B]``
-      and ``x`` ``[T, B, ...]`` after each step's checkpoint.
+      ``(x_wrong, found, x_best, f_best)``: the misclassified point kept
+      (``found`` says whether there is one), and the best-loss point and its
+      loss; with ``trace``, also ``eta`` ``[T, B]`` and ``x`` ``[T, B, ...]``
+      after each step's checkpoint.
     """
     ex = [-1] + [1] * (x0.shape.rank - 1)
     batch = tf.shape(x0)[0]
@@ -708,7 +727,9 @@ def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
                          eps, norm, lo, hi, has_clip)
         f_new, g_new, wrong = objective(x_new, t)
         rises = st["rises"] + tf.cast(f_new > st["f"], tf.int32)
-        take = wrong & (~st["found"] | (f_new > st["f_wrong"]))
+        take = wrong & ~st["found"]
+        if not stop_early:
+            take |= wrong & (f_new > st["f_wrong"])
         x_wrong = tf.where(tf.reshape(take, ex), x_new, st["x_wrong"])
         f_wrong = tf.where(take, f_new, st["f_wrong"])
         better = f_new > st["f_best"]
@@ -994,8 +1015,8 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
     rose in fewer than a fraction ``rho`` of the steps since the last
     checkpoint, or if ``eta`` was not halved there and the best loss did
     not improve since.  A run returns a point the posterior predictive
-    misclassifies if it met one (the one of highest loss), else its
-    best-loss point.  Across restarts and targets each example keeps the
+    misclassifies if it met one (the first; it stops early once every
+    example of the batch has one), else its best-loss point.  Across restarts and targets each example keeps the
     worst case for the posterior predictive (misclassified first, then the
     higher ``-log p(y | x_adv)``); run 0 is the single run.
 
