@@ -395,3 +395,23 @@ def test_sample_gradient_flags_count_every_sample_and_point(monkeypatch):
         ens, x, y, "sample", dict(batch_size=None, chunk_size=None,
                                   jit_compile=False, strategy=None))
     np.testing.assert_array_equal(flags, expected)
+
+
+def test_same_seed_same_report_for_every_gradient_definition():
+    """Three classes (APGD-T falls back to targeted cross-entropy), the
+    "expected" and "sample" definitions, and reproducibility."""
+    ens = tiny_ensemble(samples=3)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (12, 4, 4, 1)).astype(np.float32)
+    y = ens.predict(x).astype(np.int32)
+    kw = dict(eps=0.3, gradient="expected", gradients=["sample"], steps=2,
+              square_queries=5, random_trials=2, eps_grid=[0.1, 1.0],
+              jit_compile=False, seed=3)
+    first = evaluation.robustness_report(ens, x, y, **kw)
+    assert first == evaluation.robustness_report(ens, x, y, **kw)
+    assert {"fgsm/sample", "apgd-ce+apgd-t/sample", "apgd-ce-2x/expected",
+            "fixed-sample/apgd-ce/expected"} <= set(first["robust_accuracy"])
+    assert first["settings"]["report"]["dlr_fallback"] is True
+    assert first["clean_accuracy"] == 1.0  # labels are its own predictions
+    index = first["fixed_sample"]["index"]
+    assert 0 <= index < 3 and first["settings"]["report"]["sample_index"] == index
