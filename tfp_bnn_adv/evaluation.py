@@ -938,14 +938,14 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
         r_t = clean & np.asarray(result.robust, bool)
         run.record(f"apgd-ce+apgd-t/{g}", r_t, auto_settings)
         broken[f"apgd-ce+apgd-t/{g}"] = clean & ~r_t
-    r_sq, _ = run.attack("square", attacks.square_attack, **square_options)
+    run.attack("square", attacks.square_attack, **square_options)
     r_rand, _ = run.attack("random", attacks.random_attack, kind="uniform",
                            trials=random_trials)
 
     # ------------------------------------------------ runs the checks need
     name_2x = f"apgd-ce-2x/{g0}"
-    r_2x, _ = run.attack(name_2x, attacks.apgd, gradient=g0,
-                         **dict(apgd_options, steps=2 * steps, restarts=2))
+    run.attack(name_2x, attacks.apgd, gradient=g0,
+               **dict(apgd_options, steps=2 * steps, restarts=2))
     single = ensemble[sample_index:sample_index + 1]
     sample_gradient = "expected" if g0 == "sample" else g0
     name_fixed = f"fixed-sample/apgd-ce/{sample_gradient}"
