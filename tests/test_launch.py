@@ -12,6 +12,7 @@ from absl.testing import flagsaver  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from launch import attack  # pylint: disable=wrong-import-position
+from launch import evaluate  # pylint: disable=wrong-import-position
 from launch import flags as lf  # pylint: disable=wrong-import-position
 from launch import gradient_study  # pylint: disable=wrong-import-position
 from launch import paper_ablation  # pylint: disable=wrong-import-position
@@ -99,6 +100,45 @@ def test_attack_table_script(trained, tmp_path):
                     "adv_robustness/pgd/predictive", "softmax_robustness/square"):
             assert f"{label}/eps=0.1/test/{key}" in results
     assert (tmp_path / "table.md").exists() and (tmp_path / "table.csv").exists()
+
+
+def test_evaluate_script(trained, tmp_path, capsys):
+    kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
+                  half_moons_n=300,
+                  posterior=str(trained["hmc"] / "posterior.npz"),
+                  reference=str(trained["ensemble"] / "posterior.npz"),
+                  num_examples=20, steps=2, square_queries=5, random_trials=2,
+                  eps=0.1, gradient="expected", jit="default")
+    with flagsaver.flagsaver(**kwargs):
+        evaluate.main(["evaluate"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verdict"] in ("not_robust", "robust", "inconclusive")
+    assert report["verdict_line"] in printed
+    assert report["verdict_line"] in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "figures" / "accuracy_vs_eps.png").exists()
+    assert len(report["per_example"]["robust"]) == 20
+    assert "transfer" in report["checks"]
+    assert report["settings"]["report"]["gradient"] == "expected"
+    assert report["settings"]["pgd/expected"]["steps"] == 2
+    # The tiny HMC run's diagnostics, flagged unconverged.
+    hmc = _results(trained["hmc"])
+    assert report["diagnostics"]["diagnostics"] == hmc["train/diagnostics"]
+    assert "UNCONVERGED" in report["diagnostics_statement"]
+    flags_txt = (tmp_path / "flags.txt").read_text()
+    assert "--num_examples=20" in flags_txt and "--steps=2" in flags_txt
+
+
+def test_evaluate_refuses_bad_flags_before_writing(tmp_path):
+    out = tmp_path / "never"
+    with flagsaver.flagsaver(output_dir=str(out), posterior=None):
+        with pytest.raises(app.UsageError, match="--posterior is required"):
+            evaluate.main(["evaluate"])
+    with flagsaver.flagsaver(output_dir=str(out), eps=1.5,
+                             posterior=str(tmp_path / "none.npz")):
+        with pytest.raises(app.UsageError, match="none.npz.*\n.*--eps=1.5"):
+            evaluate.main(["evaluate"])
+    assert not out.exists()
 
 
 def test_attack_requires_posteriors(tmp_path):
