@@ -322,6 +322,9 @@ _SHARED = {
     "methods": _define_methods,
     "pgd_steps": _define_optional_int("pgd_steps", "PGD steps (default: the "
                                       "preset's)."),
+    "apgd_steps": _define_optional_int("apgd_steps", "APGD iterations, per "
+                                       "target for APGD-T (default: the "
+                                       "preset's)."),
     "square_queries": _define_optional_int("square_queries", "Square Attack "
                                            "query budget (default: the "
                                            "preset's)."),

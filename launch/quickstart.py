@@ -50,8 +50,10 @@ from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
 from tfp_bnn_adv.studies.quickstart import HIDDEN
 from tfp_bnn_adv.studies.quickstart import LABELS
 from tfp_bnn_adv.studies.quickstart import NUM_TRAIN
+from tfp_bnn_adv.studies.quickstart import MOONS_TRAIN_SIZES
 from tfp_bnn_adv.studies.quickstart import SETTINGS
 from tfp_bnn_adv.studies.quickstart import SUBSTUDIES
+from tfp_bnn_adv.studies.quickstart import TABLE_ATTACKS
 from tfp_bnn_adv.studies.quickstart import QuickstartConfig
 from tfp_bnn_adv.studies.quickstart import fingerprint
 from tfp_bnn_adv.studies.quickstart import run_quickstart
@@ -67,7 +69,8 @@ DEFAULT_OUTPUT_DIR = "quickstart_out"
 
 SHARED = lf.use("num_train", "hidden", "allow_unconverged", "widths",
                 "train_sizes", "sample_counts", "training_lengths",
-                "hmc_lengths", "pgd_steps", "square_queries", "epochs",
+                "hmc_lengths", "pgd_steps", "apgd_steps", "square_queries",
+                "epochs",
                 "vi_samples", "switches", *lf.HMC_FLAGS)
 lf.adopt(__name__, SHARED)
 
@@ -110,12 +113,15 @@ def config_from_flags() -> QuickstartConfig:
                 **lf.convergence())
     hmc_flags = lf.hmc_overrides()
     table = AttackTableConfig.quick(
-        dataset="fashion_mnist", seed=seed, **data, **_overrides({
+        dataset="fashion_mnist", seed=seed, attacks=TABLE_ATTACKS, **data,
+        **_overrides({
             "num_test": ("num_test", _count),
             "pgd_steps": ("pgd_steps", _value),
+            "apgd_steps": ("apgd_steps", _value),
             "square_queries": ("square_queries", _value)}))
     grads = GradientStudyConfig.quick(
-        image_dataset="fashion_mnist", seed=seed, **data, **_overrides({
+        image_dataset="fashion_mnist", seed=seed,
+        moons_train_sizes=MOONS_TRAIN_SIZES, **data, **_overrides({
             "widths": ("moons_widths", lf.ints),
             "train_sizes": ("moons_train_sizes", lf.ints),
             "sample_counts": ("sample_counts", lf.ints),

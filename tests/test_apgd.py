@@ -259,6 +259,7 @@ def test_schedule_follows_scripted_losses_and_both_conditions():
 
 
 def test_one_step_without_momentum_is_a_signed_step(small):
+    # alpha=1 is no momentum; any alpha gives the same single step.
     # Without the random start, one step of APGD is z = P(x + 2 eps sign(g)):
     # the L-inf ball makes that x + eps sign(g), clipped; whatever the
     # momentum (it does not act on the first step).  Labels are the clean
@@ -269,8 +270,8 @@ def test_one_step_without_momentum_is_a_signed_step(small):
     g = finite_difference(lambda v: -log_predictive(ens, v)[np.arange(len(y)), y],
                           x)
     expected = np.clip(x + eps * np.sign(g), LO, HI).astype(np.float32)
-    for momentum in (0.0, 0.75, 1.0):
-        x_adv = attacks.apgd(ens, x, y, eps=eps, steps=1, momentum=momentum,
+    for alpha in (0.0, 0.75, 1.0):
+        x_adv = attacks.apgd(ens, x, y, eps=eps, steps=1, alpha=alpha,
                              clip=(LO, HI), _random_start=False,
                              jit_compile=JIT)
         np.testing.assert_allclose(x_adv, expected, atol=1e-6)
@@ -420,8 +421,8 @@ def test_targets_are_the_runners_up_and_more_targets_never_weaker(small):
     (dict(eps=0.1, restarts=0), ValueError, "restarts"),
     (dict(eps=0.1, rho=0.0), ValueError, "rho"),
     (dict(eps=0.1, rho=1.5), ValueError, "rho"),
-    (dict(eps=0.1, momentum=-0.1), ValueError, "momentum"),
-    (dict(eps=0.1, momentum=1.1), ValueError, "momentum"),
+    (dict(eps=0.1, alpha=-0.1), ValueError, "alpha"),
+    (dict(eps=0.1, alpha=1.1), ValueError, "alpha"),
     (dict(eps=0.1, gradient="exact"), ValueError, "gradient"),
     (dict(eps=0.1, norm=1), ValueError, "norm"),
     (dict(eps=0.1, targeted=1), TypeError, "targeted"),

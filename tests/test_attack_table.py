@@ -29,7 +29,8 @@ def test_table_cells_are_the_attacks_results(moons_ensembles, tmp_path):
     ds, ensembles = moons_ensembles
     config = at.AttackTableConfig.quick(
         dataset="half_moons", half_moons_n=600, num_test=60, pgd_steps=3,
-        square_queries=10, eps=0.1, eps_sweep=(0.05,))
+        square_queries=10, apgd_steps=3, eps=0.1, eps_sweep=(0.05,),
+        verdict=False)
     results = at.run_attack_table(config, str(tmp_path), ensembles=ensembles)
     x, y = ds.test_x[:60], ds.test_y[:60]
     # Independent recomputation of two cells: the attacks' own outputs,
@@ -51,6 +52,73 @@ def test_table_cells_are_the_attacks_results(moons_ensembles, tmp_path):
     assert header[-3:] == ["published Rand", "published FGSM",
                            "published PGD"]
     assert (tmp_path / "figures" / "attack_table.png").exists()
+    assert "worst case" in header and not (tmp_path / "reports").exists()
+
+
+def test_worst_case_is_every_attack_failing_per_example(moons_ensembles,
+                                                        tmp_path):
+    ds, ensembles = moons_ensembles
+    config = at.AttackTableConfig.quick(
+        dataset="half_moons", half_moons_n=600, num_test=60, pgd_steps=3,
+        apgd_steps=4, square_queries=10, eps=0.15, verdict=False)
+    results = at.run_attack_table(config, str(tmp_path),
+                                  ensembles={"NN": ensembles["NN"]})
+    x, y = ds.test_x[:60], ds.test_y[:60]
+    ens = ensembles["NN"]
+    # Every column again, straight from the attacks, then a per-point AND.
+    correct = ens.predict(x) == y
+    each = []
+    for i, (attack, gradient) in enumerate(at._columns(config)):  # pylint: disable=protected-access
+        seed = config.seed + i
+        if attack == "random":
+            x_adv = attacks.random_attack(ens, x, y, 0.15, seed=seed)
+        elif attack == "fgsm":
+            x_adv = attacks.fgsm(ens, x, y, 0.15, gradient=gradient, seed=seed)
+        elif attack == "pgd":
+            x_adv = attacks.pgd(ens, x, y, 0.15, steps=3, gradient=gradient,
+                                seed=seed)
+        elif attack == "apgd-ce":
+            x_adv = attacks.apgd(ens, x, y, 0.15, steps=4, gradient=gradient,
+                                 seed=seed)
+        elif attack == "apgd-t":
+            # Two classes: one target, and the targeted cross-entropy in
+            # place of the DLR loss (which needs four classes).
+            x_adv = attacks.apgd(ens, x, y, 0.15, steps=4, gradient=gradient,
+                                 loss="dlr", targeted=True, num_targets=1,
+                                 dlr_fallback=True, seed=seed)
+        else:
+            x_adv = attacks.square_attack(ens, x, y, 0.15, max_queries=10,
+                                          seed=seed)
+        hit = ens.predict(x_adv) == y
+        each.append(hit.mean())
+        correct &= hit
+    worst = results["NN/eps=0.15/test/worst_case_accuracy"]
+    assert worst == pytest.approx(correct.mean())
+    assert worst <= min(each)
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["worst case"]) == pytest.approx(worst)
+
+
+def test_verdict_per_posterior(moons_ensembles, tmp_path):
+    _, ensembles = moons_ensembles
+    config = _moons_config(verdict=True, report_num_test=20, apgd_steps=3,
+                           square_queries=10)
+    ensembles = {"NN": ensembles["NN"]}
+    results = at.run_attack_table(config, str(tmp_path), ensembles=ensembles)
+    for label in ensembles:
+        report = json.loads((tmp_path / "reports" / common.slug(label) /
+                             "report.json").read_text())
+        assert results[f"{label}/verdict"] == report["verdict"]
+        assert report["verdict"] in ("robust", "not_robust", "inconclusive")
+        assert results[f"{label}/verdict_reason"] == report["verdict_reason"]
+    md = results["table_markdown"]
+    assert "## Verdict per posterior" in md
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = {r["dataset / method"]: r for r in csv.DictReader(f)}
+    assert rows["half_moons / NN"]["verdict"] == results["NN/verdict"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["NN/verdict"] == results["NN/verdict"]
 
 
 def test_paper_figures_sit_next_to_matching_rows(tmp_path):
@@ -61,7 +129,7 @@ def test_paper_figures_sit_next_to_matching_rows(tmp_path):
     ens.save(path)
     config = at.AttackTableConfig.quick(
         posteriors=((None, str(path)),), dataset="fashion_mnist", num_test=20,
-        attacks=("random",), allow_unconverged=True)
+        attacks=("random",), allow_unconverged=True, verdict=False)
     results = at.run_attack_table(config, str(tmp_path / "out"))
     row = [line for line in results["table_markdown"].splitlines()
            if line.startswith("| fashion_mnist / HMC")][0]
@@ -74,7 +142,7 @@ def test_paper_figures_sit_next_to_matching_rows(tmp_path):
 def _moons_config(**kw):
     return at.AttackTableConfig.quick(**{
         "dataset": "half_moons", "half_moons_n": 600, "num_test": 20,
-        "attacks": ("random",), "eps": 0.1, **kw})
+        "attacks": ("random",), "eps": 0.1, "verdict": False, **kw})
 
 
 def test_unconverged_hmc_is_refused_before_any_attack(moons_ensembles, tmp_path,
@@ -122,7 +190,8 @@ def test_allow_unconverged_writes_the_table_marked(moons_ensembles, tmp_path,
     header, body = rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     cols = ["Rand"]
     conv = list(common.CONVERGENCE_HEADER)
-    assert header == (["dataset / method", "clean"] + cols + conv +
+    assert header == (["dataset / method", "clean"] + cols + ["worst case"] +
+                      conv +
                       ["published Rand", "published FGSM",
                            "published PGD"])
     assert set(body) == {"half_moons / HMC short (UNCONVERGED)",

@@ -248,3 +248,30 @@ def test_sharded_square_attack_equals_unsharded_shard_batches(mirrored,
     sharded = attacks.square_attack(ens, x, y, batch_size=8, strategy=mirrored,
                                     **kw)
     np.testing.assert_array_equal(sharded, plain)
+
+
+@pytest.mark.parametrize("loss,targeted", [("ce", False), ("dlr", False)])
+def test_sharded_apgd_equals_unsharded(mirrored, cnn_ensemble, loss, targeted):
+    # APGD's random starts are per example and a batch stops only when all
+    # of its examples are broken, which leaves each example's path alone.
+    ens, x, y = cnn_ensemble
+    kw = dict(eps=0.1, steps=6, loss=loss, targeted=targeted, seed=3,
+              jit_compile=False)
+    plain = attacks.apgd(ens, x, y, **kw)
+    sharded = attacks.apgd(ens, x, y, strategy=mirrored, **kw)
+    with mirrored.scope():
+        scoped = attacks.apgd(ens, x, y, **kw)
+    assert np.abs(plain - x).max() > 0.05  # the attack moved
+    np.testing.assert_allclose(sharded, plain, atol=1e-6)
+    np.testing.assert_allclose(scoped, plain, atol=1e-6)
+
+
+def test_sharded_auto_attack_equals_unsharded(mirrored, cnn_ensemble):
+    ens, x, y = cnn_ensemble
+    kw = dict(eps=0.1, steps=4, version="custom", attacks=("apgd-ce", "apgd-t"),
+              num_targets=2, seed=1, jit_compile=False)
+    plain = attacks.auto_attack(ens, x, y, **kw)
+    sharded = attacks.auto_attack(ens, x, y, strategy=mirrored, **kw)
+    np.testing.assert_array_equal(sharded.robust, plain.robust)
+    np.testing.assert_array_equal(sharded.broken_by, plain.broken_by)
+    np.testing.assert_allclose(sharded.x_adv, plain.x_adv, atol=1e-6)

@@ -314,6 +314,20 @@ def test_verdict_rule():
     assert reason.startswith("masking suspected (checks 1 "
                              "iterative_vs_single_step, 6 zero_gradients)")
     assert "0.800 at eps=0.25 is only an upper bound" in reason
+    # Check 5 alone is an attack budget too small, not masking: more effort
+    # can only lower the worst case, so "not robust" stands, "robust" not.
+    budget = dict(passed, more_steps_and_restarts={"passed": False})
+    name, reason = evaluation.verdict(budget, 0.0, 0.9)
+    assert name == "not_robust" and "masking" not in reason
+    assert "have not converged (check 5 more_steps_and_restarts" in reason
+    name, reason = evaluation.verdict(budget, 0.6, 0.9)
+    assert name == "inconclusive" and "masking" not in reason
+    assert reason.startswith("the attacks have not converged (check 5 "
+                             "more_steps_and_restarts")
+    both = dict(budget, zero_gradients={"passed": False})
+    reason = evaluation.verdict(both, 0.0, 0.9)[1]
+    assert reason.startswith("masking suspected (checks 6 zero_gradients); "
+                             "the attacks have not converged (check 5 ")
 
 
 # --------------------------------------------------------------------------

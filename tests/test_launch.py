@@ -248,7 +248,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
             num_burnin_steps=10, num_results=4, epochs=1, vi_samples=4,
             widths=["4"], train_sizes=["60"], sample_counts=["1", "2"],
             training_lengths=["1"], hmc_lengths=["5"], pgd_steps=2,
-            square_queries=5, allow_unconverged=True,
+            apgd_steps=2, square_queries=5, allow_unconverged=True,
             # The authors' HMC is tested in test_hmc_paper_emulation.
             switches=["attack_loss", "softmax_metric", "vi_training"]):
         quickstart.main(["quickstart"])

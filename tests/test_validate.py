@@ -135,3 +135,18 @@ def test_directory(tmp_path):
         validate.directory(f, "ckpt")
     with pytest.raises(ValueError, match=r"lies under .*a_file', an existing"):
         validate.directory(f / "sub" / "dir", "ckpt")
+
+
+def test_value_range():
+    assert validate.value_range((0, 1)) == (0.0, 1.0)
+    assert validate.value_range(None) is None
+    with pytest.raises(TypeError, match=r"box must be a pair \(low, high\), "
+                                        "got None"):
+        validate.value_range(None, "box", optional=False)
+    with pytest.raises(TypeError, match=r"clip must be None or a pair"):
+        validate.value_range(0.5)
+    with pytest.raises(ValueError, match=r"clip must satisfy low < high, got "
+                                         r"\(1, 0\)"):
+        validate.value_range((1, 0))
+    with pytest.raises(ValueError, match=r"clip\[1\]"):
+        validate.value_range((0, float("nan")))

@@ -113,20 +113,6 @@ def _check_norm(norm) -> float:
     return float(validate.choice(norm, NORMS, "norm"))
 
 
-def _check_clip(clip):
-    if clip is None:
-        return None
-    try:
-        lo, hi = clip
-    except (TypeError, ValueError):
-        raise TypeError(f"clip must be None or a pair (low, high), got "
-                        f"{clip!r}.") from None
-    lo, hi = validate.real(lo, "clip[0]"), validate.real(hi, "clip[1]")
-    if not lo < hi:
-        raise ValueError(f"clip must satisfy low < high, got {clip!r}.")
-    return lo, hi
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _AttackOptions:
     """The checked settings every attack call shares.
@@ -565,26 +551,26 @@ def _apgd_loss(loss, targeted, y, t, log_probs):
     return lambda z: _ce_loss(z, y, log_probs)
 
 
-def _objective_predictive(network, params, x, loss_fn, chunk):
-    """``L(z)`` with ``z = log p_bar``: ``(loss [B], grad, z [B, C])``.
+def _objective_of_scores(network, params, x, loss_fn, chunk, *, scores,
+                         stack_scores, linearised):
+    """``L(z)`` for scores ``z`` of the whole stack: ``(loss [B], grad, z)``.
 
-    ``L`` is a nonlinear function of a sum over samples, so with several
-    chunks it takes two passes (memory stays one chunk): the first
-    computes ``z``, the second back-propagates the fixed cotangent
-    ``u = dL/dz`` through ``dz_c/dx = sum_s w_sc d log softmax_sc / dx`` with
-    ``w_sc = exp(log softmax_sc - log S - z_c)``, which never divides by a
-    tiny ``p_bar``.
+    ``scores(logits [S, B, C]) -> z [B, C]`` in one tape when one chunk
+    holds every sample.  Otherwise ``L`` is a nonlinear function of a sum
+    over samples, so it takes two passes (memory stays one chunk): the
+    first computes ``z = stack_scores(network, params, x, chunk)``, the
+    second back-propagates the fixed cotangent ``u = dL/dz`` through every
+    chunk's ``linearised(logits [c, B, C], z)``, whose input gradient
+    contracted with ``u`` is that chunk's share of ``u . dz/dx``.
     """
-    s = params[0].shape[0]
-    if chunk >= s:
+    if chunk >= params[0].shape[0]:
         with tf.GradientTape() as tape:
             tape.watch(x)
-            ls = tf.nn.log_softmax(network.apply_stack(params, x))
-            z = tf.reduce_logsumexp(ls, axis=0) - math.log(s)
+            z = scores(network.apply_stack(params, x))
             f = loss_fn(z)
             total = tf.reduce_sum(f)
         return f, tape.gradient(total, x), z
-    z = _log_predictive_graph(network, params, x, chunk)
+    z = stack_scores(network, params, x, chunk)
     with tf.GradientTape() as tape:
         tape.watch(z)
         f = loss_fn(z)
@@ -594,42 +580,42 @@ def _objective_predictive(network, params, x, loss_fn, chunk):
     def body(grad, chunk_params):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
-            w = tf.stop_gradient(tf.exp(ls - math.log(s) - z))
-            total = tf.reduce_sum(u * w * ls)
+            total = tf.reduce_sum(
+                u * linearised(network.apply_stack(chunk_params, x), z))
         return grad + tape.gradient(total, x)
 
     grad = chunking.fold_sample_chunks(params, chunk, body, tf.zeros_like(x))
     return f, grad, z
+
+
+def _objective_predictive(network, params, x, loss_fn, chunk):
+    """``L(z)`` with ``z = log p_bar``: ``(loss [B], grad, z [B, C])``.
+
+    With several chunks, ``dz_c/dx = sum_s w_sc d log softmax_sc / dx`` with
+    ``w_sc = exp(log softmax_sc - log S - z_c)``, which never divides by a
+    tiny ``p_bar``.
+    """
+    log_s = math.log(params[0].shape[0])
+
+    def linearised(logits, z):
+        ls = tf.nn.log_softmax(logits)
+        return tf.stop_gradient(tf.exp(ls - log_s - z)) * ls
+
+    return _objective_of_scores(
+        network, params, x, loss_fn, chunk,
+        scores=lambda logits: tf.reduce_logsumexp(
+            tf.nn.log_softmax(logits), axis=0) - log_s,
+        stack_scores=_log_predictive_graph, linearised=linearised)
 
 
 def _objective_paper(network, params, x, loss_fn, chunk):
     """``L(z)`` with ``z = p_bar`` taken as logits (the authors' code)."""
     s = params[0].shape[0]
-    if chunk >= s:
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            z = tf.reduce_mean(tf.nn.softmax(network.apply_stack(params, x)),
-                               axis=0)
-            f = loss_fn(z)
-            total = tf.reduce_sum(f)
-        return f, tape.gradient(total, x), z
-    z = predict_proba_graph(network, params, x, chunk)
-    with tf.GradientTape() as tape:
-        tape.watch(z)
-        f = loss_fn(z)
-        total = tf.reduce_sum(f)
-    u = tape.gradient(total, z) / s
-
-    def body(grad, chunk_params):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            p = tf.nn.softmax(network.apply_stack(chunk_params, x))
-            total = tf.reduce_sum(u * p)
-        return grad + tape.gradient(total, x)
-
-    grad = chunking.fold_sample_chunks(params, chunk, body, tf.zeros_like(x))
-    return f, grad, z
+    return _objective_of_scores(
+        network, params, x, loss_fn, chunk,
+        scores=lambda logits: tf.reduce_mean(tf.nn.softmax(logits), axis=0),
+        stack_scores=predict_proba_graph,
+        linearised=lambda logits, z: tf.nn.softmax(logits) / s)
 
 
 def _objective_expected(network, params, x, loss_fn, chunk):
@@ -666,7 +652,7 @@ def _draw_samples(params, k, seed):
     return [tf.gather(p, pick) for p in params]
 
 
-def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
+def _apgd_loop(objective, x0, x_start, eps, steps, rho, alpha, lo, hi, *,
                norm, has_clip, stop_early, trace=False):
     """One APGD run of ``steps`` steps from ``x_start`` (Croce & Hein, 2020).
 
@@ -675,7 +661,7 @@ def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
     is -1 at the start, then the step index.  Per example: ``eta`` starts at
     ``2 eps``; step ``t`` moves to ``z = P(x + eta dir(g))`` and then
     ``P(x + a (z - x) + (1 - a)(x - x_prev))``, ``a = 1`` at ``t = 0`` and
-    ``momentum`` after; after ``n`` steps, ``n`` a checkpoint ``w_j``,
+    ``alpha`` after; after ``n`` steps, ``n`` a checkpoint ``w_j``,
     ``eta`` is halved and the run restarts from the best point if the loss
     rose in fewer than ``rho`` of the steps since the last checkpoint or if
     ``eta`` was not halved there and the best loss has not improved since.
@@ -719,7 +705,7 @@ def _apgd_loop(objective, x0, x_start, eps, steps, rho, momentum, lo, hi, *,
 
     def body(st):
         t, x = st["t"], st["x"]
-        a = tf.where(t == 0, tf.ones_like(momentum), momentum)
+        a = tf.where(t == 0, tf.ones_like(alpha), alpha)
         eta_x = tf.reshape(st["eta"], ex)
         z = _project(x0, x + eta_x * _step_direction(st["g"], norm), eps, norm,
                      lo, hi, has_clip)
@@ -775,7 +761,7 @@ def _targets(network, params, x0, y, num_targets, chunk):
     return tf.math.top_k(p, num_targets).indices
 
 
-def _apgd_graph(network, params, x0, y, idx, seed, eps, steps, rho, momentum,
+def _apgd_graph(network, params, x0, y, idx, seed, eps, steps, rho, alpha,
                 lo, hi, *, norm, gradient, loss, targeted, num_targets,
                 restarts, eot_samples, chunk, has_clip, random_start):
     """APGD on one batch: ``restarts`` runs per target (one target if
@@ -809,7 +795,7 @@ def _apgd_graph(network, params, x0, y, idx, seed, eps, steps, rho, momentum,
             x_start = _project(x0, _random_start(x0, eps, norm, start_seed, idx),
                                eps, norm, lo, hi, has_clip)
         x_wrong, found, x_best, _ = _apgd_loop(
-            objective, x0, x_start, eps, steps, rho, momentum, lo, hi,
+            objective, x0, x_start, eps, steps, rho, alpha, lo, hi,
             norm=norm, has_clip=has_clip, stop_early=not drawn)
         if drawn:
             # Misclassified by the drawn samples is a candidate; the posterior
@@ -890,7 +876,7 @@ def fgsm(ensemble, x, y=None, eps=None, *, norm=np.inf, gradient="expected",
     eps = _check_eps(eps)
     norm = _check_norm(norm)
     gradient = validate.choice(gradient, GRADIENTS, "gradient")
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     return _run_gradient_attack(
@@ -953,7 +939,7 @@ def pgd(ensemble, x, y=None, eps=None, *, norm=np.inf, steps=40,
     if not isinstance(random_start, bool):
         raise TypeError(f"random_start must be a bool, got {random_start!r}.")
     gradient = validate.choice(gradient, GRADIENTS, "gradient")
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     return _run_gradient_attack(
@@ -998,7 +984,7 @@ def _check_eot(eot_samples, num_samples):
 
 def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
          num_targets=9, steps=100, restarts=1, norm=np.inf,
-         gradient="predictive", eot_samples=None, rho=0.75, momentum=0.75,
+         gradient="predictive", eot_samples=None, rho=0.75, alpha=0.75,
          clip=(0.0, 1.0), seed=0, batch_size=None, chunk_size=None,
          jit_compile=None, strategy=None, dlr_fallback=False,
          _random_start=True) -> np.ndarray:
@@ -1008,7 +994,7 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
     step size ``eta = 2 eps``, and ``steps`` steps
     ``z = P(x_k + eta sign(g_k))`` (L2: ``g_k / ||g_k||_2``),
     ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with
-    ``a = 1`` on the first step and ``momentum`` after (``P`` projects onto
+    ``a = 1`` on the first step and ``alpha`` after (``P`` projects onto
     the ball and ``clip``).  At the checkpoints ``w_j = ceil(p_j steps)``,
     ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``,
     ``eta`` is halved and the run restarts from its best point if the loss
@@ -1044,7 +1030,7 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
     best point, and the full posterior predictive decides whether the
     returned point is misclassified.  The whole run (steps, restarts and
     targets) is one compiled ``tf.while_loop`` per batch; ``eps``, ``steps``,
-    ``rho`` and ``momentum`` are tensors, so sweeping them does not
+    ``rho`` and ``alpha`` are tensors, so sweeping them does not
     recompile.
 
     Args:
@@ -1064,9 +1050,9 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
       eot_samples: ``None`` (all ``S``) or posterior samples per step in
         ``[1, S]``.
       rho: the oscillation threshold, in ``(0, 1]``.
-      momentum: the paper's ``alpha``, the weight of the new step ``z - x_k``
-        against the previous one, in ``[0, 1]``; ``1`` means no momentum
-        (``x_{k+1} = z``).
+      alpha: the paper's momentum parameter ``alpha``: the weight of the new
+        step ``z - x_k`` against the previous step ``x_k - x_{k-1}``, in
+        ``[0, 1]``; ``1`` means no momentum (``x_{k+1} = z``).
       clip: ``(low, high)`` data range, or ``None``.
       seed: int or stateless seed.
       batch_size, chunk_size, jit_compile, strategy: as in :func:`fgsm`.
@@ -1084,7 +1070,7 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
         fewer than 4) unless ``dlr_fallback``, ``num_targets`` outside
         ``[1, C - 1]`` when ``targeted``, ``eot_samples`` outside ``[1, S]``,
         ``steps`` or ``restarts`` below 1, ``rho`` outside ``(0, 1]`` or
-        ``momentum`` outside ``[0, 1]``.
+        ``alpha`` outside ``[0, 1]``.
 
     Example:
       >>> x_adv = apgd(ens, x_test, y_test, eps=8 / 255, loss="dlr",
@@ -1107,9 +1093,9 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
     if eot_samples == ensemble.num_samples and gradient != "sample":
         eot_samples = None  # every sample, in a random order: the same loss
     rho = validate.real(rho, "rho", minimum=0.0, maximum=1.0, min_open=True)
-    momentum = validate.real(momentum, "momentum", minimum=0.0, maximum=1.0)
+    alpha = validate.real(alpha, "alpha", minimum=0.0, maximum=1.0)
     random_start = _check_bool(_random_start, "_random_start")
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     inputs, idx = _prepare(ensemble, x, y, options)
@@ -1126,7 +1112,7 @@ def apgd(ensemble, x, y=None, eps=None, *, loss="ce", targeted=False,
         stochastic=gradient == "sample" or eot_samples is not None))
     scalars = (options.seed, tf.constant(eps, tf.float32),
                tf.constant(steps, tf.int32), tf.constant(rho, tf.float32),
-               tf.constant(momentum, tf.float32), *options.clip_args())
+               tf.constant(alpha, tf.float32), *options.clip_args())
     return _stream("apgd", fn, ensemble, inputs, idx, scalars)
 
 
@@ -1168,7 +1154,7 @@ def random_attack(ensemble, x, y=None, eps=None, *, kind="ternary", trials=1,
     eps = _check_eps(eps)
     kind = validate.choice(kind, RANDOM_KINDS, "kind")
     trials = validate.positive_int(trials, "trials")
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     inputs, idx = _prepare(ensemble, x, y, options)
@@ -1272,7 +1258,7 @@ def square_attack_with_queries(ensemble, x, y=None, eps=None, *,
     max_queries = validate.positive_int(max_queries, "max_queries")
     p_init = validate.real(p_init, "p_init", minimum=0.0, maximum=1.0,
                            min_open=True)
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     options = _AttackOptions(eps, clip, seeds.stateless(seed), batch_size,
                              chunk_size, jit_compile, strategy)
     input_shape = ensemble.network.input_shape
@@ -1458,7 +1444,7 @@ def auto_attack(ensemble, x, y=None, eps=None, *, version="standard",
     if version == "rand" and eot_samples is None:
         eot_samples = min(20, num_samples)
     dlr_fallback = _check_bool(dlr_fallback, "dlr_fallback")
-    clip = _check_clip(clip)
+    clip = validate.value_range(clip, "clip")
     base_seed = seeds.stateless(seed)
     norm_setting = "inf" if norm == np.inf else int(norm)
     settings = {}
@@ -1475,7 +1461,7 @@ def auto_attack(ensemble, x, y=None, eps=None, *, version="standard",
             config.update(attack="apgd", loss=loss, targeted=targeted,
                           steps=steps, restarts=1, norm=norm_setting,
                           gradient=gradient, eot_samples=eot_samples,
-                          rho=0.75, momentum=0.75)
+                          rho=0.75, alpha=0.75)
             if targeted:
                 config["num_targets"] = num_targets
         settings[name] = config

@@ -548,8 +548,12 @@ def verdict(checks: Mapping[str, Mapping[str, Any]],
             ) -> tuple[str, str]:
     """The one-line verdict and its reason.
 
-    Any failed check: ``"inconclusive"``, "masking suspected (checks k
-    name, ...)", the worst-case accuracy stated as an upper bound.  All
+    Any failed check of a sign of masking: ``"inconclusive"``, "masking
+    suspected (checks k name, ...)", the worst-case accuracy stated as an
+    upper bound.  Check 5 (more steps and restarts changed the answer)
+    failing alone says the attacks have not converged: more effort can only
+    lower the worst case, so it leaves a ``"not_robust"`` standing and makes
+    a would-be ``"robust"`` ``"inconclusive"``.  All
     passed: ``"robust"`` if ``worst_case_accuracy >= robust_fraction *
     clean_accuracy``, else ``"not_robust"``.
 
@@ -572,40 +576,45 @@ def verdict(checks: Mapping[str, Mapping[str, Any]],
               if name in checks and not checks[name]["passed"]]
     failed += [name for name in checks
                if name not in CHECKS and not checks[name]["passed"]]
-    if failed:
+    bar = robust_fraction * clean_accuracy
+    low = (f"the worst-case accuracy {worst_case_accuracy:.3f}{at} is below "
+           f"{robust_fraction:g} of the clean accuracy {clean_accuracy:.3f} "
+           f"({bar:.3f})")
+    budget = "more_steps_and_restarts"
+    unconverged = (f"the attacks have not converged (check "
+                   f"{CHECKS.index(budget) + 1} {budget}: more steps and "
+                   "restarts changed the answer; raise steps)")
+    masking = [n for n in failed if n != budget]
+    if masking:
         cited = ", ".join(f"{CHECKS.index(n) + 1} {n}" if n in CHECKS else n
-                          for n in failed)
+                          for n in masking)
         return "inconclusive", (
-            f"masking suspected (checks {cited}); the worst-case accuracy "
+            f"masking suspected (checks {cited})"
+            + (f"; {unconverged}" if budget in failed else "")
+            + f"; the worst-case accuracy {worst_case_accuracy:.3f}{at} is "
+            "only an upper bound on the robust accuracy.")
+    if budget in failed:
+        # More effort can only lower the worst case: it cannot turn a
+        # "not robust" into "robust", only the other way round.
+        if worst_case_accuracy < bar:
+            return "not_robust", (
+                f"{low}, and {unconverged.replace('; raise steps', '')}, so "
+                "more effort could only lower it further.")
+        return "inconclusive", (
+            f"{unconverged}; the worst-case accuracy "
             f"{worst_case_accuracy:.3f}{at} is only an upper bound on the "
             "robust accuracy.")
-    bar = robust_fraction * clean_accuracy
     if worst_case_accuracy >= bar:
         return "robust", (
             f"every check passed and the worst-case accuracy "
             f"{worst_case_accuracy:.3f}{at} keeps at least {robust_fraction:g}"
             f" of the clean accuracy {clean_accuracy:.3f} (>= {bar:.3f}).")
-    return "not_robust", (
-        f"every check passed and the worst-case accuracy "
-        f"{worst_case_accuracy:.3f}{at} is below {robust_fraction:g} of the "
-        f"clean accuracy {clean_accuracy:.3f} ({bar:.3f}).")
+    return "not_robust", f"every check passed and {low}."
 
 
 # --------------------------------------------------------------------------
 # Argument checks (all before any attack runs).
 # --------------------------------------------------------------------------
-def _check_clip(clip) -> tuple[float, float]:
-    try:
-        lo, hi = clip
-    except (TypeError, ValueError):
-        raise TypeError(f"clip must be a pair (low, high): the report needs "
-                        f"an input box, got {clip!r}.") from None
-    lo, hi = validate.real(lo, "clip[0]"), validate.real(hi, "clip[1]")
-    if not lo < hi:
-        raise ValueError(f"clip must satisfy low < high, got {clip!r}.")
-    return lo, hi
-
-
 def _check_eps_grid(eps_grid, width: float) -> list:
     if eps_grid is None:
         return None
@@ -851,7 +860,9 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
       ('not_robust', 0.02)
     """
     check_ensemble(ensemble)
-    lo, hi = _check_clip(clip)
+    # The report needs an input box: the curves end where any input is
+    # reachable.
+    lo, hi = validate.value_range(clip, "clip", optional=False)
     width = hi - lo
     eps = validate.real(eps, "eps", minimum=0.0, min_open=True)
     if eps > width:
@@ -914,7 +925,7 @@ def robustness_report(ensemble, x, y, *, eps, eps_grid=None, reference=None,
     pgd_options = dict(steps=steps, step_size=2.5 * eps / steps,
                        random_start=True, restarts=1, norm=np.inf)
     apgd_options = dict(loss="ce", steps=steps, restarts=1, rho=0.75,
-                        momentum=0.75, norm=np.inf)
+                        alpha=0.75, norm=np.inf)
     square_options = dict(max_queries=square_queries, p_init=0.3)
     broken = {}
     for g in grads:

@@ -139,6 +139,24 @@ def fraction(value, name: str) -> float:
     return real(value, name, minimum=0.0, maximum=1.0, max_open=True)
 
 
+def value_range(value, name: str = "clip", *, optional: bool = True
+                ) -> tuple[float, float] | None:
+    """A data range ``(low, high)`` with ``low < high`` (``None`` if
+    ``optional``), as floats."""
+    if value is None and optional:
+        return None
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        what = "None or a pair" if optional else "a pair"
+        raise TypeError(f"{name} must be {what} (low, high), got "
+                        f"{value!r}.") from None
+    lo, hi = real(lo, f"{name}[0]"), real(hi, f"{name}[1]")
+    if not lo < hi:
+        raise ValueError(f"{name} must satisfy low < high, got {value!r}.")
+    return lo, hi
+
+
 def choice(value, choices: Sequence, name: str):
     """``value`` if it is one of ``choices`` (compared by equality)."""
     is_bool = isinstance(value, (bool, np.bool_))

@@ -1,10 +1,12 @@
 """Experiment 2 of Carbone et al. (2020): the attack table.
 
 Every posterior (HMC, VI, SGD network, deep ensemble) is attacked with the
-random attack, FGSM and PGD with *both* gradient definitions (Theorem 1's
-expected gradient and the posterior-predictive gradient of Feng et al., 2024)
-and the gradient-free Square Attack, at the paper's ``eps = 0.25`` on
-``[0, 1]`` pixels (and an optional sweep of ``eps``).
+random attack, FGSM, PGD, APGD-CE and APGD-T (AutoAttack's targeted DLR
+attack) with *both* gradient definitions (Theorem 1's expected gradient and
+the posterior-predictive gradient of Feng et al., 2024) and the gradient-free
+Square Attack, at the paper's ``eps = 0.25`` on ``[0, 1]`` pixels (and an
+optional sweep of ``eps``).  Each row ends with the per-example worst case
+over all its attacks.
 
 Two numbers per cell, side by side:
 
@@ -35,6 +37,7 @@ from absl import logging
 import numpy as np
 
 from tfp_bnn_adv import data as data_lib
+from tfp_bnn_adv import evaluation
 from tfp_bnn_adv import files
 from tfp_bnn_adv import metrics
 from tfp_bnn_adv import validate
@@ -50,7 +53,8 @@ GRADIENT_ATTACKS = common.GRADIENT_ATTACKS
 GRADIENTS = ("expected", "predictive", "paper", "sample")
 # Everything the table writes besides results.json, figures/, tensorboard/.
 _OWNED = ("table.csv", "table.md", "table_unchanged.csv",
-          "table_unchanged.md", "attacks_long.csv", "attacks_long.md")
+          "table_unchanged.md", "attacks_long.csv", "attacks_long.md",
+          "reports")
 
 # Carbone et al. (2020), Table 1, eps = 0.25: (Rand, FGSM, PGD).
 PAPER_TABLE = {
@@ -81,6 +85,8 @@ class AttackTableConfig:
         ``"predictive"``, ``"sample"``).
       pgd_steps, pgd_restarts: PGD settings (paper: 40 steps); the step size
         is PGD's default ``2.5 eps / steps``.
+      apgd_steps: APGD's iterations (AutoAttack: 100), for ``"apgd-ce"`` and
+        for each target of ``"apgd-t"``.
       random_trials: best-of-k for the random attack (paper: 1).
       square_queries: Square Attack query budget per example.
       max_samples: thin larger ensembles to at most this many samples.
@@ -89,6 +95,13 @@ class AttackTableConfig:
         half-moons' draw, and the attacks: column ``i`` uses ``seed + i``).
       max_rhat: an HMC posterior is converged when its median function-space
         R-hat is at most this (``>= 1``).
+      verdict: also run :func:`tfp_bnn_adv.evaluation.robustness_report` on
+        every posterior at ``eps`` (its battery, worst case and
+        gradient-masking checks; the SGD network, if one is attacked, as the
+        transfer reference of the others) and put its verdict in the table;
+        each report goes to ``reports/<label>/``.
+      report_num_test: the first this many test points go into the reports
+        (``None``: all ``num_test``).
       allow_unconverged: write the table even from unconverged HMC
         posteriors (their rows marked ``(UNCONVERGED)``); otherwise
         :func:`run_attack_table` refuses before attacking.
@@ -102,6 +115,7 @@ class AttackTableConfig:
     gradients: tuple = ("expected", "predictive")
     pgd_steps: int = 40
     pgd_restarts: int = 1
+    apgd_steps: int = 100
     random_trials: int = 1
     square_queries: int = 1000
     max_samples: int | None = None
@@ -110,6 +124,8 @@ class AttackTableConfig:
     half_moons_n: int = 1000
     seed: int = 0
     max_rhat: float = 1.1
+    verdict: bool = True
+    report_num_test: int | None = None
     allow_unconverged: bool = False
 
     @classmethod
@@ -118,8 +134,8 @@ class AttackTableConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "AttackTableConfig":
-        base = cls(num_test=300, pgd_steps=20, square_queries=300,
-                   max_samples=50)
+        base = cls(num_test=300, pgd_steps=20, apgd_steps=20,
+                   square_queries=300, max_samples=50, report_num_test=100)
         return dataclasses.replace(base, **overrides)
 
     def validate(self) -> None:
@@ -136,6 +152,12 @@ class AttackTableConfig:
             common.check_field(validate.nonnegative_real, e, "eps")
         common.check_field(validate.optional_positive_int, self.num_test,
                            "num_test")
+        common.check_field(validate.positive_int, self.apgd_steps,
+                           "apgd_steps")
+        common.check_field(validate.optional_positive_int,
+                           self.report_num_test, "report_num_test")
+        if not isinstance(self.verdict, bool):
+            raise TypeError(f"verdict must be a bool, got {self.verdict!r}.")
         validate.choice(self.dataset, data_lib.DATASET_NAMES, "dataset")
         for label, path in self.posteriors:
             if not os.path.exists(path):
@@ -181,10 +203,16 @@ def fingerprint(config: AttackTableConfig,
     if "pgd" in config.attacks:
         fields.update(pgd_steps=config.pgd_steps,
                       pgd_restarts=config.pgd_restarts)
+    if any(a.startswith("apgd") for a in config.attacks):
+        fields["apgd_steps"] = config.apgd_steps
     if "random" in config.attacks:
         fields["random_trials"] = config.random_trials
     if "square" in config.attacks:
         fields["square_queries"] = config.square_queries
+    if config.verdict:
+        fields["verdict"] = {"report_num_test": config.report_num_test,
+                             "apgd_steps": config.apgd_steps,
+                             "square_queries": config.square_queries}
     fields["posteriors"] = [[label, common.file_sha256(path)]
                             for label, path in config.posteriors]
     fields["ensembles"] = {label: common.ensemble_sha256(ens)
@@ -206,6 +234,7 @@ def _columns(config) -> list[tuple[str, str | None]]:
 
 def _col_name(attack, gradient):
     name = {"random": "Rand", "fgsm": "FGSM", "pgd": "PGD",
+            "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
             "square": "Square"}[attack]
     return f"{name} ({gradient})" if gradient else name
 
@@ -220,7 +249,8 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
       output_dir: receives ``results.json``, ``table.md`` (both metrics, the
         paper's figures alongside), ``table.csv`` (accuracy on attacked
         inputs, the paper's layout, its published figures beside), ``table_unchanged.csv``,
-        ``attacks_long.csv`` and ``figures/``.
+        ``attacks_long.csv``, ``figures/`` and, with ``config.verdict``,
+        ``reports/<label>/`` (each posterior's robustness report).
       ensembles: optional ``label -> PosteriorEnsemble`` attacked in addition
         to ``config.posteriors``.
       overwrite: delete an earlier table in ``output_dir`` (of any
@@ -228,7 +258,11 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
 
     Returns:
       Results with keys ``<label>/eps=<eps>/test/adv_accuracy/pgd/expected``
-      and so on, each posterior's ``<label>/diagnostics`` and
+      and so on, ``<label>/eps=<eps>/test/worst_case_accuracy`` (the
+      per-example worst case over the row's attacks), with ``verdict``
+      ``<label>/verdict``, ``<label>/verdict_reason`` and ``<label>/report``
+      (the path of its ``report.md``), each posterior's
+      ``<label>/diagnostics`` and
       ``<label>/convergence/...`` (see
       :func:`~tfp_bnn_adv.studies.common.convergence_results`),
       ``"unconverged"`` (labels of unconverged HMC posteriors) and
@@ -267,6 +301,8 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     attack_seed = common.study_seeds(config.seed).attack
     cols = _columns(config)
     eps_values = [config.eps] + [e for e in config.eps_sweep if e != config.eps]
+    verdicts = _verdicts(config, targets, x, y, attack_seed, out, results)
+    verdict_col = ["verdict"] if config.verdict else []
     progress = common.Progress("attack_table",
                                len(targets) * len(eps_values) * len(cols))
     long_rows = []
@@ -277,7 +313,11 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         report = reports[label]
         for eps in eps_values:
             prefix = f"{label}/eps={eps:g}"
-            clean = metrics.clean_accuracy(ens.predict_proba(x), y)
+            p_clean = ens.predict_proba(x)
+            clean = metrics.clean_accuracy(p_clean, y)
+            # A point counts in the worst case only if it is classified
+            # correctly before and after every attack of the row.
+            robust = np.argmax(p_clean, axis=-1) == y
             row_acc, row_unch = [], []
             for i, (attack, gradient) in enumerate(cols):
                 x_adv = common.run_attack(
@@ -285,7 +325,9 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
                     gradient=gradient, pgd_steps=config.pgd_steps,
                     pgd_restarts=config.pgd_restarts,
                     random_trials=config.random_trials,
-                    square_queries=config.square_queries)
+                    square_queries=config.square_queries,
+                    apgd_steps=config.apgd_steps)
+                robust &= np.argmax(ens.predict_proba(x_adv), axis=-1) == y
                 m = metrics.evaluate_attack(ens, x, y, x_adv, attack_name=attack,
                                             gradient=gradient)
                 m = {f"{prefix}/{k}": v for k, v in m.items()}
@@ -304,18 +346,24 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
                 out.update(m)
                 progress.step(f"{label} eps={eps:g} {_col_name(attack, gradient)}"
                               f": acc {acc:.3f}, unchanged {unch:.3f}")
+            worst = float(np.mean(robust))
+            results[f"{prefix}/test/worst_case_accuracy"] = worst
+            out.update({f"{prefix}/test/worst_case_accuracy": worst})
             paper = PAPER_TABLE.get((config.dataset, method))
             paper_cols = list(paper) if (paper and eps == 0.25) else [None] * 3
             name = f"{config.dataset} / {label}"
             if len(eps_values) > 1:
                 name += f" (eps={eps:g})"
             name = common.mark(name, report)
-            acc_rows.append([name, clean] + row_acc +
+            verdict = [verdicts[label]["verdict"] if eps == config.eps else ""
+                       ] if config.verdict else []
+            acc_rows.append([name, clean] + row_acc + [worst] + verdict +
                             common.convergence_columns(report) + paper_cols)
             unchanged_rows.append([name] + row_unch)
 
     col_names = [_col_name(a, g) for a, g in cols]
     acc_header = (["dataset / method", "clean"] + col_names +
+                  ["worst case"] + verdict_col +
                   list(common.CONVERGENCE_HEADER) +
                   ["published Rand", "published FGSM", "published PGD"])
     unch_header = ["dataset / method"] + col_names
@@ -339,14 +387,20 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
         "gradient, (predictive) the posterior-predictive gradient of Feng et "
         "al. (2024), (paper) the original code's double-softmax loss "
         "(without its other choices: see the paper ablation), (sample) one "
-        "posterior sample per step.\n\n"
+        "posterior sample per step. APGD-CE is APGD on the cross-entropy, "
+        "APGD-T AutoAttack's targeted DLR attack (Croce & Hein, 2020); "
+        "*worst case* counts a point only if it is classified correctly "
+        "before and after every attack of its row (the per-example worst "
+        "case).\n\n"
         + common.markdown_table(acc_header, acc_rows) +
         f"\n{common.CONVERGENCE_NOTE}\n"
         "\n## Unchanged predictions (adversarial robustness)\n\n"
         "Fraction of test points whose predicted class the attack did not "
-        "change.\n\n" + common.markdown_table(unch_header, unchanged_rows))
+        "change.\n\n" + common.markdown_table(unch_header, unchanged_rows)
+        + _verdict_markdown(config, verdicts))
     files.write_text(out.path("table.md"), md)
-    results["figures"] = [_plot(out, acc_header, acc_rows, col_names)]
+    results["figures"] = [_plot(out, acc_header, acc_rows,
+                                col_names + ["worst case"])]
     results["table_markdown"] = md
     results["unconverged"] = unconverged
     # Where each attack ran: deterministic attacks may take either path by
@@ -358,6 +412,53 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
                 "compile_paths": results["compile_paths"]})
     logging.info("Attack table written to %s", output_dir)
     return results
+
+
+def _verdicts(config, targets, x, y, seed, out, results):
+    """Each posterior's robustness report at ``config.eps``: label -> report.
+
+    The SGD network, when the table attacks one, is the transfer reference
+    of every other posterior.  Verdicts and reasons go into ``results`` and
+    ``results.json`` as ``<label>/verdict`` and ``<label>/verdict_reason``.
+    """
+    if not config.verdict:
+        return {}
+    n = config.report_num_test or len(x)
+    reference = next((e for e in targets.values()
+                      if e.metadata.get("method") == "sgd"), None)
+    found = {}
+    for label, ens in targets.items():
+        logging.info("attack_table: robustness report of %s (%d points)",
+                     label, min(n, len(x)))
+        report = evaluation.robustness_report(
+            common.limit_samples(ens, config.max_samples), x[:n], y[:n],
+            eps=config.eps, reference=None if ens is reference else reference,
+            gradient="predictive", seed=seed,
+            output_dir=out.path("reports", common.slug(label)),
+            steps=config.apgd_steps, square_queries=config.square_queries)
+        found[label] = report
+        values = {f"{label}/verdict": report["verdict"],
+                  f"{label}/verdict_reason": report["verdict_reason"],
+                  f"{label}/report": out.path("reports", common.slug(label),
+                                              "report.md")}
+        results.update(values)
+        out.update(values)
+    return found
+
+
+def _verdict_markdown(config, verdicts) -> str:
+    if not verdicts:
+        return ""
+    lines = [f"- **{label}**: {r['verdict']} — {r['verdict_reason']} "
+             f"([report](reports/{common.slug(label)}/report.md))"
+             for label, r in verdicts.items()]
+    return (f"\n## Verdict per posterior (robustness report, eps="
+            f"{config.eps:g})\n\nThe report's battery (FGSM, PGD, APGD-CE, "
+            "APGD-T, Square, random noise; posterior-predictive gradient), "
+            "its per-example worst case and its gradient-masking checks "
+            "(`tfp_bnn_adv.evaluation`), on the first "
+            "test points of the table; the verdict is also the table's "
+            "*verdict* column.\n\n" + "\n".join(lines) + "\n")
 
 
 def _plot(out, header, rows, col_names):

@@ -78,7 +78,7 @@ __all__ = ["StudyOutput", "Progress", "markdown_table",
            "ATTACKS", "GRADIENT_ATTACKS", "run_attack", "limit_samples",
            "load_model",
            "load_data", "Seeds", "SWEEP_DATA_SEED", "study_seeds",
-           "check_field",
+           "check_field", "slug",
            "UNCONVERGED", "CONVERGENCE_HEADER", "CONVERGENCE_NOTE",
            "UnconvergedPosteriorError", "check_max_rhat", "convergence_report",
            "is_unconverged", "mark", "describe", "convergence_columns",
@@ -302,9 +302,9 @@ def pyplot():
 # One attack dispatcher, one model loader, one data loader and one seed rule,
 # so that every study and script names, builds and seeds things alike.
 
-ATTACKS = ("random", "fgsm", "pgd", "square")
+ATTACKS = ("random", "fgsm", "pgd", "apgd-ce", "apgd-t", "square")
 # The attacks that take a gradient definition.
-GRADIENT_ATTACKS = ("fgsm", "pgd")
+GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-t")
 
 
 def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
@@ -313,19 +313,24 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
                pgd_step_size: float | None = None,
                pgd_random_start: bool | None = None,
                random_trials: int | None = None,
-               square_queries: int | None = None):
+               square_queries: int | None = None,
+               apgd_steps: int | None = None):
     """One attack of :data:`ATTACKS`, by name.
 
     Settings left ``None`` take the attack's own default (``pgd``: 40 steps,
     1 restart, step size ``2.5 eps / steps``, a random start;
-    ``random_attack``: 1 trial; ``square_attack``: 1000 queries; FGSM and
-    PGD: the expected gradient).
+    ``random_attack``: 1 trial; ``square_attack``: 1000 queries; APGD: 100
+    steps; FGSM and PGD: the expected gradient, APGD the predictive one).
+    ``"apgd-ce"`` is APGD on the cross-entropy, ``"apgd-t"`` AutoAttack's
+    targeted APGD on the DLR loss over ``min(9, C - 1)`` targets, falling
+    back to the targeted cross-entropy below the four classes DLR needs
+    (:func:`tfp_bnn_adv.attacks.apgd`).
 
     Args:
       ensemble: the :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` attacked.
       x: float32 inputs ``[B, *input_shape]`` in ``[0, 1]``.
       y: int labels ``[B]``.
-      attack: ``"random"``, ``"fgsm"``, ``"pgd"`` or ``"square"``.
+      attack: one of :data:`ATTACKS`.
       eps: the L-inf radius, ``>= 0``.
       seed: the attack's seed.
       gradient: FGSM's and PGD's gradient definition (``"expected"``,
@@ -334,6 +339,7 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
         settings.
       random_trials: best-of-k of the random attack.
       square_queries: Square Attack's query budget per example.
+      apgd_steps: APGD's iterations (per target for ``"apgd-t"``).
 
     Returns:
       The attacked inputs, float32 ``[B, *input_shape]``.
@@ -355,6 +361,15 @@ def run_attack(ensemble, x, y, attack: str, eps: float, *, seed,
                                     "step_size": pgd_step_size,
                                     "random_start": pgd_random_start,
                                     "gradient": gradient}
+    elif attack in ("apgd-ce", "apgd-t"):
+        targeted = attack == "apgd-t"
+        fn, options = attacks.apgd, {
+            "loss": "dlr" if targeted else "ce", "targeted": targeted,
+            "steps": apgd_steps, "gradient": gradient}
+        if targeted:
+            options.update(
+                num_targets=min(9, ensemble.network.num_classes - 1),
+                dlr_fallback=True)
     elif attack == "square":
         fn, options = attacks.square_attack, {"max_queries": square_queries}
     else:
@@ -881,7 +896,8 @@ def convergence_results(label: str, report: Mapping[str, Any]
     return out
 
 
-def _slug(label: str) -> str:
+def slug(label: str) -> str:
+    """``label`` as a file or directory name (``"NN (SGD)"`` -> ``"NN_SGD"``)."""
     return re.sub(r"[^A-Za-z0-9=._-]+", "_", label).strip("_") or "posterior"
 
 
@@ -904,7 +920,7 @@ def trace_figure(out: "StudyOutput", label: str, ensemble,
     traces = metadata.get("traces")
     if report.get("method") != "hmc" or not traces:
         return None
-    return hmc.plot_traces(traces, out.figure_path(f"traces_{_slug(label)}"),
+    return hmc.plot_traces(traces, out.figure_path(f"traces_{slug(label)}"),
                            title=describe(label, report))
 
 
