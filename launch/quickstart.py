@@ -4,18 +4,21 @@ With no arguments, on 2 CPU cores in about a quarter of an hour:
 
 1. Fashion-MNIST (the real data, from Debian's dataset-fashion-mnist or
    --data_dir): a small HMC posterior, a VI posterior and an SGD network;
-2. the attack table on them: random, FGSM and PGD with both gradient
-   definitions, Square Attack; accuracy on attacked inputs next to the
-   paper's figures, and unchanged predictions;
+2. the attack table on them: random, FGSM, PGD and APGD-CE with both
+   gradient definitions, Square Attack and the per-example worst case;
+   accuracy on attacked inputs next to the paper's figures, and unchanged
+   predictions; and the robustness report of the HMC and VI posteriors
+   (APGD-T too, the gradient-masking checks, a verdict);
 3. the gradient study: half-moons HMC over widths and training sizes, and
    the gradient size against the number of posterior samples on the three
    Fashion-MNIST models;
-4. a small robustness-accuracy sweep.
+4. a small robustness-accuracy sweep;
+5. a small paper ablation (the authors' semantics, switch by switch).
 
 Prints the table and where the figures are.  Study flags given explicitly
 (--num_train, --num_test, --hidden, --epochs, --widths, --train_sizes,
 --sample_counts, --training_lengths, --hmc_lengths, --pgd_steps,
---square_queries, and every HMC flag: --num_chains, --num_burnin_steps,
+--apgd_steps, --square_queries, and every HMC flag: --num_chains, --num_burnin_steps,
 --num_results, --step_size, --trajectory_length, --num_leapfrog_steps, ...)
 override the quick settings; the HMC flags apply to every HMC posterior of
 the quickstart.
@@ -50,6 +53,7 @@ from tfp_bnn_adv.studies.paper_ablation import PaperAblationConfig
 from tfp_bnn_adv.studies.quickstart import HIDDEN
 from tfp_bnn_adv.studies.quickstart import LABELS
 from tfp_bnn_adv.studies.quickstart import NUM_TRAIN
+from tfp_bnn_adv.studies.quickstart import REPORT_LABELS
 from tfp_bnn_adv.studies.quickstart import MOONS_TRAIN_SIZES
 from tfp_bnn_adv.studies.quickstart import SETTINGS
 from tfp_bnn_adv.studies.quickstart import SUBSTUDIES
@@ -113,7 +117,8 @@ def config_from_flags() -> QuickstartConfig:
                 **lf.convergence())
     hmc_flags = lf.hmc_overrides()
     table = AttackTableConfig.quick(
-        dataset="fashion_mnist", seed=seed, attacks=TABLE_ATTACKS, **data,
+        dataset="fashion_mnist", seed=seed, attacks=TABLE_ATTACKS,
+        report_labels=REPORT_LABELS, **data,
         **_overrides({
             "num_test": ("num_test", _count),
             "pgd_steps": ("pgd_steps", _value),

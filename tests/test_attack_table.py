@@ -1,6 +1,7 @@
 """The attack table: every cell is its attack's measured result."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -104,9 +105,12 @@ def test_verdict_per_posterior(moons_ensembles, tmp_path):
     _, ensembles = moons_ensembles
     config = _moons_config(verdict=True, report_num_test=20, apgd_steps=3,
                            square_queries=10)
-    ensembles = {"NN": ensembles["NN"]}
+    config = dataclasses.replace(config, report_labels=("NN",))
     results = at.run_attack_table(config, str(tmp_path), ensembles=ensembles)
-    for label in ensembles:
+    # Only the labels asked for get a report; the others' cells stay empty.
+    assert not (tmp_path / "reports" / "Deep_ensemble").exists()
+    assert "Deep ensemble/verdict" not in results
+    for label in ("NN",):
         report = json.loads((tmp_path / "reports" / common.slug(label) /
                              "report.json").read_text())
         assert results[f"{label}/verdict"] == report["verdict"]
@@ -117,6 +121,9 @@ def test_verdict_per_posterior(moons_ensembles, tmp_path):
     with open(tmp_path / "table.csv", newline="") as f:
         rows = {r["dataset / method"]: r for r in csv.DictReader(f)}
     assert rows["half_moons / NN"]["verdict"] == results["NN/verdict"]
+    assert rows["half_moons / Deep ensemble"]["verdict"] == ""
+    with pytest.raises(TypeError, match="report_labels"):
+        _moons_config(report_labels="NN").validate()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["NN/verdict"] == results["NN/verdict"]
 

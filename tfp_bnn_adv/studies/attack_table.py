@@ -102,6 +102,8 @@ class AttackTableConfig:
         each report goes to ``reports/<label>/``.
       report_num_test: the first this many test points go into the reports
         (``None``: all ``num_test``).
+      report_labels: the posteriors that get a report (``None``: all); the
+        others' verdict cells stay empty.
       allow_unconverged: write the table even from unconverged HMC
         posteriors (their rows marked ``(UNCONVERGED)``); otherwise
         :func:`run_attack_table` refuses before attacking.
@@ -126,6 +128,7 @@ class AttackTableConfig:
     max_rhat: float = 1.1
     verdict: bool = True
     report_num_test: int | None = None
+    report_labels: tuple | None = None
     allow_unconverged: bool = False
 
     @classmethod
@@ -158,6 +161,11 @@ class AttackTableConfig:
                            self.report_num_test, "report_num_test")
         if not isinstance(self.verdict, bool):
             raise TypeError(f"verdict must be a bool, got {self.verdict!r}.")
+        if self.report_labels is not None and (
+                isinstance(self.report_labels, str) or
+                not all(isinstance(v, str) for v in self.report_labels)):
+            raise TypeError(f"report_labels must be None or a tuple of "
+                            f"posterior labels, got {self.report_labels!r}.")
         validate.choice(self.dataset, data_lib.DATASET_NAMES, "dataset")
         for label, path in self.posteriors:
             if not os.path.exists(path):
@@ -211,6 +219,9 @@ def fingerprint(config: AttackTableConfig,
         fields["square_queries"] = config.square_queries
     if config.verdict:
         fields["verdict"] = {"report_num_test": config.report_num_test,
+                             "report_labels": (None if config.report_labels
+                                               is None else
+                                               list(config.report_labels)),
                              "apgd_steps": config.apgd_steps,
                              "square_queries": config.square_queries}
     fields["posteriors"] = [[label, common.file_sha256(path)]
@@ -355,7 +366,8 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
             if len(eps_values) > 1:
                 name += f" (eps={eps:g})"
             name = common.mark(name, report)
-            verdict = [verdicts[label]["verdict"] if eps == config.eps else ""
+            verdict = [verdicts[label]["verdict"] if (
+                eps == config.eps and label in verdicts) else ""
                        ] if config.verdict else []
             acc_rows.append([name, clean] + row_acc + [worst] + verdict +
                             common.convergence_columns(report) + paper_cols)
@@ -428,6 +440,8 @@ def _verdicts(config, targets, x, y, seed, out, results):
                       if e.metadata.get("method") == "sgd"), None)
     found = {}
     for label, ens in targets.items():
+        if config.report_labels is not None and label not in config.report_labels:
+            continue
         logging.info("attack_table: robustness report of %s (%d points)",
                      label, min(n, len(x)))
         report = evaluation.robustness_report(
