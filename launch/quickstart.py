@@ -125,12 +125,12 @@ def config_from_flags() -> QuickstartConfig:
             "apgd_steps": ("apgd_steps", _value),
             "square_queries": ("square_queries", _value)}))
     grads = GradientStudyConfig.quick(
-        image_dataset="fashion_mnist", seed=seed,
-        moons_train_sizes=MOONS_TRAIN_SIZES, **data, **_overrides({
-            "widths": ("moons_widths", lf.ints),
-            "train_sizes": ("moons_train_sizes", lf.ints),
-            "sample_counts": ("sample_counts", lf.ints),
-            "num_test": ("num_test", _count)}))
+        image_dataset="fashion_mnist", seed=seed, **data, **{
+            "moons_train_sizes": MOONS_TRAIN_SIZES, **_overrides({
+                "widths": ("moons_widths", lf.ints),
+                "train_sizes": ("moons_train_sizes", lf.ints),
+                "sample_counts": ("sample_counts", lf.ints),
+                "num_test": ("num_test", _count)})})
     grads = dataclasses.replace(grads,
                                 moons_hmc=grads.moons_hmc.replace(**hmc_flags))
     sweep = RobustnessAccuracyConfig.quick(
