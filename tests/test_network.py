@@ -138,36 +138,36 @@ def test_final_softmax_is_stripped_to_logits():
 
 
 @pytest.mark.parametrize("layer, cls", [
-    (L.BatchNormalization(name="bn"), "BatchNormalization"),
     (L.GaussianNoise(0.1, name="noise"), "GaussianNoise"),
     (L.LayerNormalization(name="ln"), "LayerNormalization")])
-def test_unsupported_layer_is_named(layer, cls):
+def test_a_layer_the_fast_path_lacks_goes_generic_and_is_named(layer, cls):
     model = keras.Sequential([keras.Input((4,)), L.Dense(5), layer, L.Dense(2)])
-    with pytest.raises(ValueError, match=rf"'{layer.name}'.*{cls}"):
-        Network.from_keras(model)
+    net = Network.from_keras(model)
+    assert net.path == "generic"
+    assert f"'{layer.name}' ({cls})" in net.path_reason
+    with pytest.raises(ValueError, match=rf"not on the fast path.*'{layer.name}'.*{cls}"):
+        Network.from_keras(model, path="fast")
 
 
 def test_bad_models_are_rejected_clearly():
-    inp = keras.Input((4,))
-    a, b = L.Dense(3)(inp), L.Dense(3)(inp)
-    with pytest.raises(ValueError, match="Add|chain|not supported"):
-        Network.from_keras(keras.Model(inp, L.Dense(2)(L.Add()([a, b]))))
-
     def custom_act(t):
         return t * 2.0
 
-    with pytest.raises(ValueError, match="activation 'custom_act'"):
-        Network.from_keras(keras.Sequential([
-            keras.Input((4,)), L.Dense(3, activation=custom_act), L.Dense(2)]))
+    # Settings the fast path lacks go generic rather than fail.
+    custom = Network.from_keras(keras.Sequential([
+        keras.Input((4,)), L.Dense(3, activation=custom_act), L.Dense(2)]))
+    assert custom.path == "generic" and "activation 'custom_act'" in custom.path_reason
+    grouped = Network.from_keras(keras.Sequential([
+        keras.Input((6, 6, 2)), L.Conv2D(2, 3, groups=2), L.Flatten(), L.Dense(2)]))
+    assert grouped.path == "generic" and "groups=2" in grouped.path_reason
     with pytest.raises(ValueError, match="num_classes >= 2"):
         Network.from_keras(keras.Sequential([keras.Input((4,)), L.Dense(1)]))
     with pytest.raises(ValueError, match="not built"):
         Network.from_keras(keras.Sequential([L.Dense(2)]))
-    with pytest.raises(ValueError, match="groups"):
-        Network.from_keras(keras.Sequential([
-            keras.Input((6, 6, 2)), L.Conv2D(2, 3, groups=2), L.Flatten(), L.Dense(2)]))
     with pytest.raises(TypeError, match="keras.Model"):
         Network.from_keras("model.keras")
+    with pytest.raises(ValueError, match="path must be one of"):
+        Network.from_keras(_mlp(), path="fastest")
 
 
 def test_init_params_is_stateless_and_follows_initialisers():
@@ -384,7 +384,8 @@ def test_ops_record_each_layer_with_its_kind():
              "dense", "relu", "dropout", "dense", "leaky_relu", "activation",
              "dense"]
     assert [op.kind for op in net.ops] == kinds
-    assert set(kinds) == set(network_lib.OP_KINDS)
+    assert set(kinds) | {"batch_norm", "global_avg_pool2d", "global_max_pool2d",
+                         "rescaling", "add"} == set(network_lib.OP_KINDS)
     # Each op holds the Keras layer it came from, in execution order; the
     # stripped output Activation has no op.
     keras_layers = [l for l in model.layers[1:] if l is not inner]

@@ -36,28 +36,39 @@ import sys
 from typing import Callable, Sequence
 import warnings
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfp_bnn_adv import seeds as seeds_lib
+from tfp_bnn_adv import keras_graph
+from tfp_bnn_adv import network_generic
 from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 
-__all__ = ["Network", "SUPPORTED_LAYERS", "OP_KINDS", "UNSCALED_LIMIT",
+__all__ = ["Network", "FAST_PATH_LAYERS", "OP_KINDS", "NETWORK_PATHS",
+           "UNSCALED_LIMIT",
            "UnscaledInputWarning", "check_positive_int", "check_positive_float",
            "check_labels"]
 
-SUPPORTED_LAYERS = (
+# Layers the fast path writes out itself; a model with any other layer takes
+# the generic path (Keras' own stateless_call), never a refusal.
+FAST_PATH_LAYERS = (
     "InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D",
     "Flatten", "Reshape", "Activation", "ReLU", "LeakyReLU", "Dropout",
+    "BatchNormalization", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
+    "Rescaling", "Add",
 )
 # What an op of :attr:`Network.ops` computes (its ``kind``), in the order of
 # the layers above it comes from.
 OP_KINDS = (
     "dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten", "reshape",
-    "activation", "relu", "leaky_relu", "dropout",
+    "activation", "relu", "leaky_relu", "dropout", "batch_norm",
+    "global_avg_pool2d", "global_max_pool2d", "rescaling", "add",
 )
+# How from_keras may import a model.
+NETWORK_PATHS = ("auto", "fast", "generic")
 
 # Activation functions by their Keras 3 serialised name, Keras' own (on the
 # TensorFlow backend each is the tf.nn / tf.math op).  All act element-wise
@@ -141,6 +152,7 @@ class _Op:
 
     kind = ""
     num_tensors = 0
+    num_inputs = 1  # values the op reads (several for merges such as Add)
     flops_per_example = 0  # multiply-adds x 2 of one forward pass, one sample
 
     def __init__(self, layer, in_shape: tuple, out_shape: tuple):
@@ -159,10 +171,9 @@ def _activation_fn(name: str, layer_name: str, class_name: str) -> Callable:
         return _ELEMENTWISE[name]
     if name in _FEATURE_WISE:
         return _FEATURE_WISE[name]
-    raise ValueError(
-        f"Layer {layer_name!r} ({class_name}) uses activation {name!r}, which "
-        f"tfp_bnn_adv does not support. Supported activations: "
-        f"{sorted(list(_ELEMENTWISE) + list(_FEATURE_WISE))}.")
+    raise _NotFast(
+        f"layer {layer_name!r} ({class_name}) uses activation {name!r}, which "
+        "the fast path does not cover")
 
 
 def _apply_activation(a: _Act, name: str) -> _Act:
@@ -335,6 +346,105 @@ class _Dropout(_Op):
             a.value, rate=self.rate, seed=seed))
 
 
+class _BatchNorm(_Op):
+    """BatchNormalization in inference: a per-channel affine map.
+
+    The moving statistics are constants of the imported model (the same for
+    every sample, never updated); ``gamma`` and ``beta``, where the layer has
+    them, are parameters like any other.  Computed as
+    ``tf.nn.batch_normalization`` does, which Keras uses.
+    """
+
+    kind = "batch_norm"
+
+    def __init__(self, layer, in_shape, out_shape, mean, variance, epsilon,
+                 scale, center):
+        super().__init__(layer, in_shape, out_shape)
+        self.mean = tf.constant(mean, tf.float32)
+        self.variance = tf.constant(variance, tf.float32)
+        self.epsilon = float(epsilon)
+        self.scale = bool(scale)
+        self.center = bool(center)
+        self.num_tensors = int(scale) + int(center)
+
+    def __call__(self, a, params, training, seed):
+        s = a.num_samples
+        c = self.in_shape[-1]
+        inv = tf.math.rsqrt(self.variance + self.epsilon)  # [C]
+        gamma = params[0] if self.scale else None  # [S, C]
+        beta = params[int(self.scale)] if self.center else None
+        gamma = tf.ones([s, c]) if gamma is None else gamma
+        beta = tf.zeros([s, c]) if beta is None else beta
+        mul = inv * gamma  # [S, C]
+        add = beta - self.mean * mul
+        if a.layout == "grouped":
+            return dataclasses.replace(a, value=a.value * tf.reshape(mul, [-1])
+                                       + tf.reshape(add, [-1]))
+        v = a.value[None] if a.layout == "shared" else a.value
+        shape = [s] + [1] * (v.shape.rank - 2) + [c]
+        out = v * tf.reshape(mul, shape) + tf.reshape(add, shape)
+        return _Act(out, "stacked", s)
+
+
+class _GlobalPool2D(_Op):
+    """GlobalAveragePooling2D / GlobalMaxPooling2D over the spatial axes."""
+
+    def __init__(self, layer, in_shape, out_shape, kind, keepdims):
+        super().__init__(layer, in_shape, out_shape)
+        self.kind = kind
+        self.keepdims = bool(keepdims)
+        self.fn = tf.reduce_mean if kind == "global_avg_pool2d" else tf.reduce_max
+
+    def __call__(self, a, params, training, seed):
+        if a.layout == "stacked":
+            return dataclasses.replace(
+                a, value=self.fn(a.value, axis=[2, 3], keepdims=self.keepdims))
+        out = self.fn(a.value, axis=[1, 2], keepdims=self.keepdims)
+        if a.layout == "shared" or self.keepdims:
+            return dataclasses.replace(a, value=out)
+        # [B, S*C] -> [S, B, C]
+        out = tf.reshape(out, [-1, a.num_samples, a.channels])
+        return _Act(tf.transpose(out, [1, 0, 2]), "stacked", a.num_samples)
+
+
+class _Rescaling(_Op):
+    """Rescaling: ``x * scale + offset`` (scalars or per-feature arrays)."""
+
+    kind = "rescaling"
+
+    def __init__(self, layer, in_shape, out_shape, scale, offset):
+        super().__init__(layer, in_shape, out_shape)
+        self.scale = np.asarray(scale, np.float32)
+        self.offset = np.asarray(offset, np.float32)
+
+    def __call__(self, a, params, training, seed):
+        if a.layout == "grouped" and (self.scale.ndim or self.offset.ndim):
+            a = _Act(_to_stacked(a), "stacked", a.num_samples)
+        return dataclasses.replace(a, value=a.value * self.scale + self.offset)
+
+
+class _Add(_Op):
+    """Add: the element-wise sum of two or more branches (a residual)."""
+
+    kind = "add"
+    num_inputs = 2
+
+    def __call__(self, acts, params, training, seed):
+        layouts = {a.layout for a in acts}
+        if layouts == {"shared"}:
+            return _Act(tf.add_n([a.value for a in acts]), "shared",
+                        acts[0].num_samples)
+        if "grouped" in layouts and layouts <= {"grouped", "shared"} and len(
+                self.out_shape) == 3:
+            first = next(a for a in acts if a.layout == "grouped")
+            vals = [_to_grouped(dataclasses.replace(a, channels=first.channels))
+                    for a in acts]
+            return _Act(tf.add_n(vals), "grouped", first.num_samples,
+                        first.channels)
+        return _Act(tf.add_n([_to_stacked(a) for a in acts]), "stacked",
+                    acts[0].num_samples)
+
+
 # --------------------------------------------------------------------------
 # Import from Keras.
 # --------------------------------------------------------------------------
@@ -355,9 +465,8 @@ def _serialized_activation(fn) -> str:
 def _check_channels_last(layer, cls):
     fmt = getattr(layer, "data_format", "channels_last")
     if fmt != "channels_last":
-        raise ValueError(
-            f"Layer {layer.name!r} ({cls}) uses data_format={fmt!r}; only "
-            "'channels_last' is supported.")
+        raise _NotFast(f"layer {layer.name!r} ({cls}) uses data_format="
+                       f"{fmt!r}; the fast path covers 'channels_last'")
 
 
 def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op:
@@ -372,8 +481,8 @@ def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op:
     if cls == "Conv2D":
         _check_channels_last(layer, cls)
         if int(layer.groups) != 1:
-            raise ValueError(f"Layer {name!r} ({cls}) uses groups="
-                             f"{layer.groups}; only groups=1 is supported.")
+            raise _NotFast(f"layer {name!r} ({cls}) uses groups="
+                           f"{layer.groups}; the fast path covers groups=1")
         act = _serialized_activation(layer.activation)
         _activation_fn(act, name, cls)
         return _Conv2D(layer, in_shape, out_shape, int(layer.filters),
@@ -403,118 +512,240 @@ def _op_from_layer(layer, in_shape: tuple, out_shape: tuple) -> _Op:
                      layer.negative_slope, 0.0, None)
     if cls == "Dropout":
         if getattr(layer, "noise_shape", None) is not None:
-            raise ValueError(f"Layer {name!r} ({cls}) uses noise_shape; only "
-                             "plain Dropout is supported.")
+            raise _NotFast(f"layer {name!r} ({cls}) uses noise_shape; the "
+                           "fast path covers plain Dropout")
         return _Dropout(layer, in_shape, out_shape, layer.rate)
-    raise ValueError(
-        f"Layer {name!r} of class {cls} is not supported by tfp_bnn_adv. "
-        f"Supported layers: {', '.join(SUPPORTED_LAYERS)} (and nested "
-        "Sequential/functional models made of them).")
+    if cls == "BatchNormalization":
+        rank = len(in_shape) + 1
+        if int(layer.axis) % rank != rank - 1:
+            raise _NotFast(f"layer {name!r} ({cls}) normalises axis "
+                           f"{layer.axis}; the fast path covers the last axis")
+        return _BatchNorm(layer, in_shape, out_shape,
+                          layer.moving_mean.numpy(), layer.moving_variance.numpy(),
+                          layer.epsilon, layer.scale, layer.center)
+    if cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        _check_channels_last(layer, cls)
+        return _GlobalPool2D(layer, in_shape, out_shape,
+                             "global_avg_pool2d" if cls.startswith("GlobalAverage")
+                             else "global_max_pool2d", layer.keepdims)
+    if cls == "Rescaling":
+        return _Rescaling(layer, in_shape, out_shape, layer.scale, layer.offset)
+    if cls == "Add":
+        return _Add(layer, in_shape, out_shape)
+    raise _NotFast(f"layer {name!r} ({cls}) is not one of the fast path's "
+                   "layers")
 
 
-def _flatten_layers(model) -> list:
-    """The model's layers in execution order, nested models expanded.
+class _NotFast(Exception):
+    """Why a model is not on the fast path (a layer or setting it lacks)."""
 
-    Only chains are supported: every supported layer has one input, so a
-    single-input, single-output functional model made of them is a chain.
+
+# Layers that can never be a pure function of float inputs with input
+# gradients: they take token ids, strings or bins, or keep state in Python
+# between calls.
+_REFUSED_LAYERS = {
+    "Embedding": "maps integer token ids to vectors",
+    "StringLookup": "maps strings to integer ids",
+    "IntegerLookup": "maps integers to integer ids",
+    "TextVectorization": "maps strings to integer ids",
+    "Hashing": "hashes its inputs to integer bins",
+    "CategoryEncoding": "encodes integer categories",
+    "Discretization": "maps values to integer bins",
+}
+
+
+def _io_shapes(model, input_shape) -> tuple[tuple, tuple, str]:
+    """One example's input and output shapes and the input dtype.
+
+    A functional or Sequential model has them symbolically; a subclassed
+    model is asked for its output on the shape it was built for (or on
+    ``input_shape``).
     """
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            layers.extend(_flatten_layers(layer))
-        else:
-            layers.append(layer)
-    if not isinstance(model, keras.Sequential):
-        _check_chain(model)
-    return layers
-
-
-def _check_chain(model) -> None:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if not model.built:
         raise ValueError(
-            f"Model {model.name!r} has {len(model.inputs)} inputs and "
-            f"{len(model.outputs)} outputs; tfp_bnn_adv needs exactly one "
-            "of each.")
-    previous = id(model.inputs[0])
-    for layer in model.layers:
-        if type(layer).__name__ == "InputLayer":
-            continue
-        nodes = [n for n in layer._inbound_nodes  # pylint: disable=protected-access
-                 if n.input_tensors]
-        ids = [id(t) for n in nodes for t in n.input_tensors]
-        if ids != [previous]:
+            f"model {model.name!r} is not built; give it an input shape, "
+            "e.g. keras.Sequential([keras.Input((784,)), ...]).")
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if inputs:
+        if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(
-                f"Layer {layer.name!r} ({type(layer).__name__}) of model "
-                f"{model.name!r} is not applied as the next step of a single "
-                "chain (branches, merges and shared layers are not "
-                "supported).")
-        previous = id(nodes[0].output_tensors[0])
-    if previous != id(model.outputs[0]):
-        raise ValueError(f"Model {model.name!r}: the output is not the end of "
-                         "its chain of layers.")
+                f"Model {model.name!r} has {len(inputs)} inputs and "
+                f"{len(outputs)} outputs; tfp_bnn_adv needs exactly one "
+                "of each.")
+        return (_shape_tuple(inputs[0].shape), _shape_tuple(outputs[0].shape),
+                keras.backend.standardize_dtype(inputs[0].dtype))
+    if input_shape is None:
+        built = list((getattr(model, "_build_shapes_dict", None) or {}).values())
+        if len(built) != 1 or not isinstance(built[0], (tuple, list)):
+            raise ValueError(
+                f"model {model.name!r} ({type(model).__name__}) has no "
+                "symbolic input; pass input_shape=(one example's shape).")
+        input_shape = tuple(built[0])[1:]
+    input_shape = validate.int_sequence(input_shape, "input_shape")
+    spec = model.compute_output_spec(keras.KerasTensor((None,) + input_shape))
+    if not hasattr(spec, "shape"):
+        raise ValueError(f"model {model.name!r} returns {type(spec).__name__}; "
+                         "tfp_bnn_adv needs a single output tensor.")
+    return input_shape, _shape_tuple(spec.shape), "float32"
 
 
-def _layer_shapes(layer) -> tuple[tuple, tuple]:
-    return _shape_tuple(layer.input.shape), _shape_tuple(layer.output.shape)
+def _refuse_impure(model, dtype: str) -> None:
+    """Raises naming a layer that cannot be a pure function of float inputs."""
+    if not dtype.startswith(("float", "bfloat")):
+        raise ValueError(
+            f"model {model.name!r} takes inputs of dtype {dtype}; tfp_bnn_adv "
+            "needs float inputs, since attacks take gradients with respect "
+            "to them.")
+    for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+        cls = type(layer).__name__
+        if cls in _REFUSED_LAYERS:
+            raise ValueError(
+                f"Layer {layer.name!r} ({cls}) {_REFUSED_LAYERS[cls]}, so its "
+                "output has no gradient with respect to the input; "
+                "tfp_bnn_adv needs a model that is a differentiable function "
+                "of float inputs (apply such preprocessing before the model).")
+        if getattr(layer, "stateful", False):
+            raise ValueError(
+                f"Layer {layer.name!r} ({cls}) is stateful: it carries state "
+                "from one call to the next, so it is not a pure function of "
+                "its weights and input; rebuild it with stateful=False.")
 
 
-def _keeps_logits(op: _Op) -> bool:
-    """Whether ``op`` passes its input through unchanged up to a reshape.
+def _activation_name(layer) -> str | None:
+    """The activation a layer applies last, by its Keras name, if any."""
+    cls = type(layer).__name__
+    if cls == "Softmax":
+        axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
+        return "softmax" if axis in (-1, (-1,)) else "softmax over axis " + str(axis)
+    fn = getattr(layer, "activation", None)
+    return _serialized_activation(fn) if callable(fn) else None
 
-    Such ops may follow the output softmax: on logits they give the same
+
+def _keeps_logits(layer) -> bool:
+    """Whether ``layer`` passes its input through unchanged up to a reshape.
+
+    Such layers may follow the output softmax: on logits they give the same
     predictive as on probabilities, so the softmax can be moved past them
     (Dropout is the identity at prediction).
     """
-    if isinstance(op, (_Dropout, _Reshape)):
+    cls = type(layer).__name__
+    if cls in ("Dropout", "Flatten", "Reshape"):
         return True
-    return isinstance(op, _Activation) and op.activation == "linear"
+    return cls == "Activation" and _activation_name(layer) == "linear"
 
 
-def _strip_output_activation(ops: list[_Op], num_classes: int, model_name: str
-                             ) -> tuple[str | None, str | None]:
-    """Drops the output softmax/log-softmax from ``ops``, in place.
+def _output_softmax(graph: keras_graph.Graph, num_classes: int,
+                    model_name: str):
+    """Finds the output softmax/log-softmax to strip.
 
-    Walks back from the output to the last layer with weights.  A softmax on
-    the way is stripped when only :func:`_keeps_logits` layers follow it and
-    it normalises over all ``num_classes`` outputs; any other softmax on the
-    way is refused, since the model's output would then be neither logits
-    nor probabilities.
+    Walks back from the output to the last layer with weights (or a merge).
+    A softmax on the way is stripped when only :func:`_keeps_logits` layers
+    follow it and it normalises over all ``num_classes`` outputs; any other
+    softmax on the way is refused, since the model's output would then be
+    neither logits nor probabilities.
 
     Returns:
-      ``(activation, layer name)`` of what was stripped, or ``(None, None)``.
+      ``(activation, step)`` of what is stripped, or ``(None, None)``.  A
+      step whose layer is an ``Activation`` or ``Softmax`` layer is dropped;
+      any other has its activation replaced by the identity.
     """
-    for k in range(len(ops) - 1, -1, -1):
-        op = ops[k]
-        if getattr(op, "activation", None) in _STRIPPABLE_OUTPUT:
+    after = []
+    value = graph.output
+    while True:
+        step = graph.producer(value)
+        if step is None or len(step.inputs) != 1:
+            return None, None
+        act = _activation_name(step.layer)
+        if act in _STRIPPABLE_OUTPUT:
             break
-        if op.num_tensors:
+        if step.layer.weights:
             return None, None  # the output is already this layer's logits
-    else:
-        return None, None
-    act = op.activation
-    after = ops[k + 1:]
-    for later in after:
-        if not _keeps_logits(later):
+        after.append(step)
+        value = step.inputs[0]
+    name, cls = step.layer.name, type(step.layer).__name__
+    for later in reversed(after):
+        if not _keeps_logits(later.layer):
             raise ValueError(
-                f"Layer {op.name!r} ({type(op).__name__.lstrip('_')}) of model "
-                f"{model_name!r} applies {act} and is followed by layer "
-                f"{later.name!r} ({type(later).__name__.lstrip('_')}), which "
-                f"changes its values; tfp_bnn_adv needs the model to end in "
-                f"logits or in a final {act} followed only by Dropout, "
-                "Flatten, Reshape or linear Activation layers.")
-    if (int(np.prod(op.out_shape)) != num_classes
-            or op.out_shape[-1] != num_classes):
+                f"Layer {name!r} ({cls}) of model {model_name!r} applies {act} "
+                f"and is followed by layer {later.layer.name!r} "
+                f"({type(later.layer).__name__}), which changes its values; "
+                f"tfp_bnn_adv needs the model to end in logits or in a final "
+                f"{act} followed only by Dropout, Flatten, Reshape or linear "
+                "Activation layers.")
+    out_shape = step.out_shapes[0]
+    if int(np.prod(out_shape)) != num_classes or out_shape[-1] != num_classes:
         raise ValueError(
-            f"Layer {op.name!r} ({type(op).__name__.lstrip('_')}) of model "
-            f"{model_name!r} applies {act} over an axis of size "
-            f"{op.out_shape[-1]} (output shape {op.out_shape}), which later "
-            f"layers reshape into the {num_classes} classes, so it is not a "
-            "softmax over the classes.")
-    if isinstance(op, _Activation):
-        del ops[k]
-    else:
-        op.activation = "linear"
-    return act, op.name
+            f"Layer {name!r} ({cls}) of model {model_name!r} applies {act} "
+            f"over an axis of size {out_shape[-1]} (output shape {out_shape}), "
+            f"which later layers reshape into the {num_classes} classes, so it "
+            "is not a softmax over the classes.")
+    return act, step
+
+
+def _drops_step(step) -> bool:
+    """Whether stripping ``step``'s softmax removes the whole step."""
+    return type(step.layer).__name__ in ("Activation", "Softmax")
+
+
+def _fast_program(graph: keras_graph.Graph, var_index: dict, stripped_step
+                  ) -> list[tuple]:
+    """The fast path's program: ``(op, input ids, output id, param indices)``.
+
+    ``op`` is None for a step that only passes its input on (a stripped
+    output softmax layer).
+
+    Raises:
+      _NotFast: naming the first layer or setting the fast path lacks.
+    """
+    program = []
+    seen = set()
+    for step in graph.steps:
+        layer = step.layer
+        if id(layer) in seen:
+            raise _NotFast(f"layer {layer.name!r} ({type(layer).__name__}) is "
+                           "called more than once (shared weights)")
+        seen.add(id(layer))
+        if step is stripped_step and _drops_step(step):
+            program.append((None, step.inputs, step.outputs[0], ()))
+            continue
+        if len(step.outputs) != 1:
+            raise _NotFast(f"layer {layer.name!r} ({type(layer).__name__}) "
+                           "has several outputs")
+        op = _op_from_layer(layer, step.in_shapes[0], step.out_shapes[0])
+        if len(step.inputs) != op.num_inputs and not (
+                op.num_inputs > 1 and len(step.inputs) > 1):
+            raise _NotFast(f"layer {layer.name!r} ({type(layer).__name__}) is "
+                           f"called on {len(step.inputs)} inputs")
+        weights = layer.trainable_weights
+        if len(weights) != op.num_tensors or len(layer.non_trainable_weights) != (
+                2 if op.kind == "batch_norm" else 0):
+            raise _NotFast(f"layer {layer.name!r} ({type(layer).__name__}) has "
+                           "frozen (non-trainable) weights")
+        if step is stripped_step:
+            op.activation = "linear"
+        program.append((op, step.inputs, step.outputs[0],
+                        tuple(var_index[id(w)] for w in weights)))
+    return program
+
+
+def _flops_of_steps(graph: keras_graph.Graph) -> int:
+    """Forward FLOPs of one example: 2 x multiply-adds of every kernel.
+
+    A kernel of ``k`` entries producing an output of ``P`` positions (all
+    axes but the last) costs ``2 k P``: exact for Dense, ConvND and
+    depthwise convolutions, an estimate for other layers with kernels.
+    """
+    total = 0
+    for step in graph.steps:
+        out = step.out_shapes[0]
+        positions = int(np.prod([d or 1 for d in out[:-1]])) if out else 1
+        for w in step.layer.trainable_weights:
+            if len(w.shape) >= 2:
+                total += 2 * int(np.prod(w.shape)) * positions
+    return total
 
 
 # --------------------------------------------------------------------------
@@ -585,15 +816,62 @@ def _stateless_init(config: dict, shape: tuple, seed) -> tf.Tensor:
     return tf.random.stateless_truncated_normal(shape, seed, 0.0, std)
 
 
+_KNOWN_INITIALIZERS = tuple(_VARIANCE_SCALING) + (
+    "VarianceScaling", "Zeros", "Ones", "Constant", "RandomNormal",
+    "TruncatedNormal", "RandomUniform")
+# Initialiser attributes of a layer, by the name of the variable they make,
+# where the attribute is not simply "<name>_initializer".
+_INITIALIZER_ATTRS = {
+    "kernel": ("kernel_initializer", "depthwise_initializer"),
+    "depthwise_kernel": ("depthwise_initializer",),
+    "pointwise_kernel": ("pointwise_initializer",),
+    "recurrent_kernel": ("recurrent_initializer",),
+}
+
+
+def _variable_owners(model) -> dict:
+    """``id(variable) -> the layer that created it`` for every layer."""
+    owners = {}
+    for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+        for v in getattr(layer, "_trainable_variables", ()):
+            owners.setdefault(id(v), layer)
+    return owners
+
+
+def _initializer_config(layer, variable) -> dict | None:
+    """The serialised Keras initialiser ``variable`` was drawn from.
+
+    None where the layer names none that :func:`_stateless_init` can draw
+    (then :meth:`Network.init_params` starts from the model's own value).
+    """
+    if layer is None:
+        return None
+    names = _INITIALIZER_ATTRS.get(variable.name, ()) + (
+        variable.name + "_initializer",)
+    for attr in names:
+        ini = getattr(layer, attr, None)
+        if ini is None:
+            continue
+        config = keras.initializers.serialize(ini)
+        if isinstance(config, dict) and config.get("class_name") in _KNOWN_INITIALIZERS:
+            return config
+        return None
+    return None
+
+
 # --------------------------------------------------------------------------
 # The public class.
 # --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """Name, shape and Keras initialiser config of one parameter tensor."""
+    """Name, shape and Keras initialiser config of one parameter tensor.
+
+    ``initializer`` is None where the layer's initialiser has no stateless
+    equivalent here; such a tensor starts from the Keras model's value.
+    """
     name: str
     shape: tuple
-    initializer: dict
+    initializer: dict | None
 
 
 class Network:
@@ -624,81 +902,158 @@ class Network:
       TensorShape([5, 3, 2])
     """
 
-    def __init__(self, keras_model, ops: list[_Op], param_specs: list[ParamSpec],
-                 input_shape: tuple, num_classes: int,
-                 stripped_output_activation: str | None,
-                 stripped_output_layer: str | None = None):
+    def __init__(self, keras_model, *, graph, program, generic,
+                 param_specs: list[ParamSpec], input_shape: tuple,
+                 num_classes: int, stripped_output_activation: str | None,
+                 stripped_output_layer: str | None, path: str, path_reason: str,
+                 state_specs: list[ParamSpec], state_values: list[np.ndarray],
+                 initial_values: list[np.ndarray], requested_path: str,
+                 flops: int, activation_size: int):
         self.keras_model = keras_model
-        self._ops = ops
+        self.graph = graph
+        self._program = program
+        self._ops = [entry[0] for entry in program or () if entry[0] is not None]
+        self._generic = generic
         self.param_specs = tuple(param_specs)
         self.input_shape = tuple(input_shape)
         self.num_classes = int(num_classes)
         self.stripped_output_activation = stripped_output_activation
         self.stripped_output_layer = stripped_output_layer
+        self.path = path
+        self.path_reason = path_reason
+        self.state_specs = tuple(state_specs)
+        self._state_values = [np.asarray(v) for v in state_values]
+        self._initial_values = initial_values
+        self._requested_path = requested_path
+        self._flops = int(flops)
+        self._activation_size = int(activation_size)
 
     # ---------------------------------------------------------------- import
     @classmethod
-    def from_keras(cls, model) -> "Network":
-        """Imports a built Keras 3 ``Sequential`` or functional model.
+    def from_keras(cls, model, *, path: str = "auto",
+                   input_shape: Sequence[int] | None = None) -> "Network":
+        """Imports a built Keras 3 model: ``Sequential``, functional or subclassed.
+
+        Two paths compute the same function (up to rounding):
+
+        * the **fast** path, for models made of ``FAST_PATH_LAYERS`` (chains
+          or functional graphs with residual ``Add``, nested models
+          expanded): every layer written out in a sample-vectorised layout
+          (Dense and Conv2D truly vectorised over ``S``, see the module
+          docstring);
+        * the **generic** path, for any other model: Keras' own
+          ``stateless_call`` of each layer (or of the whole model, where it
+          has no static graph), vectorised over ``S`` by
+          ``tf.vectorized_map`` where that lowers to XLA and otherwise a
+          static-size loop (:mod:`tfp_bnn_adv.network_generic`).
+
+        Which path a model took and why is :attr:`path` and
+        :attr:`path_reason`, and one log line at import.
 
         Args:
-          model: a built ``keras.Model`` whose layers are all in
-            ``SUPPORTED_LAYERS`` (nested Sequential/functional models are
-            expanded), with one input and a rank-2 output ``[B, C]``, ``C>=2``.
+          model: a built ``keras.Model`` with one float input and one output
+            ``[B, C]``, ``C >= 2`` (logits, or a final softmax/log-softmax,
+            which is stripped).
+          path: ``"auto"`` (the fast path where it covers every layer),
+            ``"fast"`` (refuse a model it does not cover, naming the layer)
+            or ``"generic"``.
+          input_shape: one example's shape, for a subclassed model that
+            has no symbolic input (by default the shape it was first called
+            on); ignored otherwise.
 
         Returns:
           A :class:`Network`.
 
         Raises:
           TypeError: if ``model`` is not a Keras 3 model.
-          ValueError: naming the layer and its class if a layer, activation,
-            data format or topology is not supported, if a softmax reaches
-            the output through a layer that changes values (anything but
-            Dropout, Flatten, Reshape or a linear Activation), or if the
-            model is not built or its output is not ``[B, C]`` with
-            ``C >= 2``.
+          ValueError: if ``path`` is not one of ``NETWORK_PATHS``; if the
+            model is not built, takes non-float inputs, or holds a layer
+            that cannot be a pure differentiable function of float inputs
+            (``Embedding``, lookups, hashing, a stateful RNN), naming the
+            layer and its class; if a softmax reaches the output through a
+            layer that changes values (anything but Dropout, Flatten,
+            Reshape or a linear Activation); if its output is not
+            ``[B, C]`` with ``C >= 2``; with ``path="fast"``, naming the
+            first layer the fast path does not cover.
         """
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model (Keras 3), got "
                             f"{type(model).__module__}.{type(model).__name__}.")
-        if not model.built or not getattr(model, "inputs", None):
-            raise ValueError(
-                f"model {model.name!r} is not built; give it an input shape, "
-                "e.g. keras.Sequential([keras.Input((784,)), ...]).")
-        ops: list[_Op] = []
-        specs: list[ParamSpec] = []
-        for layer in _flatten_layers(model):
-            if type(layer).__name__ == "InputLayer":
-                continue
-            op = _op_from_layer(layer, *_layer_shapes(layer))
-            ops.append(op)
-            if op.num_tensors:
-                init_cfg = [keras.initializers.serialize(layer.kernel_initializer)]
-                if op.num_tensors == 2:
-                    init_cfg.append(
-                        keras.initializers.serialize(layer.bias_initializer))
-                weights = layer.trainable_weights
-                if len(weights) != op.num_tensors:
-                    raise ValueError(
-                        f"Layer {layer.name!r} ({type(layer).__name__}) has "
-                        f"{len(weights)} trainable weights, expected "
-                        f"{op.num_tensors} (is it frozen?).")
-                for w, ini in zip(weights, init_cfg):
-                    specs.append(ParamSpec(w.path, tuple(int(d) for d in w.shape),
-                                           ini))
-        if not any(op.num_tensors for op in ops):
-            raise ValueError(f"model {model.name!r} has no Dense or Conv2D "
-                             "layer, so no weights to put a posterior on.")
-        out_shape = _shape_tuple(model.outputs[0].shape)
-        if len(out_shape) != 1 or out_shape[0] < 2:
+        path = validate.choice(path, NETWORK_PATHS, "path")
+        input_shape, out_shape, dtype = _io_shapes(model, input_shape)
+        _refuse_impure(model, dtype)
+        if len(out_shape) != 1 or out_shape[0] is None or out_shape[0] < 2:
             raise ValueError(
                 f"model {model.name!r} must output [batch, num_classes] with "
                 f"num_classes >= 2 (logits or softmax); its output shape is "
                 f"(None, {', '.join(map(str, out_shape))}).")
-        stripped, stripped_layer = _strip_output_activation(
-            ops, out_shape[0], model.name)
-        return cls(model, ops, specs, _shape_tuple(model.inputs[0].shape),
-                   out_shape[0], stripped, stripped_layer)
+        if any(d is None for d in input_shape):
+            raise ValueError(f"model {model.name!r} has input shape (None, "
+                             f"{', '.join(map(str, input_shape))}); tfp_bnn_adv "
+                             "needs every axis but the batch axis fixed.")
+        variables = list(model.trainable_variables)
+        if not variables:
+            raise ValueError(f"model {model.name!r} has no trainable weights, "
+                             "so no weights to put a posterior on.")
+        var_index = {id(v): i for i, v in enumerate(variables)}
+        owners = _variable_owners(model)
+        specs = [ParamSpec(v.path, tuple(int(d) for d in v.shape),
+                           _initializer_config(owners.get(id(v)), v))
+                 for v in variables]
+        state_vars = [v for v in model.non_trainable_variables
+                      if not network_generic.is_seed_state(v)]
+        state_specs = [ParamSpec(v.path, tuple(int(d) for d in v.shape), {})
+                       for v in state_vars]
+        state_values = [np.asarray(v.numpy()) for v in state_vars]
+
+        graph, graph_reason = keras_graph.model_graph(model)
+        stripped, stripped_step = None, None
+        if graph is not None:
+            stripped, stripped_step = _output_softmax(graph, out_shape[0],
+                                                      model.name)
+        program, reason = None, None
+        if path != "generic":
+            if graph is None:
+                reason = graph_reason
+            else:
+                try:
+                    program = _fast_program(graph, var_index, stripped_step)
+                except _NotFast as e:
+                    reason = str(e)
+            if program is None and path == "fast":
+                raise ValueError(f"model {model.name!r} is not on the fast "
+                                 f"path: {reason}.")
+        if program is not None:
+            chosen = "fast"
+            why = ("forced: path='fast'" if path == "fast" else
+                   "every layer is one of the fast path's layers")
+            generic = None
+        else:
+            chosen = "generic"
+            why = "forced: path='generic'" if path == "generic" else reason
+            generic = network_generic.GenericFunction(
+                model, graph, stripped_step, var_index,
+                {id(v): j for j, v in enumerate(state_vars)}, state_values)
+            generic.check_traces([s.shape for s in specs], input_shape)
+        if graph is not None:
+            flops = _flops_of_steps(graph)
+            act_size = sum(int(np.prod([d or 1 for d in shape]))
+                           for step in graph.steps for shape in step.out_shapes)
+        else:  # no graph to read: the kernels' FLOPs at one position
+            flops = sum(2 * int(np.prod(v.shape)) for v in variables
+                        if len(v.shape) >= 2)
+            act_size = 16 * int(np.prod(input_shape))
+        logging.info("tfp_bnn_adv imported %r on the %s path (%s).", model.name,
+                     chosen, why)
+        return cls(model, graph=graph, program=program, generic=generic,
+                   param_specs=specs, input_shape=input_shape,
+                   num_classes=out_shape[0], stripped_output_activation=stripped,
+                   stripped_output_layer=(None if stripped_step is None
+                                          else stripped_step.layer.name),
+                   path=chosen, path_reason=why, state_specs=state_specs,
+                   state_values=state_values,
+                   initial_values=[np.asarray(v.numpy()) for v in variables],
+                   requested_path=path, flops=flops, activation_size=act_size)
 
     # ------------------------------------------------------------- describing
     @property
@@ -713,38 +1068,86 @@ class Network:
 
     @property
     def ops(self) -> tuple:
-        """The imported layers in execution order, one op record per layer.
+        """The fast path's op records in execution order, one per layer.
 
-        Nested models are expanded; input layers, and an output
-        ``Activation`` layer whose softmax was stripped, have no op.  Every
-        op has ``kind`` (one of :data:`OP_KINDS`), ``layer`` (the Keras
-        layer), ``name``, ``in_shape``, ``out_shape`` (one example), and
-        ``num_tensors`` (parameter tensors it consumes, kernel then bias),
-        plus the settings it computes with: ``units`` / ``filters``,
-        ``kernel_size``, ``strides``, ``padding`` (upper case),
-        ``dilation_rate``, ``use_bias``, ``pool_size``, ``rate``,
-        ``negative_slope``, ``threshold``, ``max_value`` and ``activation``
-        (the Keras name of the activation applied; ``"linear"`` where the
-        output softmax was stripped), as the kind has them.  Treat them as
+        Empty on the generic path.  Nested models are expanded; input
+        layers, and an output ``Activation`` layer whose softmax was
+        stripped, have no op.  Every op has ``kind`` (one of
+        :data:`OP_KINDS`), ``layer`` (the Keras layer), ``name``,
+        ``in_shape``, ``out_shape`` (one example), ``num_inputs`` and
+        ``num_tensors`` (parameter tensors it consumes, in the layer's
+        ``trainable_weights`` order), plus the settings it computes with:
+        ``units`` / ``filters``, ``kernel_size``, ``strides``, ``padding``
+        (upper case), ``dilation_rate``, ``use_bias``, ``pool_size``,
+        ``rate``, ``negative_slope``, ``threshold``, ``max_value``,
+        ``keepdims``, ``epsilon``, ``scale`` and ``activation`` (the Keras
+        name of the activation applied; ``"linear"`` where the output
+        softmax was stripped), as the kind has them.  Treat them as
         read-only.
         """
         return tuple(self._ops)
 
     @property
+    def vectorization(self) -> str:
+        """How the sample axis is evaluated on a shared input.
+
+        ``"fast"`` on the fast path; on the generic path
+        ``"vectorized_map"`` or ``"map_fn"`` (decided on first use, see
+        :meth:`tfp_bnn_adv.network_generic.GenericFunction.mode`).
+        """
+        if self._generic is None:
+            return "fast"
+        return self._generic.mode(self.param_shapes, self.input_shape, False,
+                                  False)
+
+    @property
+    def state(self) -> tuple[np.ndarray, ...]:
+        """The constant non-trainable state (e.g. BatchNorm moving statistics).
+
+        One array per :attr:`state_specs` entry, a snapshot of the Keras
+        model's non-trainable variables (seed generator states excluded) at
+        import; the same for every posterior sample, never updated.
+        """
+        return tuple(self._state_values)
+
+    @property
     def has_dropout(self) -> bool:
-        return any(isinstance(op, _Dropout) and op.rate > 0 for op in self._ops)
+        """Whether ``training=True`` changes the output (dropout or noise)."""
+        if self._generic is None:
+            return any(isinstance(op, _Dropout) and op.rate > 0
+                       for op in self._ops)
+        layers = self.keras_model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+        return any(network_generic.is_seed_state(v) for layer in layers
+                   for v in layer.non_trainable_variables)
 
     def flops_per_example(self) -> int:
         """Forward-pass FLOPs (2 x multiply-adds) for one example, one sample."""
-        return int(sum(op.flops_per_example for op in self._ops))
+        if self._generic is None:
+            return int(sum(op.flops_per_example for op in self._ops))
+        return self._flops
 
     def activation_size_per_example(self) -> int:
         """Number of activation floats one example produces, one sample."""
-        return int(sum(np.prod(op.out_shape) for op in self._ops))
+        if self._generic is None:
+            return int(sum(np.prod(op.out_shape) for op in self._ops))
+        return self._activation_size
 
     def get_config(self) -> dict:
-        """JSON-serialisable architecture: the Keras model config."""
-        return {"keras_model": json.loads(self.keras_model.to_json())}
+        """JSON-serialisable architecture and constant state.
+
+        The Keras model config, the path asked for at import, and the
+        :attr:`state` arrays as lists (exact: float32 values survive JSON's
+        float64 text).
+        """
+        config = {"keras_model": json.loads(self.keras_model.to_json())}
+        if self._requested_path != "auto":
+            config["path"] = self._requested_path
+        if self.state_specs:
+            config["state"] = [
+                {"name": spec.name, "dtype": str(v.dtype),
+                 "shape": list(v.shape), "values": v.ravel().tolist()}
+                for spec, v in zip(self.state_specs, self._state_values)]
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "Network":
@@ -753,10 +1156,29 @@ class Network:
             raise ValueError("config must be a dict with key 'keras_model' as "
                              f"written by Network.get_config(); got {config!r:.200}.")
         model = keras.models.model_from_json(json.dumps(config["keras_model"]))
-        return cls.from_keras(model)
+        state = config.get("state") or []
+        state_vars = [v for v in model.non_trainable_variables
+                      if not network_generic.is_seed_state(v)]
+        if state:
+            if len(state) != len(state_vars):
+                raise ValueError(f"config holds {len(state)} state arrays; the "
+                                 f"model has {len(state_vars)} non-trainable "
+                                 "variables.")
+            for var, entry in zip(state_vars, state):
+                value = np.asarray(entry["values"], entry["dtype"]).reshape(
+                    entry["shape"])
+                if tuple(value.shape) != tuple(var.shape):
+                    raise ValueError(f"config state {entry['name']!r} has shape "
+                                     f"{value.shape}; the model's variable has "
+                                     f"{tuple(var.shape)}.")
+                var.assign(value)
+        return cls.from_keras(model, path=config.get("path", "auto"))
 
     def __repr__(self) -> str:
-        layers = " -> ".join(type(op).__name__.lstrip("_") for op in self._ops)
+        if self._generic is None:
+            layers = " -> ".join(type(op).__name__.lstrip("_") for op in self._ops)
+        else:
+            layers = f"generic: {self.path_reason}"
         return (f"Network(input_shape={self.input_shape}, num_classes="
                 f"{self.num_classes}, num_params={self.num_params}, {layers})")
 
@@ -789,8 +1211,12 @@ class Network:
             validate.positive_int(num_samples, "num_samples")
         seeds = seeds_lib.split(seed, len(self.param_specs))
         out = []
-        for spec, s in zip(self.param_specs, tf.unstack(seeds)):
-            if num_samples is None:
+        for i, (spec, s) in enumerate(zip(self.param_specs, tf.unstack(seeds))):
+            if spec.initializer is None:  # the Keras model's own value
+                value = tf.constant(self._initial_values[i], tf.float32)
+                out.append(value if num_samples is None else
+                           tf.repeat(value[None], num_samples, axis=0))
+            elif num_samples is None:
                 out.append(_stateless_init(spec.initializer, spec.shape, s))
             else:
                 sample_seeds = seeds_lib.split(s, num_samples)
@@ -853,18 +1279,31 @@ class Network:
             raise ValueError("apply with training=True needs a seed for dropout.")
         params = [tf.convert_to_tensor(p, tf.float32) for p in params]
         x = tf.convert_to_tensor(x, tf.float32)
+        if self._generic is not None:
+            return self._generic.apply_stack(
+                params, x, param_shapes=self.param_shapes,
+                input_shape=self.input_shape,
+                per_sample_inputs=per_sample_inputs,
+                training=training and self.has_dropout, seed=seed)
         s = params[0].shape[0]
         if s is None:
             s = tf.shape(params[0])[0]
-        a = _Act(x, "stacked" if per_sample_inputs else "shared", s)
-        i = 0
-        for k, op in enumerate(self._ops):
+        values = {self.graph.input: _Act(
+            x, "stacked" if per_sample_inputs else "shared", s)}
+        for op, inputs, output, index in self._program:
+            if op is None:
+                values[output] = values[inputs[0]]
+                continue
             op_seed = None
             if training and isinstance(op, _Dropout):
-                op_seed = tf.random.experimental.stateless_fold_in(seed, k)
-            a = op(a, params[i:i + op.num_tensors], training, op_seed)
-            i += op.num_tensors
-        return _to_stacked(a)
+                # Numbered among the ops, as before graphs were walked, so
+                # seeds (and masks) of chains stay what they were.
+                op_seed = tf.random.experimental.stateless_fold_in(
+                    seed, self._ops.index(op))
+            acts = [values[i] for i in inputs]
+            values[output] = op(acts if op.num_inputs > 1 else acts[0],
+                                [params[i] for i in index], training, op_seed)
+        return _to_stacked(values[self.graph.output])
 
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, *,
               training: bool = False, seed=None) -> tf.Tensor:
