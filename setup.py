@@ -27,7 +27,8 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "arviz>=0.20,<1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "arviz>=0.20,<1",
+                 "adversarial-robustness-toolbox==1.20.1"],
         "bench": ["jax[cpu]==0.10.2", "numpyro==0.22.0",
                   "adversarial-robustness-toolbox==1.20.1"],
         "arviz": ["arviz>=0.20,<1"],

@@ -31,6 +31,22 @@ def test_fold_and_map_equal_direct_computation(chunk, jit):
     np.testing.assert_allclose(m1.numpy(), b.sum(-1), rtol=1e-6)
 
 
+def test_map_keeps_a_batch_of_unknown_size():
+    a = np.arange(15, dtype=np.float32).reshape(5, 3)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)],
+                 autograph=False)
+    def run(xb):
+        out = chunking.map_sample_chunks(
+            [tf.constant(a)], 2, lambda c: c[0][:, None, :1] * xb[None])
+        assert out.shape.as_list() == [5, None, 2], out.shape
+        return out
+
+    np.testing.assert_array_equal(run(tf.constant(x)).numpy(),
+                                  a[:, None, :1] * x[None])
+
+
 def test_map_batches_pads_and_trims():
     calls = []
 

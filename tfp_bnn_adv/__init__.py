@@ -12,6 +12,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
+# Registers the exported model's Keras layer, so .keras files load.
+from tfp_bnn_adv import export
 from tfp_bnn_adv.gradients import expected_loss_gradient
 from tfp_bnn_adv.gradients import paper_loss_gradient
 from tfp_bnn_adv.gradients import per_sample_loss_gradients
@@ -22,4 +24,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Network", "PosteriorEnsemble", "expected_loss_gradient",
            "predictive_loss_gradient", "per_sample_loss_gradients",
-           "paper_loss_gradient"]
+           "paper_loss_gradient", "export"]

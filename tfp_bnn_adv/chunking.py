@@ -92,6 +92,15 @@ def fold_sample_chunks(params: Sequence[tf.Tensor], chunk_size: int,
     return state
 
 
+def _merge_chunk_axis(t: tf.Tensor) -> tf.Tensor:
+    """``[n, c, ...] -> [n * c, ...]``, also where a trailing dimension is
+    only known at run time (a batch of unknown size)."""
+    merged = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], axis=0))
+    merged.set_shape(tf.TensorShape([t.shape[0] * t.shape[1]]).concatenate(
+        t.shape[2:]))
+    return merged
+
+
 def map_sample_chunks(params: Sequence[tf.Tensor], chunk_size: int,
                       fn: Callable[[list], Any]) -> Any:
     """Applies ``fn`` to sample chunks and concatenates along axis 0.
@@ -113,8 +122,7 @@ def map_sample_chunks(params: Sequence[tf.Tensor], chunk_size: int,
             lambda t: tf.TensorSpec(t.shape, t.dtype),
             fn([f[0] for f in full]))
         stacked = tf.map_fn(fn, full, fn_output_signature=probe)
-        parts.append(tf.nest.map_structure(
-            lambda t: tf.reshape(t, [-1] + t.shape[2:].as_list()), stacked))
+        parts.append(tf.nest.map_structure(_merge_chunk_axis, stacked))
     if tail is not None:
         parts.append(fn(tail))
     if len(parts) == 1:

@@ -259,6 +259,72 @@ class PosteriorEnsemble:
         _, y = self.network.check_inputs(x, y)
         return float(np.mean(self.predict(x, **kwargs) == y.numpy()))
 
+    # ------------------------------------------------------------------ export
+    def to_keras(self, output: str = "log_predictive", *,
+                 chunk_size: int | None = None):
+        """The ensemble as a Keras 3 model, for attack libraries.
+
+        A thin delegate to :func:`tfp_bnn_adv.export.to_keras`.  The default
+        output is the log posterior predictive ``[B, C]``: logits whose
+        softmax is :meth:`predict_proba` and whose cross-entropy is the
+        predictive loss ``-log p(y | x, D)``.
+
+        Args:
+          output: ``"log_predictive"`` (``[B, C]``), ``"mean_logits"``
+            (``[B, C]``) or ``"logits_stack"`` (``[B, S, C]``).
+          chunk_size: samples per chunk inside the model; ``None`` picks one.
+
+        Returns:
+          A ``keras.Model`` taking float32 ``[B, *input_shape]``; it saves to
+          and loads from ``.keras`` files (with ``tfp_bnn_adv`` imported).
+
+        Raises:
+          TypeError/ValueError: naming the argument, for a bad ``output`` or
+            ``chunk_size``.
+
+        Example:
+          >>> model = ens.to_keras()
+          >>> np.allclose(np.exp(model(x)), ens.predict_proba(x), atol=1e-6)
+          True
+          >>> art_clf = TensorFlowV2Classifier(model=model, nb_classes=10, ...)
+        """
+        from tfp_bnn_adv import export as export_lib  # pylint: disable=g-import-not-at-top
+        return export_lib.to_keras(self, output, chunk_size=chunk_size)
+
+    def export(self, path: str, *, output: str = "log_predictive",
+               chunk_size: int | None = None, overwrite: bool = False) -> str:
+        """Writes the ensemble's function as a TensorFlow SavedModel.
+
+        A thin delegate to :func:`tfp_bnn_adv.export.export`: a
+        ``serving_default`` signature ``x`` float32 ``[None, *input_shape]``
+        -> ``{output: tensor}``, the weights as variables, and the network
+        config and metadata as JSON in ``assets/``; written atomically.
+
+        Args:
+          path: the SavedModel directory (missing or empty unless
+            ``overwrite``).
+          output: one of :data:`tfp_bnn_adv.export.OUTPUTS`.
+          chunk_size: samples per chunk in the graph; ``None`` picks one.
+          overwrite: replace an existing non-empty ``path``.
+
+        Returns:
+          ``path``.
+
+        Raises:
+          TypeError/ValueError: naming the argument, for a bad ``path``,
+            ``output``, ``chunk_size`` or ``overwrite``.
+          FileExistsError: for a non-empty ``path`` without ``overwrite``.
+
+        Example:
+          >>> ens.export("/tmp/bnn")
+          >>> serve = tf.saved_model.load("/tmp/bnn").signatures[
+          ...     "serving_default"]
+          >>> np.exp(serve(x=tf.constant(x))["log_predictive"])  # [B, C]
+        """
+        from tfp_bnn_adv import export as export_lib  # pylint: disable=g-import-not-at-top
+        return export_lib.export(self, path, output=output,
+                                 chunk_size=chunk_size, overwrite=overwrite)
+
     # ------------------------------------------------------------ save / load
     def save(self, path: str) -> None:
         """Saves to one ``.npz`` file, atomically, with no pickle.
