@@ -81,7 +81,7 @@ def test_attack_table_script(trained, tmp_path):
              str(trained["ensemble"] / "posterior.npz")]
     kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
                   half_moons_n=300, posteriors=posts, num_test=30, pgd_steps=2,
-                  square_queries=5, eps=0.1)
+                  apgd_steps=2, square_queries=5, eps=0.1, verdict=False)
     # A tiny HMC run does not converge: refused without --allow_unconverged.
     assert _results(trained["hmc"])["train/convergence/converged"] is False
     with flagsaver.flagsaver(**kwargs):
@@ -303,8 +303,9 @@ def test_scripts_run_with_mirrored_strategy_on_logical_cpus(tmp_path):
     assert "--strategy=mirrored" in (hmc_dir / "flags.txt").read_text()
     with flagsaver.flagsaver(output_dir=str(table_dir),
                              posteriors=[f"HMC={hmc_dir / 'posterior.npz'}"],
-                             num_test=31, pgd_steps=2, square_queries=5,
-                             eps=0.1, allow_unconverged=True, **shared):
+                             num_test=31, pgd_steps=2, apgd_steps=2,
+                             square_queries=5, eps=0.1, verdict=False,
+                             allow_unconverged=True, **shared):
         attack.main(["attack"])
     results = _results(table_dir)
     assert 0.0 <= results["HMC/eps=0.1/test/adv_accuracy/pgd/predictive"] <= 1.0
@@ -460,7 +461,7 @@ def test_attack_rerun_with_other_posterior_and_eps_is_refused(trained,
     ensemble = f"P={trained['ensemble'] / 'posterior.npz'}"
     kwargs = dict(output_dir=str(tmp_path), dataset="half_moons",
                   half_moons_n=300, num_test=10, attacks=["random"],
-                  allow_unconverged=True)
+                  verdict=False, allow_unconverged=True)
     with flagsaver.flagsaver(posteriors=[hmc], eps=0.1, **kwargs):
         attack.main(["attack"])
     before = _results(tmp_path)
