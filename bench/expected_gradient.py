@@ -12,7 +12,19 @@ Measures, in one process, on the same weights and inputs:
     (the calls are identical in cost); the output says so;
 (b') a loop over posterior samples with the images batched: not a target,
     it separates the gain of batching from that of vectorising over S;
-(c) the machine's fp32 matmul throughput, the ceiling.
+(c) the machine's fp32 matmul throughput, the ceiling;
+(d) the generic path (``Network.from_keras(..., path="generic")``: each
+    layer's Keras ``stateless_call``, over ``S`` by ``tf.vectorized_map`` or
+    ``tf.map_fn``) on the same Keras models, weights and inputs, timed as
+    (a)'s auto mode; ``*_generic_fraction_of_fast`` is fast time / generic
+    time (1.0: as fast), ``*_generic_vectorization`` says how ``S`` ran;
+(e) a small ResNet (conv stem, two residual blocks with BatchNormalization,
+    global average pooling) through whichever path ``from_keras`` takes,
+    against a per-sample Keras loop: one ``tf.function`` calling the Keras
+    model's ``stateless_call`` once per weight set, timed with and without
+    XLA, the faster taken as the baseline.  Before timing, ours is checked
+    equal (allclose) to the loop under each compile mode, and in (d) the
+    generic path to the fast one.
 
 FLOPs of one ensemble gradient = 2 x forward FLOPs x S x B (the forward pass
 plus the backward pass to the *inputs*, which costs as much again; weight
@@ -30,6 +42,7 @@ from absl import flags
 
 from bench import common
 
+import keras  # pylint: disable=g-import-not-at-top,wrong-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 
@@ -45,6 +58,50 @@ CASES = {
     "mlp": (lambda: models.mlp((28, 28, 1), 10, (512, 512)), 100, 128),
     "cnn": (lambda: models.cnn((28, 28, 1), 10, (32, 64)), 20, 64),
 }
+
+RESNET_S, RESNET_B, RESNET_CHANNELS = 20, 64, 16
+
+
+def resnet(input_shape=(28, 28, 1), num_classes: int = 10,
+           channels: int = RESNET_CHANNELS, blocks: int = 2):
+    """A small functional ResNet: conv stem, residual blocks, GAP, Dense.
+
+    Stem ``Conv2D-BatchNormalization-ReLU``; each block
+    ``Conv2D-BatchNormalization-ReLU-Conv2D-BatchNormalization``, added to
+    its input, then ReLU; all convs 3x3 'same' with ``channels`` filters.
+
+    Args:
+      input_shape: ``(H, W, C)`` of one example.
+      num_classes: number of logits ``C``.
+      channels: filters of every conv.
+      blocks: number of residual blocks.
+
+    Returns:
+      A built ``keras.Model`` mapping ``[B, H, W, C]`` to logits ``[B, C]``,
+      with non-trivial BatchNormalization moving statistics (drawn from a
+      fixed seed, so the constant state is exercised).
+    """
+    layers = keras.layers
+    inputs = keras.Input(input_shape)
+
+    def conv_bn(h):
+        return layers.BatchNormalization()(
+            layers.Conv2D(channels, 3, padding="same")(h))
+
+    h = layers.ReLU()(conv_bn(inputs))
+    for _ in range(blocks):
+        r = conv_bn(layers.ReLU()(conv_bn(h)))
+        h = layers.ReLU()(layers.Add()([h, r]))
+    outputs = layers.Dense(num_classes)(layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs, name="resnet")
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.1, shape).astype(np.float32))
+            layer.moving_variance.assign(
+                rng.uniform(0.5, 1.5, shape).astype(np.float32))
+    return model
 
 
 def _single_grad_fn(network: Network):
@@ -96,13 +153,60 @@ def _loop_per_sample_batched(network, params, x, y):
     return common.time_call(run, repeats=3)
 
 
-def run_case(name: str, max_loop_calls: int) -> dict:
-    build, s, b = CASES[name]
-    network = Network.from_keras(build())
-    ens = PosteriorEnsemble(network, network.init_params(seed=0, num_samples=s))
+def _inputs(b: int):
+    """Fixed images ``[b, 28, 28, 1]`` in [0, 1] and labels ``[b]``."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(b, 28, 28, 1)).astype(np.float32))
     y = tf.constant(rng.integers(0, 10, size=b).astype(np.int32))
+    return x, y
+
+
+def _check_same(name: str, ours, reference, what: str) -> float:
+    """Max abs difference of two gradients; raises if not allclose.
+
+    Both must come from the same compile mode (XLA or TF's kernels): then
+    they compute the same function in a different order, float32 rounding
+    only (~1e-6 of the gradient's scale), and the tolerance is relative to
+    that scale.  Across modes a ReLU pre-activation within rounding of zero
+    can flip and change one example's gradient by far more (seen here:
+    4e-3 of the scale on the ResNet, XLA against float64, in both the
+    package and the Keras loop), which would say nothing about the code.
+    """
+    ours, reference = np.asarray(ours), np.asarray(reference)
+    scale = float(np.abs(reference).max())
+    diff = float(np.abs(ours - reference).max())
+    if not np.allclose(ours, reference, rtol=1e-3, atol=1e-4 * scale):
+        raise RuntimeError(f"{name}: gradient differs from {what}: max abs "
+                           f"difference {diff:.3g} (gradient scale {scale:.3g}); "
+                           "the timing would compare different work.")
+    return diff
+
+
+def _generic_case(name: str, keras_model, fast_ens, x, y, fast_seconds: float
+                  ) -> dict:
+    """(d): the same model, weights and inputs on the generic path."""
+    network = Network.from_keras(keras_model, path="generic")
+    ens = PosteriorEnsemble(network, fast_ens.params)
+    mode = network.vectorization
+    common.log(f"{name}: generic path ({mode}), auto")
+    diff = _check_same(
+        name, gradients.expected_loss_gradient(ens, x, y, jit_compile=False),
+        gradients.expected_loss_gradient(fast_ens, x, y, jit_compile=False),
+        "the fast path's")
+    seconds = common.time_call(
+        lambda: gradients.expected_loss_gradient(ens, x, y), repeats=5)
+    return {f"{name}_generic_vectorization": mode,
+            f"{name}_generic_s": seconds,
+            f"{name}_generic_max_abs_diff": diff,
+            f"{name}_generic_fraction_of_fast": fast_seconds / seconds}
+
+
+def run_case(name: str, max_loop_calls: int) -> dict:
+    build, s, b = CASES[name]
+    keras_model = build()
+    network = Network.from_keras(keras_model)
+    ens = PosteriorEnsemble(network, network.init_params(seed=0, num_samples=s))
+    x, y = _inputs(b)
     flops = 2 * network.flops_per_example() * s * b
     out = {}
     for label, jit in (("xla", True), ("default_kernels", False), ("auto", None)):
@@ -124,6 +228,70 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     out[f"{name}_gflops"] = flops / ours / 1e9
     out[f"{name}_speedup_vs_loop"] = loop_s / ours
     out[f"{name}_speedup_vs_batched_loop"] = out[f"{name}_batched_loop_s"] / ours
+    out.update(_generic_case(name, keras_model, ens, x, y, ours))
+    return out
+
+
+def _keras_loop_grad_fn(keras_model, num_samples: int, jit_compile: bool):
+    """The baseline of (e): a per-sample loop of the Keras model itself.
+
+    One ``tf.function`` unrolling ``num_samples`` calls of
+    ``keras_model.stateless_call`` (weight set ``s``, the model's own
+    non-trainable state, inference mode), each with its own input gradient
+    of the batch's summed cross-entropy, averaged over samples: the
+    expected gradient, ``[B, *input_shape]``.
+    """
+    state = [tf.constant(v.numpy()) for v in keras_model.non_trainable_variables]
+
+    @tf.function(jit_compile=jit_compile)
+    def grad(params, x, y):
+        total = tf.zeros_like(x)
+        for i in range(num_samples):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                logits, _ = keras_model.stateless_call(
+                    [p[i] for p in params], state, x, training=False)
+                loss = tf.reduce_sum(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            total += tape.gradient(loss, x)
+        return total / num_samples
+
+    return grad
+
+
+def run_resnet() -> dict:
+    """(e): the ResNet through ``from_keras``'s own path vs the Keras loop."""
+    s, b = RESNET_S, RESNET_B
+    keras_model = resnet()
+    network = Network.from_keras(keras_model)
+    params = network.init_params(seed=0, num_samples=s)
+    # Keras starts BatchNormalization at gamma=1, beta=0 and biases at 0 for
+    # every sample; jitter those vectors (stacked: [S, n]) so the samples
+    # differ in every tensor and the check below sees each one used.
+    params = [p + tf.random.stateless_normal(p.shape, seed=[7, i], stddev=0.1)
+              if len(p.shape) == 2 else p for i, p in enumerate(params)]
+    ens = PosteriorEnsemble(network, params)
+    x, y = _inputs(b)
+    out = {"resnet_path": network.path, "resnet_path_reason": network.path_reason,
+           "resnet_vectorization": network.vectorization}
+    loop = {}
+    for label, jit in (("xla", True), ("default_kernels", False)):
+        common.log(f"resnet: per-sample Keras loop ({label})")
+        fn = _keras_loop_grad_fn(keras_model, s, jit)
+        out[f"resnet_loop_{label}_max_abs_diff"] = _check_same(
+            "resnet", gradients.expected_loss_gradient(ens, x, y, jit_compile=jit),
+            fn(params, x, y), f"the per-sample Keras loop ({label})")
+        loop[label] = common.time_call(lambda fn=fn: fn(params, x, y), repeats=3)
+        out[f"resnet_loop_{label}_s"] = loop[label]
+    common.log(f"resnet: ours ({network.path} path, {network.vectorization}), auto")
+    ours = common.time_call(
+        lambda: gradients.expected_loss_gradient(ens, x, y), repeats=5)
+    out["resnet_ours_s"] = ours
+    best = min(loop, key=loop.get)
+    out["resnet_loop_baseline"] = best
+    out["resnet_loop_s"] = loop[best]
+    out["resnet_gflops"] = 2 * network.flops_per_example() * s * b / ours / 1e9
+    out["resnet_speedup_vs_loop"] = loop[best] / ours
     return out
 
 
@@ -137,6 +305,10 @@ def main(argv) -> None:
         case[f"{name}_fraction_of_matmul_peak"] = (
             case[f"{name}_gflops"] / peak["gflops"])
         results.update(case)
+    resnet_case = run_resnet()
+    resnet_case["resnet_fraction_of_matmul_peak"] = (
+        resnet_case["resnet_gflops"] / peak["gflops"])
+    results.update(resnet_case)
     results.update(common.machine_info())
     common.report(results, common.FLAGS.json)
 
