@@ -285,6 +285,20 @@ def test_a_generic_fit_resumes_from_its_checkpoint(mlp_fit, tmp_path):
         np.testing.assert_array_equal(ours[key], theirs[key], key)
 
 
+def test_paper_init_draws_the_variational_tensors_only():
+    net = Network.from_keras(_norm_concat_mlp())
+    loc, rho = vi._paper_init(net, 3, _MLP_MASK)  # pylint: disable=protected-access
+    # LayerNormalization's gamma and beta start at their initialisers (Ones,
+    # Zeros), with no rho; the Dense kernels and biases at N(0, 1) draws.
+    np.testing.assert_array_equal(loc[2], np.ones(6, np.float32))
+    np.testing.assert_array_equal(loc[3], np.zeros(6, np.float32))
+    assert rho[2] is None and rho[3] is None
+    draws = np.concatenate([a.ravel() for i in (0, 1, 4, 5)
+                            for a in (loc[i], rho[i])])
+    assert draws.size == 144
+    assert abs(draws.mean()) < 0.35 and 0.75 < draws.std() < 1.25
+
+
 # ---------------------------------------------------------------- save / load
 def test_save_load_round_trip_is_exact(mlp_fit, tmp_path):
     post = mlp_fit[-1]

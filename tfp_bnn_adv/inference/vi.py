@@ -450,19 +450,19 @@ def _is_variational_layer(layer) -> bool:
     whose weights are exactly its trainable kernel (and bias): not frozen,
     no LoRA, not quantised.
     """
-    if type(layer) is keras.layers.Dense:  # pylint: disable=unidiomatic-typecheck
-        pass
-    elif type(layer) is keras.layers.Conv2D:  # pylint: disable=unidiomatic-typecheck
+    # Exact classes: a subclass may compute something else in its call.
+    cls = type(layer)
+    if cls is keras.layers.Conv2D:
         if layer.data_format != "channels_last" or int(layer.groups) != 1:
             return False
-    else:
+    elif cls is not keras.layers.Dense:
+        return False
+    if getattr(layer.dtype_policy, "quantization_mode", None) is not None:
+        return False
+    if getattr(layer, "lora_enabled", False) or layer.non_trainable_variables:
         return False
     expected = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
-    return (getattr(layer, "dtype_policy", None) is None or
-            getattr(layer.dtype_policy, "quantization_mode", None) is None) and (
-        not getattr(layer, "lora_enabled", False)) and (
-        not layer.non_trainable_variables) and [
-            id(v) for v in layer.trainable_variables] == [id(v) for v in expected]
+    return [id(v) for v in layer.trainable_variables] == [id(v) for v in expected]
 
 
 def _variational_mask(network: Network) -> tuple[bool, ...]:
@@ -1578,8 +1578,11 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
                     f"{start_epoch} or use another checkpoint_dir.")
             logging.info("VI: resuming from %s after epoch %d/%d.",
                          checkpoint.path, start_epoch, epochs)
-    logging.info("VI (%s): %d training points, %d parameters, up to %d epochs "
-                 "of batch %d.", estimator, x.shape[0], network.num_params,
+    logging.info("VI (%s): %d training points, %d parameters (%d in variational "
+                 "tensors, the rest point estimates), up to %d epochs of batch "
+                 "%d.", estimator, x.shape[0], network.num_params,
+                 sum(int(np.prod(shape)) for shape, v in
+                     zip(network.param_shapes, mask) if v),
                  epochs, batch_size)
     if start_epoch < epochs and not (stopping is not None and stopping.stopped):
         recorder = _EpochEnd(post, optimizer, history, stopping, checkpoint,
