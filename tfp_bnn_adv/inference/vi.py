@@ -8,32 +8,59 @@ draws ``S`` full weight sets from the trained posterior into a
 :class:`~tfp_bnn_adv.ensemble.PosteriorEnsemble` in the Network's parameter
 layout, so gradients and attacks treat VI exactly like HMC.
 
-The variational model, layer by layer:
+The variational model mirrors the Keras model's layer graph
+(:attr:`Network.graph <tfp_bnn_adv.network.Network.graph>`: ``Sequential``
+or functional, residual ``Add``/``Concatenate`` branches, nested models
+expanded), one ``tf_keras`` layer per Keras layer:
 
-* ``Dense``  -> ``tfp.layers.DenseFlipout`` (``DenseReparameterization`` with
-  ``estimator="reparameterization"``);
-* ``Conv2D`` -> ``tfp.layers.Convolution2DFlipout`` (or
-  ``Convolution2DReparameterization``);
-* pooling, ``Flatten``, ``Reshape``, ``Activation``, ``ReLU`` and
-  ``LeakyReLU`` -> the ``tf_keras`` layer of the same name and settings;
-* ``Dropout`` -> inverted dropout of the same rate with stateless masks.
-  Activations are the user's own Keras 3 activation functions, so the
-  variational model computes exactly what the Keras model and the
-  :class:`Network` compute.
+* **variational**: ``Dense`` -> ``tfp.layers.DenseFlipout``
+  (``DenseReparameterization`` with ``estimator="reparameterization"``) and
+  ``Conv2D`` (``channels_last``, ``groups=1``) ->
+  ``tfp.layers.Convolution2DFlipout`` (or
+  ``Convolution2DReparameterization``), with the Keras layer's own
+  activation function;
+* **deterministic**, every other layer (``BatchNormalization``,
+  ``LayerNormalization``, ``Concatenate``, ``DepthwiseConv2D``, a
+  ``Conv2D`` with ``groups > 1``, ...): a small ``tf_keras`` adapter that
+  holds the layer's trainable weights as ``tf_keras`` weights, *point
+  estimates* trained with the same loss (they have no prior, so no KL
+  term), and calls the Keras 3 layer's own ``stateless_call`` with them.
+  Non-trainable state (BatchNormalization's moving statistics) is the
+  constant :attr:`Network.state <tfp_bnn_adv.network.Network.state>`;
+  BatchNormalization always runs in inference mode.  Layers with a
+  ``training`` argument (Dropout, GaussianNoise, ...) get the training
+  flag, and their random draws come from stateless seeds like every other
+  draw of the model (see Randomness below);
+* a chain (no branches) of only ``Dense``, ``Conv2D``, pooling,
+  ``Flatten``, ``Reshape``, ``Activation``, ``ReLU``, ``LeakyReLU`` and
+  ``Dropout`` layers on the Network's fast path is built, as it always
+  was, as a ``tf_keras.Sequential`` of the variational layers above and the
+  ``tf_keras`` layers of the same names and settings for the others
+  (Dropout: inverted dropout of the same rate with stateless masks).
+
+Either way the variational model computes exactly what the Keras model and
+the :class:`Network` compute (:meth:`Network.apply` at the posterior mean
+is the variational model with its noise switched off).  A subclassed model
+(``Network.graph`` is ``None``) has no layers to put posteriors on and is
+refused; use HMC or SGD / deep ensembles for it.
 
 A final softmax is dropped, as in :class:`Network`: the variational model
 outputs logits and the loss is a cross-entropy *from logits*, so softmax is
 applied once.
 
-The variational family: every kernel **and** bias gets a prior
-``N(0, prior_scale**2)`` (independent per scalar) and a mean-field normal
-posterior ``N(loc, softplus(rho)**2)``.  With ``init="default"``, ``loc``
-starts at a draw from the Keras initialiser of the user's layer (stateless,
-from ``seed``), ``rho`` at ``softplus^-1(init_scale)``, the same for every
-weight.  ``init="paper"`` starts as the authors' Pyro guide did: ``loc`` and
-``rho`` of every weight and bias independent ``N(0, 1)`` draws (stateless,
-from ``seed``), so the initial scale is ``softplus(N(0, 1))``, 0.8 on
-average; ``init_scale`` does not apply.
+The variational family: every kernel **and** bias of a variational layer
+gets a prior ``N(0, prior_scale**2)`` (independent per scalar) and a
+mean-field normal posterior ``N(loc, softplus(rho)**2)``; every other
+parameter is a point estimate ``loc`` (its posterior a point mass:
+:meth:`VIPosterior.sample_ensemble` repeats it in every sample).  With
+``init="default"``, ``loc`` starts at a draw from the Keras initialiser of
+the user's layer (stateless, from ``seed``), ``rho`` at
+``softplus^-1(init_scale)``, the same for every weight.  ``init="paper"``
+starts as the authors' Pyro guide did: ``loc`` and ``rho`` of every
+variational weight and bias independent ``N(0, 1)`` draws (stateless, from
+``seed``), so the initial scale is ``softplus(N(0, 1))``, 0.8 on average;
+``init_scale`` does not apply, and point estimates start from the Keras
+initialisers as with ``init="default"``.
 
 The training loss is the negative ELBO **per training point**::
 
@@ -58,10 +85,11 @@ initial ``loc`` comes from the Keras initialisers drawn statelessly; epoch
 with ``(seed, e)``; and the layers' noise (Flipout signs, the Gaussian
 perturbations, dropout masks), which ``tfp.layers`` draw from TensorFlow's
 stateful RNG, is drawn instead with :func:`tfp_bnn_adv.seeds.normal`,
-:func:`~tfp_bnn_adv.seeds.bits` and :func:`~tfp_bnn_adv.seeds.uniform` from
-a seed per forward pass: ``fold_in(fold_in(seed, TRAIN), t)`` at training
-step ``t`` (Adam's iteration count, part of the checkpoint), and a seed of
-the epoch and batch for validation passes.  Those draws are the same with
+:func:`~tfp_bnn_adv.seeds.bits` and :func:`~tfp_bnn_adv.seeds.uniform`
+(the Keras layers in adapters from seed-generator states set from the same
+seeds) from a seed per forward pass: ``fold_in(fold_in(seed, TRAIN), t)``
+at training step ``t`` (Adam's iteration count, part of the checkpoint),
+and a seed of the epoch and batch for validation passes.  Those draws are the same with
 and without XLA, and the compile path is a function of the ``jit_compile``
 argument and the platform (:func:`tfp_bnn_adv.xla.stochastic_jit`: TF's
 kernels on a CPU-only host, as ``tf_keras`` by default), recorded in the
@@ -69,9 +97,9 @@ settings; nothing is timed.  What can still differ between the two paths,
 or between machines, is float rounding.
 
 Checkpoints: with a ``checkpoint_dir``, :func:`fit` writes the variational
-parameters (``loc`` and the raw ``rho``), Adam's moments and iteration
-count, the history and the early-stopping state atomically after every
-epoch; a call with the same arguments continues from the last epoch
+parameters (``loc`` and the raw ``rho``) and the point estimates, Adam's
+moments and iteration count, the history and the early-stopping state
+atomically after every epoch; a call with the same arguments continues from the last epoch
 written (a larger ``epochs`` extends a finished run).  A checkpoint of a
 different configuration (architecture, data, settings or seed) is refused
 with a message naming the difference.
@@ -80,6 +108,7 @@ with a message naming the difference.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +118,7 @@ import warnings
 from typing import Sequence
 
 from absl import logging
+import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -97,6 +127,7 @@ from tensorflow_probability.python.random import random_ops as tfp_random_ops
 import tf_keras
 
 from tfp_bnn_adv import files
+from tfp_bnn_adv import network_generic
 from tfp_bnn_adv import seeds as seeds_lib
 from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
@@ -115,9 +146,10 @@ INITS = ("default", "paper")
 # it starts from (logit noise ~1e-2 x input norm), large enough that the
 # softplus gradient of the scale is not vanishingly small.
 DEFAULT_INIT_SCALE = 1e-2
-# Version 2 stores the raw softplus parameter rho (version 1 stored
-# softplus(rho), which does not invert exactly); both are read.
-FORMAT_VERSION = 2
+# Version 3 stores rho for the variational parameters only (and the mask),
+# version 2 the raw softplus parameter rho of every parameter, version 1
+# softplus(rho), which does not invert exactly; all are read.
+FORMAT_VERSION = 3
 _FORMAT_NAME = "tfp_bnn_adv.VIPosterior"
 CHECKPOINT_FILE = "vi_checkpoint.npz"
 _CHECKPOINT_FORMAT = "tfp_bnn_adv.vi_checkpoint"
@@ -228,18 +260,17 @@ class _StatelessDropout(tf_keras.layers.Layer):
                         tf.zeros_like(inputs))
 
 
-class _VariationalModel(tf_keras.Sequential):
-    """A ``tf_keras.Sequential`` whose steps draw noise from stateless seeds.
+class _StatelessSteps:
+    """Training and validation steps whose noise comes from stateless seeds.
 
-    Training step ``t`` (Adam's iteration count, restored with a checkpoint)
-    uses ``fold_in(stream(TRAIN), t)``; validation batch ``b`` after the
-    epoch that ended at step ``t`` uses
+    Mixed into the ``tf_keras`` model classes below.  Training step ``t``
+    (Adam's iteration count, restored with a checkpoint) uses
+    ``fold_in(stream(TRAIN), t)``; validation batch ``b`` after the epoch
+    that ended at step ``t`` uses
     ``fold_in(fold_in(stream(VALIDATION), t), b)``.
     """
 
-    def __init__(self, layers, noise: _Noise, name=None):
-        super().__init__(layers, name=name)
-        self.vi_noise = noise
+    vi_noise: _Noise
 
     def train_step(self, data):
         seed = seeds_lib.fold_in(self.vi_noise.stream(_TRAIN_STREAM),
@@ -254,6 +285,116 @@ class _VariationalModel(tf_keras.Sequential):
             self._test_counter)
         with self.vi_noise.scope(seed):
             return super().test_step(data)
+
+
+class _VariationalModel(_StatelessSteps, tf_keras.Sequential):
+    """The variational model of a Sequential chain of the classic layers."""
+
+    def __init__(self, layers, noise: _Noise, name=None):
+        super().__init__(layers, name=name)
+        self.vi_noise = noise
+
+
+class _VariationalGraphModel(_StatelessSteps, tf_keras.Model):
+    """The variational model of any layer graph (a ``tf_keras`` functional model)."""
+
+    def __init__(self, inputs, outputs, noise: _Noise, name=None):
+        super().__init__(inputs=inputs, outputs=outputs, name=name)
+        self.vi_noise = noise
+
+
+class _KerasCalls:
+    """What a :class:`_KerasLayerAdapter` calls, kept out of ``tf_keras``'
+    attribute tracking (which would otherwise adopt the Keras 3 layer's
+    variables as the adapter's own weights).
+
+    Attributes:
+      layer: the Keras 3 layer.
+      calls: per call of the layer in the graph, ``(step, target)``: the
+        graph step and what ``stateless_call`` is called on (the layer, or
+        its copy with a linear activation where the output softmax is
+        stripped).
+      state: per non-trainable variable of the layer, a constant tensor
+        (from ``Network.state``) or, for a seed generator's state, its dtype.
+    """
+
+    def __init__(self, layer, state):
+        self.layer = layer
+        self.calls = []
+        self.state = state
+
+
+class _KerasLayerAdapter(tf_keras.layers.Layer):
+    """A Keras 3 layer in a ``tf_keras`` model, by its own ``stateless_call``.
+
+    Its trainable variables become this layer's ``tf_keras`` weights (point
+    estimates, initialised from the Keras layer's current values and
+    overwritten with ``loc`` by :meth:`VIPosterior._assign`); its
+    non-trainable ones are the constant network state, and seed-generator
+    states are set from a :class:`_Noise` draw per call (zeros when not
+    training, where no layer draws).  The ``training`` flag reaches every
+    layer that takes one, as on the Network's generic path, but
+    BatchNormalization, which always runs in inference mode.
+
+    Call it as ``adapter(inputs, call_index=k)`` with ``inputs`` the values
+    the ``k``-th graph step of the layer reads (a tensor, or a list for
+    several), see :meth:`add_call`.
+
+    Args:
+      layer: the built Keras 3 layer.
+      state: see :class:`_KerasCalls`.
+      noise: the model's :class:`_Noise`.
+    """
+
+    def __init__(self, layer, state, noise: _Noise, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self._keras = _KerasCalls(layer, state)
+        self._noise = noise
+        self.point_weights = [
+            self.add_weight(
+                name=v.name, shape=tuple(v.shape), dtype=tf.float32,
+                initializer=tf_keras.initializers.Constant(
+                    np.asarray(v.numpy(), np.float32)),
+                trainable=True)
+            for v in layer.trainable_variables]
+
+    def add_call(self, step, target) -> int:
+        """Registers a graph step of the layer; returns its ``call_index``."""
+        self._keras.calls.append((step, target))
+        return len(self._keras.calls) - 1
+
+    def call(self, inputs, training=None, call_index=0):
+        step, target = self._keras.calls[call_index]
+        values = dict(zip(step.inputs, tf.nest.flatten(inputs)))
+        args, kwargs = step.arguments(values)
+        training = bool(training)
+        if getattr(target, "_call_has_training_arg", False) or "training" in kwargs:
+            kwargs["training"] = training and not isinstance(
+                target, keras.layers.BatchNormalization)
+        seed = None
+        non_trainable = []
+        for j, slot in enumerate(self._keras.state):
+            if isinstance(slot, tf.Tensor):
+                non_trainable.append(slot)
+                continue
+            if seed is None:
+                seed = self._noise.take() if training else None
+                if seed is None and training:
+                    # Outside a noise scope: TensorFlow's stateful RNG, as
+                    # the tfp.layers there.
+                    seed = tf.random.uniform([2], maxval=2**31 - 1,
+                                             dtype=tf.int32)
+            s = (tf.zeros([2], tf.int32) if seed is None
+                 else seeds_lib.fold_in(seed, j))
+            non_trainable.append(tf.cast(s, slot))
+        out, _ = target.stateless_call(list(self.point_weights), non_trainable,
+                                       *args, **kwargs)
+        return out
+
+    def get_config(self):
+        raise NotImplementedError(
+            "The variational model is rebuilt from its Network, never "
+            "serialised as a tf_keras config.")
 
 
 # --------------------------------------------------------------------------
@@ -302,62 +443,128 @@ def _divergence_fn(weight: float):
     return fn
 
 
-def _activation(op):
-    """The activation function of ``op``'s variational layer.
+def _is_variational_layer(layer) -> bool:
+    """Whether ``layer`` gets a ``tfp.layers`` variational counterpart.
+
+    A Keras 3 ``Dense`` or ``Conv2D`` (``channels_last``, ``groups=1``)
+    whose weights are exactly its trainable kernel (and bias): not frozen,
+    no LoRA, not quantised.
+    """
+    # Exact classes: a subclass may compute something else in its call.
+    cls = type(layer)
+    if cls is keras.layers.Conv2D:
+        if layer.data_format != "channels_last" or int(layer.groups) != 1:
+            return False
+    elif cls is not keras.layers.Dense:
+        return False
+    if getattr(layer.dtype_policy, "quantization_mode", None) is not None:
+        return False
+    if getattr(layer, "lora_enabled", False) or layer.non_trainable_variables:
+        return False
+    expected = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+    return [id(v) for v in layer.trainable_variables] == [id(v) for v in expected]
+
+
+def _variational_mask(network: Network) -> tuple[bool, ...]:
+    """Per parameter tensor: variational (a kernel or bias of a layer of
+    :func:`_is_variational_layer`) or a deterministic point estimate."""
+    index = {id(v): i for i, v in enumerate(network.keras_model.trainable_variables)}
+    mask = [False] * len(network.param_specs)
+    for step in network.graph.steps:
+        if _is_variational_layer(step.layer):
+            for v in step.layer.trainable_variables:
+                mask[index[id(v)]] = True
+    return tuple(mask)
+
+
+def _require_graph(network: Network) -> None:
+    """Refuses a network without a layer graph (a subclassed model)."""
+    if network.graph is None:
+        model = network.keras_model
+        raise ValueError(
+            f"VI needs a model with a layer graph (Sequential or functional) "
+            f"to put posteriors on its layers; model {model.name!r} "
+            f"({type(model).__name__}) is subclassed, with its own call. Use "
+            "HMC (tfp_bnn_adv.inference.hmc) or SGD / deep ensembles "
+            "(tfp_bnn_adv.inference.sgd) for it, or rebuild it as a "
+            "functional model.")
+
+
+def _activation_of(layer, stripped: bool):
+    """The activation function of a variational layer.
 
     The Keras layer's own function, so the variational model computes what
     the Keras model does; none where the Network applies none (also where it
     stripped the output softmax).
     """
-    return None if op.activation == "linear" else op.layer.activation
+    if stripped or layer.activation is keras.activations.linear:
+        return None
+    return layer.activation
 
 
-def _build_variational_model(network: Network, *, estimator: str,
-                             prior_scale: float, kl_weight: float,
-                             num_train: int, seed: int):
-    """The ``tf_keras`` variational counterpart of ``network.keras_model``.
+def _variational_layer(layer, *, activation, name: str, flipout: bool,
+                       kernel_kwargs: dict, bias_kwargs: dict):
+    """The ``tfp.layers`` counterpart of a Keras 3 ``Dense`` or ``Conv2D``.
 
-    Returns:
-      ``(model, variational_layers)``: a built :class:`_VariationalModel`
-      that maps ``[B, *input_shape]`` to logits ``[B, C]``, and its
-      ``tfp.layers`` in the Network's parameter order.
+    Same units/filters, kernel size, strides, padding and dilation; the
+    posterior, prior and divergence builders of ``kernel_kwargs`` and (with
+    a bias) ``bias_kwargs``.
     """
-    flipout = estimator == "flipout"
-    noise = _Noise(seed)
-    common = dict(
-        kernel_posterior_fn=_mean_field_normal_fn(0.0),
-        kernel_posterior_tensor_fn=noise.sample,
-        kernel_prior_fn=_prior_fn(prior_scale),
-        kernel_divergence_fn=_divergence_fn(kl_weight / num_train),
-    )
+    kwargs = dict(kernel_kwargs)
+    if layer.use_bias:
+        kwargs.update(bias_kwargs)
+    else:
+        kwargs.update(bias_posterior_fn=None, bias_prior_fn=None)
+    if isinstance(layer, keras.layers.Dense):
+        make = (tfp.layers.DenseFlipout if flipout
+                else tfp.layers.DenseReparameterization)
+        return make(int(layer.units), activation=activation, name=name,
+                    **kwargs)
+    make = (tfp.layers.Convolution2DFlipout if flipout
+            else tfp.layers.Convolution2DReparameterization)
+    return make(int(layer.filters), tuple(layer.kernel_size),
+                strides=tuple(layer.strides), padding=layer.padding.lower(),
+                dilation_rate=tuple(layer.dilation_rate),
+                activation=activation, name=name, **kwargs)
+
+
+# Op kinds of the chain builder (the tf_keras layer of the same name).
+_CHAIN_KINDS = ("dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten",
+                "reshape", "activation", "relu", "leaky_relu", "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where parameter tensor ``i`` lives in the variational model.
+
+    Exactly one of ``posterior`` (with its ``prior``: a variational
+    parameter) and ``point`` (a ``tf_keras`` weight: a point estimate) is
+    set.
+    """
+    posterior: object = None
+    prior: object = None
+    point: object = None
+
+
+def _layer_slots(layer) -> list:
+    """The slots of a ``tfp.layers`` layer: kernel, then bias if any."""
+    out = [_Slot(layer.kernel_posterior, layer.kernel_prior)]
+    if layer.bias_posterior is not None:
+        out.append(_Slot(layer.bias_posterior, layer.bias_prior))
+    return out
+
+
+def _build_chain(network: Network, noise: _Noise, make_variational):
+    """The ``tf_keras.Sequential`` of a fast-path chain of ``_CHAIN_KINDS``."""
     out = [tf_keras.Input(network.input_shape)]
     variational = []
     # Network's import walk already dispatched on the Keras layers: build
     # from its op records (a stripped output Activation layer has none).
     for op in network.ops:
         if op.kind in ("dense", "conv2d"):
-            kwargs = dict(common)
-            if op.use_bias:
-                kwargs.update(bias_posterior_fn=_mean_field_normal_fn(0.0),
-                              bias_posterior_tensor_fn=noise.sample,
-                              bias_prior_fn=_prior_fn(prior_scale),
-                              bias_divergence_fn=_divergence_fn(
-                                  kl_weight / num_train))
-            else:
-                kwargs.update(bias_posterior_fn=None, bias_prior_fn=None)
-            if op.kind == "dense":
-                make = (tfp.layers.DenseFlipout if flipout
-                        else tfp.layers.DenseReparameterization)
-                new = make(op.units, activation=_activation(op),
-                           name=op.name, **kwargs)
-            else:
-                make = (tfp.layers.Convolution2DFlipout if flipout
-                        else tfp.layers.Convolution2DReparameterization)
-                new = make(op.filters, op.kernel_size, strides=op.strides,
-                           padding=op.padding.lower(),
-                           dilation_rate=op.dilation_rate,
-                           activation=_activation(op), name=op.name,
-                           **kwargs)
+            new = make_variational(
+                op.layer, None if op.activation == "linear" else op.layer.activation,
+                op.name)
             variational.append(new)
         elif op.kind in ("max_pool2d", "avg_pool2d"):
             make = (tf_keras.layers.MaxPooling2D if op.kind == "max_pool2d"
@@ -369,7 +576,9 @@ def _build_variational_model(network: Network, *, estimator: str,
         elif op.kind == "reshape":
             new = tf_keras.layers.Reshape(op.out_shape, name=op.name)
         elif op.kind == "activation":
-            new = tf_keras.layers.Activation(_activation(op), name=op.name)
+            new = tf_keras.layers.Activation(
+                None if op.activation == "linear" else op.layer.activation,
+                name=op.name)
         elif op.kind == "relu":
             new = tf_keras.layers.ReLU(
                 max_value=op.max_value, negative_slope=op.negative_slope,
@@ -377,38 +586,188 @@ def _build_variational_model(network: Network, *, estimator: str,
         elif op.kind == "leaky_relu":
             new = tf_keras.layers.LeakyReLU(alpha=op.negative_slope,
                                             name=op.name)
-        elif op.kind == "dropout":
+        else:  # dropout
             new = _StatelessDropout(op.rate, noise, name=op.name)
-        else:
-            raise ValueError(f"Op {op.name!r} of kind {op.kind!r} has no "
-                             "variational counterpart in "
-                             "tfp_bnn_adv.inference.vi.")
         out.append(new)
+    model = _VariationalModel(out, noise, name=network.keras_model.name + "_vi")
+    return model, [slot for layer in variational for slot in _layer_slots(layer)]
+
+
+def _stripped_step(network: Network):
+    """The graph step whose output softmax the Network stripped, or None.
+
+    It lies on the single-input path back from the output (see
+    :class:`Network`), where it is found by its layer's name.
+    """
+    if network.stripped_output_layer is None:
+        return None
+    graph = network.graph
+    value = graph.output
+    while True:
+        step = graph.producer(value)
+        if step is None:
+            return None
+        if step.layer.name == network.stripped_output_layer:
+            return step
+        if len(step.inputs) != 1:
+            return None
+        value = step.inputs[0]
+
+
+def _unique_name(name: str, taken: set) -> str:
+    """``name``, or ``name_<k>`` where a nested model reused it."""
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    taken.add(out)
+    return out
+
+
+def _build_graph(network: Network, noise: _Noise, make_variational):
+    """The ``tf_keras`` functional model mirroring ``network.graph``."""
+    graph = network.graph
+    keras_model = network.keras_model
+    index = {id(v): i for i, v in enumerate(keras_model.trainable_variables)}
+    state_vars = [v for v in keras_model.non_trainable_variables
+                  if not network_generic.is_seed_state(v)]
+    state_index = {id(v): j for j, v in enumerate(state_vars)}
+    state = [tf.constant(v) for v in network.state]
+    stripped = _stripped_step(network)
+    slots: list = [None] * len(network.param_specs)
+    built: dict = {}  # id(Keras layer) -> its tf_keras layer
+    taken: set = set()
+    values = {graph.input: tf_keras.Input(network.input_shape)}
+    for step in graph.steps:
+        layer = step.layer
+        is_stripped = step is stripped
+        if is_stripped and type(layer).__name__ in ("Activation", "Softmax"):
+            values[step.outputs[0]] = values[step.inputs[0]]
+            continue
+        if is_stripped and sum(s.layer is layer for s in graph.steps) > 1:
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) applies the "
+                "output softmax and is called more than once; VI cannot strip "
+                "its softmax in one call only. End the model in logits.")
+        new = built.get(id(layer))
+        if _is_variational_layer(layer):
+            if new is None:
+                new = make_variational(layer, _activation_of(layer, is_stripped),
+                                       _unique_name(layer.name, taken))
+            out = new(values[step.inputs[0]])
+            if id(layer) not in built:
+                for v, slot in zip(layer.trainable_variables, _layer_slots(new)):
+                    slots[index[id(v)]] = slot
+        else:
+            if new is None:
+                layer_state = [
+                    v.dtype if network_generic.is_seed_state(v)
+                    else state[state_index[id(v)]]
+                    for v in layer.non_trainable_variables]
+                new = _KerasLayerAdapter(layer, layer_state, noise,
+                                         name=_unique_name(layer.name, taken))
+                for v, w in zip(layer.trainable_variables, new.point_weights):
+                    slots[index[id(v)]] = _Slot(point=w)
+            target = (network_generic._linear_clone(layer, step.in_shapes)  # pylint: disable=protected-access
+                      if is_stripped else layer)
+            k = new.add_call(step, target)
+            inputs = [values[i] for i in step.inputs]
+            out = new(inputs if len(inputs) > 1 else inputs[0], call_index=k)
+        built[id(layer)] = new
+        for vid, o in zip(step.outputs, tf.nest.flatten(out)):
+            values[vid] = o
+    unused = [spec.name for spec, slot in zip(network.param_specs, slots)
+              if slot is None]
+    if unused:
+        raise ValueError(f"model {keras_model.name!r}: parameters {unused} "
+                         "belong to no layer of its graph; VI cannot place "
+                         "them.")
+    model = _VariationalGraphModel(values[graph.input], values[graph.output],
+                                   noise, name=keras_model.name + "_vi")
+    return model, slots
+
+
+def _build_variational_model(network: Network, *, estimator: str,
+                             prior_scale: float, kl_weight: float,
+                             num_train: int, seed: int):
+    """The ``tf_keras`` variational counterpart of ``network.keras_model``.
+
+    A fast-path chain of ``_CHAIN_KINDS`` is built as a ``tf_keras``
+    ``Sequential`` of the same layers (the model as it always was); every
+    other graph as a functional model with adapters for the layers that are
+    not variational.
+
+    Returns:
+      ``(model, slots)``: a built ``tf_keras`` model that maps
+      ``[B, *input_shape]`` to logits ``[B, C]`` and draws its noise from
+      the :class:`_Noise` ``model.vi_noise``, and one :class:`_Slot` per
+      parameter tensor in the Network's order.
+    """
+    noise = _Noise(seed)
+    weight = kl_weight / num_train
+    kernel_kwargs = dict(
+        kernel_posterior_fn=_mean_field_normal_fn(0.0),
+        kernel_posterior_tensor_fn=noise.sample,
+        kernel_prior_fn=_prior_fn(prior_scale),
+        kernel_divergence_fn=_divergence_fn(weight))
+    bias_kwargs = dict(
+        bias_posterior_fn=_mean_field_normal_fn(0.0),
+        bias_posterior_tensor_fn=noise.sample,
+        bias_prior_fn=_prior_fn(prior_scale),
+        bias_divergence_fn=_divergence_fn(weight))
+
+    def make_variational(layer, activation, name):
+        return _variational_layer(layer, activation=activation, name=name,
+                                  flipout=estimator == "flipout",
+                                  kernel_kwargs=kernel_kwargs,
+                                  bias_kwargs=bias_kwargs)
+
+    chain = network.path == "fast" and all(
+        op.kind in _CHAIN_KINDS for op in network.ops)
     with warnings.catch_warnings():
         # tfp.layers create their variables through the deprecated
         # Layer.add_variable; the warning is TFP's, not the user's.
         warnings.filterwarnings("ignore", message=".*add_variable.*")
-        model = _VariationalModel(out, noise,
-                                  name=network.keras_model.name + "_vi")
-    return model, variational
+        if chain:
+            return _build_chain(network, noise, make_variational)
+        return _build_graph(network, noise, make_variational)
 
 
-def _posteriors(variational_layers) -> list:
-    """The layers' posterior distributions in the Network's parameter order."""
+def _check_spreads(network: Network, values, name: str, mask) -> list:
+    """Validates ``scale`` or ``untransformed_scale`` against the mask.
+
+    Returns:
+      float32 arrays for the variational parameters, None for the point
+      estimates.
+
+    Raises:
+      TypeError / ValueError: naming ``name`` and the parameter, for a list
+        of the wrong length, a misshapen array, None for a variational
+        parameter, or for a point estimate anything but None (or, for
+        ``scale``, zeros).
+    """
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of arrays (None for point "
+                        f"estimates), got {type(values).__name__}.")
+    shapes = network.param_shapes
+    filled = [np.zeros(shapes[i], np.float32) if v is None and i < len(shapes)
+              else v for i, v in enumerate(values)]
+    arrays = [t.numpy() for t in network.check_params(filled, stacked=False,
+                                                      name=name)]
     out = []
-    for layer in variational_layers:
-        out.append(layer.kernel_posterior)
-        if layer.bias_posterior is not None:
-            out.append(layer.bias_posterior)
-    return out
-
-
-def _priors(variational_layers) -> list:
-    out = []
-    for layer in variational_layers:
-        out.append(layer.kernel_prior)
-        if layer.bias_prior is not None:
-            out.append(layer.bias_prior)
+    for spec, given, array, variational in zip(network.param_specs, values,
+                                               arrays, mask):
+        if variational and given is None:
+            raise ValueError(
+                f"{name} for {spec.name!r} is None, but it is a variational "
+                "parameter (a Dense or Conv2D kernel or bias); give its array.")
+        if not variational and given is not None and (
+                name != "scale" or np.any(array != 0)):
+            raise ValueError(
+                f"{name} for {spec.name!r} must be None"
+                f"{' or zeros' if name == 'scale' else ''}: it is a "
+                "deterministic point estimate (its layer is not a variational "
+                "Dense or Conv2D).")
+        out.append(array if variational else None)
     return out
 
 
@@ -418,30 +777,41 @@ def _priors(variational_layers) -> list:
 class VIPosterior:
     """A mean-field normal posterior held by ``tfp.layers`` variational layers.
 
-    Every parameter tensor ``i`` of the Network (kernel then bias per layer)
-    has a posterior ``N(loc[i], scale[i]**2)`` per scalar, of shape
+    Every variational parameter tensor ``i`` of the Network (the kernels and
+    biases of ``Dense`` and ``Conv2D`` layers, see the module docstring) has
+    a posterior ``N(loc[i], scale[i]**2)`` per scalar, of shape
     ``network.param_shapes[i]``, with ``scale = softplus(rho)`` held as the
-    raw ("untransformed") ``rho``.  Build one with :func:`fit`, directly from
-    ``loc`` and ``scale`` (or ``rho``) lists, or with :meth:`load`.
+    raw ("untransformed") ``rho``.  Every other parameter tensor is a
+    deterministic point estimate ``loc[i]`` (:attr:`variational` says which
+    is which): its scale is 0, it has no ``rho``, no prior and no KL term,
+    and every sample of :meth:`sample_ensemble` holds its ``loc``.  Build one
+    with :func:`fit`, directly from ``loc`` and ``scale`` (or ``rho``)
+    lists, or with :meth:`load`.
 
     Args:
-      network: the :class:`Network` (or a Keras 3 model to import).
+      network: the :class:`Network` (or a Keras 3 model to import); it must
+        have a layer graph (a subclassed model is refused).
       loc: list of float arrays, ``loc[i]`` of shape ``param_shapes[i]``.
-      scale: list of float arrays of the same shapes, every entry finite and
-        ``> 0`` (stored as ``softplus^-1(scale)``, exact to rounding).
-      untransformed_scale: instead of ``scale``, the raw ``rho`` (finite
-        float arrays of the same shapes), stored exactly.
+      scale: list of the same length: for a variational parameter a float
+        array of its shape, every entry finite and ``> 0`` (stored as
+        ``softplus^-1(scale)``, exact to rounding); for a point estimate
+        ``None`` (or an array of zeros, as :meth:`posterior_scale` returns).
+      untransformed_scale: instead of ``scale``, the raw ``rho``: finite
+        float arrays for the variational parameters (stored exactly),
+        ``None`` for the point estimates.
       estimator: ``"flipout"`` or ``"reparameterization"`` (the layers' own
         gradient estimator, used by :func:`fit` and
         :meth:`predict_proba_flipout`).
       prior_scale: standard deviation of the ``N(0, prior_scale**2)`` prior on
-        every weight and bias.
+        every variational weight and bias.
       kl_weight: multiplier of ``KL / num_train`` in the training loss.
       num_train: ``N``, the number of training points the KL is divided by.
       seed: int, the base of the seeds of the layers' noise in training.
 
     Attributes:
       network: the :class:`Network`.
+      variational: tuple of bools, one per parameter tensor: ``True`` for a
+        variational kernel or bias, ``False`` for a point estimate.
       variational_model: the ``tf_keras`` model of ``tfp.layers`` (logits
         out).  Called directly, outside :func:`fit` and
         :meth:`predict_proba_flipout`, its layers draw their noise with
@@ -452,13 +822,15 @@ class VIPosterior:
         ``val_*`` with validation data); empty if not trained.
 
     Raises:
-      TypeError / ValueError: for a bad argument, naming it.
+      TypeError / ValueError: for a bad argument, naming it; ValueError for
+        a network without a layer graph.
 
     Example:
       >>> post = vi.fit(keras_model, x_train, y_train, epochs=5)
       >>> ens = post.sample_ensemble(100, seed=0)      # S = 100 weight sets
       >>> ens.predict_proba(x_test).shape              # [B, C]
       >>> post.posterior_scale()[0].shape              # first kernel's scale
+      >>> post.variational                             # (True, True, ...)
     """
 
     def __init__(self, network, loc: Sequence, scale: Sequence | None = None,
@@ -467,8 +839,10 @@ class VIPosterior:
                  kl_weight: float = 1.0, num_train: int = 1, seed: int = 0):
         if not isinstance(network, Network):
             network = Network.from_keras(network)
+        _require_graph(network)
         if (scale is None) == (untransformed_scale is None):
             raise ValueError("Give exactly one of scale and untransformed_scale.")
+        mask = _variational_mask(network)
         loc = [t.numpy() for t in network.check_params(loc, stacked=False,
                                                        name="loc")]
         names = [spec.name for spec in network.param_specs]
@@ -476,22 +850,23 @@ class VIPosterior:
             if not np.all(np.isfinite(m)):
                 raise ValueError(f"loc for {name!r} holds NaN or infinite values.")
         if scale is not None:
-            scale = [t.numpy() for t in network.check_params(
-                scale, stacked=False, name="scale")]
+            scale = _check_spreads(network, scale, "scale", mask)
             for name, sd in zip(names, scale):
-                if not np.all(np.isfinite(sd)) or np.any(sd <= 0):
+                if sd is not None and (not np.all(np.isfinite(sd)) or np.any(sd <= 0)):
                     raise ValueError(f"scale for {name!r} must be finite and > 0 "
                                      f"everywhere; its minimum is {sd.min()!r}.")
-            rho = [tfp.math.softplus_inverse(tf.constant(sd)).numpy()
+            rho = [None if sd is None else
+                   tfp.math.softplus_inverse(tf.constant(sd)).numpy()
                    for sd in scale]
         else:
-            rho = [t.numpy() for t in network.check_params(
-                untransformed_scale, stacked=False, name="untransformed_scale")]
+            rho = _check_spreads(network, untransformed_scale,
+                                 "untransformed_scale", mask)
             for name, r in zip(names, rho):
-                if not np.all(np.isfinite(r)):
+                if r is not None and not np.all(np.isfinite(r)):
                     raise ValueError(f"untransformed_scale for {name!r} holds "
                                      "NaN or infinite values.")
         self.network = network
+        self.variational = mask
         self.settings = {
             "estimator": validate.choice(estimator, ESTIMATORS, "estimator"),
             "prior_scale": validate.positive_real(prior_scale, "prior_scale"),
@@ -500,48 +875,65 @@ class VIPosterior:
             "seed": validate.seed_int(seed),
         }
         self.history: dict[str, list] = {}
-        self.variational_model, self._param_layers = _build_variational_model(
+        self.variational_model, self._slots = _build_variational_model(
             network, estimator=estimator, prior_scale=self.settings["prior_scale"],
             kl_weight=self.settings["kl_weight"],
             num_train=self.settings["num_train"], seed=self.settings["seed"])
+        built = tuple(slot.posterior is not None for slot in self._slots)
+        if built != mask:
+            raise AssertionError(f"variational model built {built}, the "
+                                 f"network's mask is {mask}")
         self._assign(loc, rho)
         self._predict_fn = None
 
     def _assign(self, loc, rho) -> None:
-        """Sets ``loc`` and the raw ``rho`` of every posterior, exactly."""
-        for dist, m, r in zip(_posteriors(self._param_layers), loc, rho):
-            normal = dist.distribution
+        """Sets ``loc`` and the raw ``rho`` (None for a point estimate) of
+        every parameter, exactly."""
+        for slot, m, r in zip(self._slots, loc, rho):
+            if slot.posterior is None:
+                slot.point.assign(m)
+                continue
+            normal = slot.posterior.distribution
             normal.loc.assign(m)
             normal.scale.pretransformed_input.assign(r)
 
     # ------------------------------------------------------------- the posterior
     def posterior_loc(self) -> list[np.ndarray]:
-        """Posterior means, float32 arrays of shapes ``network.param_shapes``."""
-        return [dist.distribution.loc.numpy() for dist in _posteriors(self._param_layers)]
+        """Posterior means (the point estimates' values), float32 arrays of
+        shapes ``network.param_shapes``."""
+        return [slot.point.numpy() if slot.posterior is None else
+                slot.posterior.distribution.loc.numpy() for slot in self._slots]
 
     def posterior_scale(self) -> list[np.ndarray]:
-        """Posterior standard deviations ``softplus(rho)``, same layout."""
-        return [tf.convert_to_tensor(dist.distribution.scale).numpy()
-                for dist in _posteriors(self._param_layers)]
+        """Posterior standard deviations ``softplus(rho)``, same layout;
+        arrays of zeros for the point estimates."""
+        return [np.zeros(slot.point.shape, np.float32) if slot.posterior is None
+                else tf.convert_to_tensor(slot.posterior.distribution.scale).numpy()
+                for slot in self._slots]
 
-    def posterior_untransformed_scale(self) -> list[np.ndarray]:
-        """The raw parameters ``rho`` (``scale = softplus(rho)``), same layout."""
-        return [dist.distribution.scale.pretransformed_input.numpy()
-                for dist in _posteriors(self._param_layers)]
+    def posterior_untransformed_scale(self) -> list[np.ndarray | None]:
+        """The raw parameters ``rho`` (``scale = softplus(rho)``), same
+        layout; ``None`` for the point estimates (a scale of 0 has no finite
+        ``rho``)."""
+        return [None if slot.posterior is None else
+                slot.posterior.distribution.scale.pretransformed_input.numpy()
+                for slot in self._slots]
 
     def kl_divergence(self) -> float:
-        """``KL(q || p)`` summed over every weight and bias (not divided by N)."""
-        return float(sum(tfp.distributions.kl_divergence(q, p).numpy()
-                         for q, p in zip(_posteriors(self._param_layers),
-                                         _priors(self._param_layers))))
+        """``KL(q || p)`` summed over every variational weight and bias (not
+        divided by N); point estimates have no prior and add nothing."""
+        return float(sum(
+            tfp.distributions.kl_divergence(slot.posterior, slot.prior).numpy()
+            for slot in self._slots if slot.posterior is not None))
 
     def sample_ensemble(self, num_samples: int, seed=0) -> PosteriorEnsemble:
         """Draws ``S`` full weight sets from the posterior.
 
-        Every parameter tensor is drawn at once as
+        Every variational parameter tensor is drawn at once as
         ``loc + scale * seeds.normal([S, *shape])``, an exact draw from the
-        mean-field posterior; the same seed gives the same ensemble, with or
-        without XLA (:func:`tfp_bnn_adv.seeds.normal`).
+        mean-field posterior; a point estimate is its ``loc`` in every
+        sample.  The same seed gives the same ensemble, with or without XLA
+        (:func:`tfp_bnn_adv.seeds.normal`).
 
         Args:
           num_samples: ``S >= 1``.
@@ -557,11 +949,17 @@ class VIPosterior:
         """
         num_samples = validate.positive_int(num_samples, "num_samples")
         seed = seeds_lib.stateless(seed)
-        dists = _posteriors(self._param_layers)
         params = []
-        for dist, s in zip(dists, tf.unstack(seeds_lib.split(seed, len(dists)))):
-            loc = tf.convert_to_tensor(dist.distribution.loc)
-            scale = tf.convert_to_tensor(dist.distribution.scale)
+        # One seed per parameter tensor, point estimates included, so a
+        # tensor's draw does not depend on which others are variational.
+        for slot, s in zip(self._slots, tf.unstack(
+                seeds_lib.split(seed, len(self._slots)))):
+            if slot.posterior is None:
+                value = tf.convert_to_tensor(slot.point)
+                params.append(tf.repeat(value[None], num_samples, axis=0))
+                continue
+            loc = tf.convert_to_tensor(slot.posterior.distribution.loc)
+            scale = tf.convert_to_tensor(slot.posterior.distribution.scale)
             eps = seeds_lib.normal([num_samples] + loc.shape.as_list(), s)
             params.append(loc + scale * eps)
         metadata = {"method": "vi", "settings": dict(self.settings),
@@ -627,18 +1025,21 @@ class VIPosterior:
     def save(self, path: str) -> None:
         """Saves to one ``.npz`` file, atomically, with no pickle.
 
-        Stores ``loc_i`` and ``untransformed_scale_i`` (the raw ``rho``)
-        float32 arrays per parameter tensor, so :meth:`load` rebuilds the
-        exact same posterior, and the Keras model's JSON config, the settings
-        and the history.
+        Stores ``loc_i`` for every parameter tensor and
+        ``untransformed_scale_i`` (the raw ``rho``) for the variational ones,
+        float32 arrays, so :meth:`load` rebuilds the exact same posterior,
+        and the Keras model's JSON config, the :attr:`variational` mask, the
+        settings and the history (format version 3).
         """
         arrays = {f"loc_{i}": m for i, m in enumerate(self.posterior_loc())}
         arrays.update({f"untransformed_scale_{i}": r for i, r in
-                       enumerate(self.posterior_untransformed_scale())})
+                       enumerate(self.posterior_untransformed_scale())
+                       if r is not None})
         meta = {"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "network": self.network.get_config(),
                 "param_names": [s.name for s in self.network.param_specs],
                 "param_shapes": [list(s) for s in self.network.param_shapes],
+                "variational": list(self.variational),
                 "settings": self.settings, "history": self.history}
         files.save_arrays(path, arrays, meta)
 
@@ -646,14 +1047,17 @@ class VIPosterior:
     def load(cls, path: str) -> "VIPosterior":
         """Loads a posterior written by :meth:`save`.
 
-        Files of format version 2 hold the raw ``rho`` and load bit for bit;
-        version 1 files (``scale_i = softplus(rho)``) still load, with
+        Files of format version 3 (``untransformed_scale_i`` for the
+        variational parameters only) and 2 (for every parameter, all of them
+        variational then) hold the raw ``rho`` and load bit for bit; version
+        1 files (``scale_i = softplus(rho)``) still load, with
         ``rho = softplus^-1(scale)`` exact to rounding.
 
         Raises:
           FileNotFoundError: if ``path`` does not exist.
           ValueError: if the file is corrupt, not a VIPosterior, from a newer
-            format, or its arrays or settings do not fit its architecture.
+            format, or its arrays, mask or settings do not fit its
+            architecture.
         """
         arrays, meta = files.load_arrays(path)
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
@@ -670,19 +1074,27 @@ class VIPosterior:
             network = Network.from_config(meta["network"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path!r}: cannot rebuild the architecture: {e}") from e
+        _require_graph(network)
         n = len(network.param_specs)
+        mask = _variational_mask(network)
+        if version >= 3 and meta.get("variational") != list(mask):
+            raise ValueError(
+                f"{path!r}: its variational mask {meta.get('variational')!r:.200} "
+                f"does not match the architecture's {list(mask)!r:.200}.")
         second = "scale" if version == 1 else "untransformed_scale"
-        expected = {f"{k}_{i}" for k in ("loc", second) for i in range(n)}
+        stored = [True] * n if version < 3 else mask
+        expected = {f"loc_{i}" for i in range(n)} | {
+            f"{second}_{i}" for i in range(n) if stored[i]}
         if set(arrays) != expected:
-            raise ValueError(f"{path!r}: expected arrays loc_0..loc_{n - 1} and "
-                             f"{second}_0..{second}_{n - 1}, found "
-                             f"{sorted(arrays)}.")
+            raise ValueError(f"{path!r}: expected arrays {sorted(expected)}, "
+                             f"found {sorted(arrays)}.")
         settings = meta.get("settings")
         if not isinstance(settings, dict):
             raise ValueError(f"{path!r}: settings missing or not a dict.")
         known = ("estimator", "prior_scale", "kl_weight", "num_train", "seed")
         loc = [arrays[f"loc_{i}"] for i in range(n)]
-        second_arrays = [arrays[f"{second}_{i}"] for i in range(n)]
+        second_arrays = [arrays[f"{second}_{i}"] if mask[i] else None
+                         for i in range(n)]
         try:
             post = cls(network, loc, **{second: second_arrays},
                        **{k: settings[k] for k in known})
@@ -769,25 +1181,35 @@ def _raw_params(post: "VIPosterior") -> tuple[list, list]:
     return post.posterior_loc(), post.posterior_untransformed_scale()
 
 
-def _paper_init(network: Network, seed: int) -> tuple[list, list]:
+def _paper_init(network: Network, seed: int, mask) -> tuple[list, list]:
     """The authors' initial ``(loc, rho)``: i.i.d. ``N(0, 1)`` everywhere.
 
-    Parameter tensor ``i`` draws its ``loc`` from seed ``2 i`` and its raw
-    scale ``rho`` from seed ``2 i + 1`` of ``split(fold_in(seed, INIT),
-    2 * num_tensors)``, float32 arrays of ``network.param_shapes``.
+    Variational parameter tensor ``i`` draws its ``loc`` from seed ``2 i``
+    and its raw scale ``rho`` from seed ``2 i + 1`` of
+    ``split(fold_in(seed, INIT), 2 * num_tensors)``, float32 arrays of
+    ``network.param_shapes``.  A point estimate (the authors' models had
+    none) starts where ``init="default"`` starts it, at its Keras
+    initialiser's draw, with ``rho`` None.
     """
     shapes = network.param_shapes
     keys = tf.unstack(seeds_lib.split(
         seeds_lib.fold_in(seed, _INIT_STREAM), 2 * len(shapes)))
-    loc = [seeds_lib.normal(s, keys[2 * i]).numpy()
-           for i, s in enumerate(shapes)]
-    rho = [seeds_lib.normal(s, keys[2 * i + 1]).numpy()
-           for i, s in enumerate(shapes)]
+    default = None if all(mask) else network.init_params(seed)
+    loc = [seeds_lib.normal(s, keys[2 * i]).numpy() if v else
+           default[i].numpy() for i, (s, v) in enumerate(zip(shapes, mask))]
+    rho = [seeds_lib.normal(s, keys[2 * i + 1]).numpy() if v else None
+           for i, (s, v) in enumerate(zip(shapes, mask))]
     return loc, rho
 
 
 class _Checkpoint:
-    """The per-epoch checkpoint of one :func:`fit` configuration."""
+    """The per-epoch checkpoint of one :func:`fit` configuration.
+
+    Arrays: ``loc_i`` of every parameter tensor, ``untransformed_scale_i``
+    of the variational ones (point estimates have no ``rho``), Adam's
+    ``optimizer_j`` (its moments of the point estimates included) and, with
+    early stopping, the same ``best_*`` arrays of the best epoch.
+    """
 
     def __init__(self, directory: str, fields: dict):
         self.path = os.path.join(directory, CHECKPOINT_FILE)
@@ -798,14 +1220,15 @@ class _Checkpoint:
              stopping: _EarlyStopping | None, seconds: float) -> None:
         loc, rho = _raw_params(post)
         arrays = {f"loc_{i}": m for i, m in enumerate(loc)}
-        arrays.update({f"untransformed_scale_{i}": r for i, r in enumerate(rho)})
+        arrays.update({f"untransformed_scale_{i}": r for i, r in enumerate(rho)
+                       if r is not None})
         arrays.update({f"optimizer_{j}": v.numpy()
                        for j, v in enumerate(optimizer.variables)})
         if stopping is not None and stopping.best_weights is not None:
             best_loc, best_rho = stopping.best_weights
             arrays.update({f"best_loc_{i}": m for i, m in enumerate(best_loc)})
             arrays.update({f"best_untransformed_scale_{i}": r
-                           for i, r in enumerate(best_rho)})
+                           for i, r in enumerate(best_rho) if r is not None})
         files.save_arrays(self.path, arrays, {
             "format": _CHECKPOINT_FORMAT,
             "format_version": _CHECKPOINT_VERSION,
@@ -868,6 +1291,9 @@ class _Checkpoint:
         def take(prefix, templates):
             out = []
             for i, t in enumerate(templates):
+                if t is None:  # the rho of a point estimate: none stored
+                    out.append(None)
+                    continue
                 a = arrays.get(f"{prefix}_{i}")
                 if a is None or a.shape != t.shape or a.dtype != t.dtype:
                     raise ValueError(
@@ -967,21 +1393,28 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     ``mean_b[-log p(y_b | x_b, w)] + kl_weight * KL(q || p) / N``
     (``N`` = number of training points after the validation split; see the
     module docstring) with Adam, in a compiled ``tf_keras`` training step,
-    one ``tf_keras`` ``fit`` epoch at a time.
+    one ``tf_keras`` ``fit`` epoch at a time.  The kernels and biases of the
+    ``Dense`` and ``Conv2D`` layers are variational (mean-field normal
+    posteriors with a normal prior); every other trainable weight
+    (BatchNormalization's ``gamma``/``beta``, LayerNormalization's, other
+    layers' kernels) is a deterministic point estimate trained with the same
+    loss, without prior or KL (:attr:`VIPosterior.variational`).
 
     Args:
-      model: a built Keras 3 classifier (or a :class:`Network`) made of the
-        layers :data:`~tfp_bnn_adv.network.SUPPORTED_LAYERS`; a final softmax
-        is dropped (the variational model outputs logits).
+      model: a built Keras 3 classifier with a layer graph (``Sequential``
+        or functional, any layers :meth:`Network.from_keras` imports), or a
+        :class:`Network` of one; a final softmax is dropped (the
+        variational model outputs logits).  A subclassed model is refused:
+        use HMC or SGD / deep ensembles for it.
       train_x: float inputs ``[N, *input_shape]``.
       train_y: int labels ``[N]`` in ``[0, C)``.
       epochs: maximum number of passes over the data, ``>= 1``.
       batch_size: mini-batch size ``B >= 1``.
       learning_rate: Adam learning rate ``> 0``.
-      prior_scale: std of the ``N(0, prior_scale**2)`` prior on every weight
-        and bias (the paper: 1).
-      init_scale: initial posterior std of every weight and bias ``> 0``,
-        with ``init="default"``.  ``init="paper"`` draws every scale, so it
+      prior_scale: std of the ``N(0, prior_scale**2)`` prior on every
+        variational weight and bias (the paper: 1).
+      init_scale: initial posterior std of every variational weight and bias
+        ``> 0``, with ``init="default"``.  ``init="paper"`` draws every scale, so it
         refuses any other value than :data:`DEFAULT_INIT_SCALE` and records
         ``settings["init_scale"] = None``.
       kl_weight: multiplier of the KL term ``> 0`` (1 is the ELBO).  The
@@ -991,9 +1424,9 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       init: the initial posterior.  ``"default"``: ``loc`` a stateless draw
         from the Keras initialisers, every scale ``init_scale``.
         ``"paper"``, the authors' guide: ``loc`` and the raw scale ``rho``
-        of every weight and bias i.i.d. ``N(0, 1)``
+        of every variational weight and bias i.i.d. ``N(0, 1)``
         (:func:`tfp_bnn_adv.seeds.normal` from ``seed``), so the scale is
-        ``softplus(rho)``.
+        ``softplus(rho)``; point estimates start as with ``"default"``.
       validation_split: fraction in ``[0, 1)`` of the training data held out
         (a random subset drawn from ``seed``) for ``val_loss``/``val_accuracy``.
       validation_data: alternatively, a pair ``(x_val, y_val)``.  Never pass
@@ -1027,8 +1460,9 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
       with early stopping, ``best_epoch``.
 
     Raises:
-      TypeError / ValueError: naming the argument, for a bad argument,
-        unsupported layer (named with its class), bad inputs/labels, or a
+      TypeError / ValueError: naming the argument, for a bad argument, a
+        model :meth:`Network.from_keras` refuses (the layer named with its
+        class) or one without a layer graph, bad inputs/labels, or a
         ``checkpoint_dir`` that is a file; all before any training.
       ValueError: for a checkpoint of a different configuration, naming the
         differing field, a corrupt one, or one with more epochs than
@@ -1065,6 +1499,8 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
     network = model if isinstance(model, Network) else Network.from_keras(model)
+    _require_graph(network)
+    mask = _variational_mask(network)
     x, y = network.check_inputs(train_x, train_y, x_name="train_x",
                                 y_name="train_y")
     validation_split, validation_data, patience = _check_validation(
@@ -1091,10 +1527,10 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
 
     if init == "default":
         loc = network.init_params(seed)
-        initial = dict(scale=[np.full(s, init_scale, np.float32)
-                              for s in network.param_shapes])
+        initial = dict(scale=[np.full(s, init_scale, np.float32) if v else None
+                              for s, v in zip(network.param_shapes, mask)])
     else:
-        loc, rho = _paper_init(network, seed)
+        loc, rho = _paper_init(network, seed, mask)
         initial = dict(untransformed_scale=rho)
     post = VIPosterior(network, loc, estimator=estimator,
                        prior_scale=prior_scale, kl_weight=kl_weight,
@@ -1142,8 +1578,11 @@ def fit(model, train_x, train_y, *, epochs: int = 10, batch_size: int = 128,
                     f"{start_epoch} or use another checkpoint_dir.")
             logging.info("VI: resuming from %s after epoch %d/%d.",
                          checkpoint.path, start_epoch, epochs)
-    logging.info("VI (%s): %d training points, %d parameters, up to %d epochs "
-                 "of batch %d.", estimator, x.shape[0], network.num_params,
+    logging.info("VI (%s): %d training points, %d parameters (%d in variational "
+                 "tensors, the rest point estimates), up to %d epochs of batch "
+                 "%d.", estimator, x.shape[0], network.num_params,
+                 sum(int(np.prod(shape)) for shape, v in
+                     zip(network.param_shapes, mask) if v),
                  epochs, batch_size)
     if start_epoch < epochs and not (stopping is not None and stopping.stopped):
         recorder = _EpochEnd(post, optimizer, history, stopping, checkpoint,
