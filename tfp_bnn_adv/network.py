@@ -890,8 +890,21 @@ class Network:
       stripped_output_layer: the name of the Keras layer it was dropped from
         (not always the last layer: Dropout, Flatten, Reshape or a linear
         Activation may follow it), or ``None``.
+      stripped_output_step: the :class:`~tfp_bnn_adv.keras_graph.Step` of
+        :attr:`graph` it was stripped from (an ``Activation`` / ``Softmax``
+        layer's step is skipped; any other layer runs with a linear
+        activation), or ``None``.
+      graph: the model's flattened layer graph
+        (:func:`tfp_bnn_adv.keras_graph.walk`), or ``None`` for a
+        subclassed model.
+      path: ``"fast"`` or ``"generic"``, see :meth:`from_keras`.
+      path_reason: why: the first layer (or setting) the fast path lacks,
+        ``"every layer is one of the fast path's layers"``, or that the path
+        was forced.
+      state_specs: name and shape of each :attr:`state` array.
       keras_model: the Keras model it was built from (used for its config and
-        by the SGD trainer; its weights are never read by ``apply``).
+        by the SGD trainer; its trainable weights are never read by
+        ``apply``; its non-trainable ones are snapshot at import).
 
     Example:
       >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8,
@@ -905,7 +918,8 @@ class Network:
     def __init__(self, keras_model, *, graph, program, generic,
                  param_specs: list[ParamSpec], input_shape: tuple,
                  num_classes: int, stripped_output_activation: str | None,
-                 stripped_output_layer: str | None, path: str, path_reason: str,
+                 stripped_output_layer: str | None, stripped_output_step,
+                 path: str, path_reason: str,
                  state_specs: list[ParamSpec], state_values: list[np.ndarray],
                  initial_values: list[np.ndarray], requested_path: str,
                  flops: int, activation_size: int):
@@ -919,6 +933,7 @@ class Network:
         self.num_classes = int(num_classes)
         self.stripped_output_activation = stripped_output_activation
         self.stripped_output_layer = stripped_output_layer
+        self.stripped_output_step = stripped_output_step
         self.path = path
         self.path_reason = path_reason
         self.state_specs = tuple(state_specs)
@@ -1050,6 +1065,7 @@ class Network:
                    num_classes=out_shape[0], stripped_output_activation=stripped,
                    stripped_output_layer=(None if stripped_step is None
                                           else stripped_step.layer.name),
+                   stripped_output_step=stripped_step,
                    path=chosen, path_reason=why, state_specs=state_specs,
                    state_values=state_values,
                    initial_values=[np.asarray(v.numpy()) for v in variables],

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from tfp_bnn_adv import keras_graph
 
-__all__ = ["GenericFunction", "is_seed_state", "VECTORIZE_MODES"]
+__all__ = ["GenericFunction", "is_seed_state", "linear_clone", "VECTORIZE_MODES"]
 
 # How the sample axis is evaluated: one vectorised graph, or a loop.
 VECTORIZE_MODES = ("vectorized_map", "map_fn")
@@ -54,7 +54,7 @@ def _is_batch_norm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _linear_clone(layer, in_shapes):
+def linear_clone(layer, in_shapes):
     """A copy of ``layer`` with its activation replaced by the identity.
 
     Built but never holding the weights used: its ``stateless_call`` gets
@@ -133,7 +133,7 @@ class GenericFunction:
                     "Activation", "Softmax"):
                 self._calls.append(_Call(step, layer, (), (), alias=True))
                 continue
-            target = (_linear_clone(layer, step.in_shapes)
+            target = (linear_clone(layer, step.in_shapes)
                       if step is stripped_step else layer)
             self._calls.append(_Call(
                 step, target,

@@ -593,27 +593,6 @@ def _build_chain(network: Network, noise: _Noise, make_variational):
     return model, [slot for layer in variational for slot in _layer_slots(layer)]
 
 
-def _stripped_step(network: Network):
-    """The graph step whose output softmax the Network stripped, or None.
-
-    It lies on the single-input path back from the output (see
-    :class:`Network`), where it is found by its layer's name.
-    """
-    if network.stripped_output_layer is None:
-        return None
-    graph = network.graph
-    value = graph.output
-    while True:
-        step = graph.producer(value)
-        if step is None:
-            return None
-        if step.layer.name == network.stripped_output_layer:
-            return step
-        if len(step.inputs) != 1:
-            return None
-        value = step.inputs[0]
-
-
 def _unique_name(name: str, taken: set) -> str:
     """``name``, or ``name_<k>`` where a nested model reused it."""
     out, k = name, 1
@@ -632,7 +611,7 @@ def _build_graph(network: Network, noise: _Noise, make_variational):
                   if not network_generic.is_seed_state(v)]
     state_index = {id(v): j for j, v in enumerate(state_vars)}
     state = [tf.constant(v) for v in network.state]
-    stripped = _stripped_step(network)
+    stripped = network.stripped_output_step
     slots: list = [None] * len(network.param_specs)
     built: dict = {}  # id(Keras layer) -> its tf_keras layer
     taken: set = set()
@@ -667,7 +646,7 @@ def _build_graph(network: Network, noise: _Noise, make_variational):
                                          name=_unique_name(layer.name, taken))
                 for v, w in zip(layer.trainable_variables, new.point_weights):
                     slots[index[id(v)]] = _Slot(point=w)
-            target = (network_generic._linear_clone(layer, step.in_shapes)  # pylint: disable=protected-access
+            target = (network_generic.linear_clone(layer, step.in_shapes)
                       if is_stripped else layer)
             k = new.add_call(step, target)
             inputs = [values[i] for i in step.inputs]
