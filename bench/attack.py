@@ -382,6 +382,16 @@ def pgd_comparison(args, jit) -> dict:
     gflops = flops / seconds / 1e9
     common.log(f"PGD: {seconds:.1f} s, {gflops:.1f} GFLOP/s")
 
+    common.log(f"gradient throughput: {STEPS} x expected_loss_gradient, "
+               f"batch {batch}")
+    grad_seconds = common.time_call(
+        lambda: gradients.expected_loss_gradient(
+            ens, x, y, batch_size=batch, chunk_size=args.chunk_size,
+            jit_compile=jit), repeats=3)
+    memory = common.peak_memory_mb(
+        lambda: run_pgd(ens, x[:batch], y[:batch], STEPS, batch,
+                        args.chunk_size, jit))
+
     common.log(f"loop baseline on {args.loop_images} images")
     loop_seconds = loop_pgd_seconds(ens, x, y, args.loop_images)
     loop_total = loop_seconds * NUM_IMAGES / args.loop_images
@@ -399,6 +409,10 @@ def pgd_comparison(args, jit) -> dict:
         "pgd_gflops": gflops,
         "matmul_peak_gflops": peak,
         "pgd_fraction_of_matmul_peak": gflops / peak,
+        "expected_gradient_seconds": grad_seconds,
+        "pgd_fraction_of_gradient_throughput": STEPS * grad_seconds / seconds,
+        "pgd_peak_memory_mb_one_batch": memory["peak_memory_mb"],
+        "memory_kind": memory["memory_kind"],
         "batch_size": batch,
         "chunk_size": chunk,
     }

@@ -77,6 +77,90 @@ def matmul_peak_gflops(sizes=(1024, 2048), repeats: int = 5) -> dict:
     return {"gflops": max(results.values()), "by_config": results}
 
 
+def shared_weight_ceiling(network, params, x, y, repeats: int = 5) -> dict:
+    """The same work with one weight set: the honest limit of an ensemble gradient.
+
+    An ensemble's expected input gradient over ``S`` weight sets and ``B``
+    inputs costs the FLOPs of one network's forward pass and input gradient
+    on ``S * B`` inputs.  With a single weight set those FLOPs are ordinary
+    big matmuls and convolutions, no per-sample kernels: no ensemble
+    gradient of these shapes can beat it.  Timed with XLA and with TF's
+    kernels; the faster is the ceiling.
+
+    Args:
+      network: the :class:`~tfp_bnn_adv.network.Network`.
+      params: the ensemble's stack ``[S, ...]`` (sample 0 is used).
+      x, y: the batch ``[B, ...]`` and labels ``[B]``.
+
+    Returns:
+      dict with ``seconds`` (the ceiling), ``path`` (``"xla"`` or
+      ``"default_kernels"``, which was faster) and ``by_path``.
+    """
+    s = int(params[0].shape[0])
+    one = [p[:1] for p in params]
+    xs = tf.tile(tf.convert_to_tensor(x), [s] + [1] * (len(x.shape) - 1))
+    ys = tf.tile(tf.convert_to_tensor(y), [s])
+
+    def grad(w, xx, yy):
+        with tf.GradientTape() as tape:
+            tape.watch(xx)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                yy, network.apply_stack(w, xx)[0]))
+        return tape.gradient(loss, xx)
+
+    by_path = {}
+    for label, jit in (("xla", True), ("default_kernels", False)):
+        fn = tf.function(grad, jit_compile=jit)
+        by_path[label] = time_call(lambda fn=fn: fn(one, xs, ys), repeats=repeats)
+    best = min(by_path, key=by_path.get)
+    return {"seconds": by_path[best], "path": best, "by_path": by_path}
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource  # pylint: disable=g-import-not-at-top
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_mb(fn: Callable[[], Any]) -> dict:
+    """Peak memory one call of ``fn`` adds, in MB, on the device it runs on.
+
+    On a GPU: ``tf.config.experimental.get_memory_info``'s peak after a
+    reset.  On a CPU: the process's resident set size, sampled every
+    millisecond by a thread during the call, minus its size before (a peak
+    shorter than the sampling interval can be missed).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        tf.config.experimental.reset_memory_stats(gpus[0].name)
+        block(fn())
+        info = tf.config.experimental.get_memory_info(gpus[0].name)
+        return {"peak_memory_mb": info["peak"] / 2**20, "memory_kind": "gpu_peak"}
+    import threading  # pylint: disable=g-import-not-at-top
+    start = _rss_bytes()
+    peak = [start]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        block(fn())
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return {"peak_memory_mb": (peak[0] - start) / 2**20, "memory_kind": "cpu_rss"}
+
+
 def cpu_model() -> str:
     """The CPU's model name (``platform.processor()`` is empty on Linux)."""
     try:

@@ -12,7 +12,13 @@ Measures, in one process, on the same weights and inputs:
     (the calls are identical in cost); the output says so;
 (b') a loop over posterior samples with the images batched: not a target,
     it separates the gain of batching from that of vectorising over S;
-(c) the machine's fp32 matmul throughput, the ceiling;
+(c) the machine's fp32 matmul throughput, and (c') the honest ceiling: the
+    same work with one shared weight set (the network's forward pass and
+    input gradient on ``S * B`` inputs: the same FLOPs as big matmuls and
+    ordinary convolutions), best of XLA and TF's kernels, named in
+    ``*_ceiling_path``; ``*_fraction_of_ceiling`` is ceiling time / ours
+    (1.0: at the limit); ``*_peak_memory_mb`` is the peak memory one call of
+    ours adds (resident set size on a CPU, the allocator's peak on a GPU);
 (d) the generic path (``Network.from_keras(..., path="generic")``: each
     layer's Keras ``stateless_call``, over ``S`` by ``tf.vectorized_map`` or
     ``tf.map_fn``) on the same Keras models, weights and inputs, timed as
@@ -243,6 +249,15 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     common.log(f"{name}: loop over samples, images batched")
     out[f"{name}_batched_loop_s"] = _loop_per_sample_batched(
         network, ens.params, x, y)
+    common.log(f"{name}: the same work with shared weights (the ceiling)")
+    ceiling = common.shared_weight_ceiling(network, ens.params, x, y)
+    out[f"{name}_ceiling_s"] = ceiling["seconds"]
+    out[f"{name}_ceiling_path"] = ceiling["path"]
+    for label, seconds in ceiling["by_path"].items():
+        out[f"{name}_ceiling_{label}_s"] = seconds
+    out[f"{name}_fraction_of_ceiling"] = ceiling["seconds"] / ours
+    out[f"{name}_peak_memory_mb"] = common.peak_memory_mb(
+        lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
     out[f"{name}_gflops"] = flops / ours / 1e9
     out[f"{name}_speedup_vs_loop"] = loop_s / ours
     out[f"{name}_speedup_vs_batched_loop"] = out[f"{name}_batched_loop_s"] / ours
@@ -313,6 +328,12 @@ def run_resnet(max_loop_calls: int) -> dict:
     best = min(loop, key=loop.get)
     out["resnet_batched_loop_baseline"] = best
     out["resnet_batched_loop_s"] = loop[best]
+    ceiling = common.shared_weight_ceiling(network, params, x, y)
+    out["resnet_ceiling_s"] = ceiling["seconds"]
+    out["resnet_ceiling_path"] = ceiling["path"]
+    out["resnet_fraction_of_ceiling"] = ceiling["seconds"] / ours
+    out["resnet_peak_memory_mb"] = common.peak_memory_mb(
+        lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
     out["resnet_gflops"] = 2 * network.flops_per_example() * s * b / ours / 1e9
     # As for the MLP and CNN: "loop" is the original code's per-image,
     # per-sample loop; "batched loop" batches the images, one graph.
