@@ -21,6 +21,7 @@ from typing import Any, Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -94,7 +95,8 @@ def shared_weight_ceiling(network, params, x, y, repeats: int = 5) -> dict:
 
     Returns:
       dict with ``seconds`` (the ceiling), ``path`` (``"xla"`` or
-      ``"default_kernels"``, which was faster) and ``by_path``.
+      ``"default_kernels"``, which was faster), ``by_path`` and ``call``
+      (runs the faster one, for :func:`paired_fraction`).
     """
     s = int(params[0].shape[0])
     one = [p[:1] for p in params]
@@ -108,12 +110,32 @@ def shared_weight_ceiling(network, params, x, y, repeats: int = 5) -> dict:
                 yy, network.apply_stack(w, xx)[0]))
         return tape.gradient(loss, xx)
 
-    by_path = {}
-    for label, jit in (("xla", True), ("default_kernels", False)):
-        fn = tf.function(grad, jit_compile=jit)
-        by_path[label] = time_call(lambda fn=fn: fn(one, xs, ys), repeats=repeats)
+    fns = {label: tf.function(grad, jit_compile=jit)
+           for label, jit in (("xla", True), ("default_kernels", False))}
+    by_path = {label: time_call(lambda fn=fn: fn(one, xs, ys), repeats=repeats)
+               for label, fn in fns.items()}
     best = min(by_path, key=by_path.get)
-    return {"seconds": by_path[best], "path": best, "by_path": by_path}
+    return {"seconds": by_path[best], "path": best, "by_path": by_path,
+            "call": lambda: fns[best](one, xs, ys)}
+
+
+def paired_fraction(ours: Callable[[], Any], ceiling: Callable[[], Any],
+                    rounds: int = 7, repeats: int = 3) -> dict:
+    """Ceiling time / our time, robust to a machine whose speed drifts.
+
+    On a shared VM the same call's time moves by 20% from one minute to the
+    next, more than the differences measured.  Each round times the ceiling
+    and ours back to back (best of ``repeats`` each) and takes their ratio;
+    the median over ``rounds`` is reported, with the spread.
+
+    Returns:
+      dict with ``fraction`` (median), ``fraction_min``, ``fraction_max``.
+    """
+    ratios = sorted(time_call(ceiling, repeats=repeats, warmup=0)
+                    / time_call(ours, repeats=repeats, warmup=0)
+                    for _ in range(rounds))
+    return {"fraction": float(np.median(ratios)), "fraction_min": ratios[0],
+            "fraction_max": ratios[-1]}
 
 
 def _rss_bytes() -> int:

@@ -17,7 +17,8 @@ Measures, in one process, on the same weights and inputs:
     input gradient on ``S * B`` inputs: the same FLOPs as big matmuls and
     ordinary convolutions), best of XLA and TF's kernels, named in
     ``*_ceiling_path``; ``*_fraction_of_ceiling`` is ceiling time / ours
-    (1.0: at the limit); ``*_peak_memory_mb`` is the peak memory one call of
+    (1.0: at the limit), the median over 7 rounds that time both back to
+    back (the spread in ``*_fraction_of_ceiling_range``); ``*_peak_memory_mb`` is the peak memory one call of
     ours adds (resident set size on a CPU, the allocator's peak on a GPU);
 (d) the generic path (``Network.from_keras(..., path="generic")``: each
     layer's Keras ``stateless_call``, over ``S`` by ``tf.vectorized_map`` or
@@ -255,7 +256,11 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     out[f"{name}_ceiling_path"] = ceiling["path"]
     for label, seconds in ceiling["by_path"].items():
         out[f"{name}_ceiling_{label}_s"] = seconds
-    out[f"{name}_fraction_of_ceiling"] = ceiling["seconds"] / ours
+    paired = common.paired_fraction(
+        lambda: gradients.expected_loss_gradient(ens, x, y), ceiling["call"])
+    out[f"{name}_fraction_of_ceiling"] = paired["fraction"]
+    out[f"{name}_fraction_of_ceiling_range"] = (
+        f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
     out[f"{name}_peak_memory_mb"] = common.peak_memory_mb(
         lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
     out[f"{name}_gflops"] = flops / ours / 1e9
@@ -331,7 +336,11 @@ def run_resnet(max_loop_calls: int) -> dict:
     ceiling = common.shared_weight_ceiling(network, params, x, y)
     out["resnet_ceiling_s"] = ceiling["seconds"]
     out["resnet_ceiling_path"] = ceiling["path"]
-    out["resnet_fraction_of_ceiling"] = ceiling["seconds"] / ours
+    paired = common.paired_fraction(
+        lambda: gradients.expected_loss_gradient(ens, x, y), ceiling["call"])
+    out["resnet_fraction_of_ceiling"] = paired["fraction"]
+    out["resnet_fraction_of_ceiling_range"] = (
+        f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
     out["resnet_peak_memory_mb"] = common.peak_memory_mb(
         lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
     out["resnet_gflops"] = 2 * network.flops_per_example() * s * b / ours / 1e9
