@@ -19,7 +19,7 @@ Reported: wall time of both, the speedup, ``pgd_fraction_of_gradient_throughput`
 (the time of 40 expected-gradient calls on one batch over PGD-40's on the same
 batch, the median of 5 rounds timing both back to back: 1.0 means the attack
 costs no more than its gradients), the peak memory of PGD on one batch
-(resident set size on a CPU), and the fraction of the machine's
+(TensorFlow's allocator peak), and the fraction of the machine's
 fp32 matmul peak the attack reaches, counting
 ``steps x S x N x 2 x forward FLOPs`` (a forward pass plus the input-gradient
 backward pass, which costs about as much as the forward).

@@ -19,7 +19,8 @@ Measures, in one process, on the same weights and inputs:
     ``*_ceiling_path``; ``*_fraction_of_ceiling`` is ceiling time / ours
     (1.0: at the limit), the median over 7 rounds that time both back to
     back (the spread in ``*_fraction_of_ceiling_range``); ``*_peak_memory_mb`` is the peak memory one call of
-    ours adds (resident set size on a CPU, the allocator's peak on a GPU);
+    ours allocates (TensorFlow's allocator peak on the device; XLA's own CPU
+    buffers are not counted, so compare it under TF's kernels);
 (d) the generic path (``Network.from_keras(..., path="generic")``: each
     layer's Keras ``stateless_call``, over ``S`` by ``tf.vectorized_map`` or
     ``tf.map_fn``) on the same Keras models, weights and inputs, timed as
@@ -262,7 +263,8 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     out[f"{name}_fraction_of_ceiling_range"] = (
         f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
     out[f"{name}_peak_memory_mb"] = common.peak_memory_mb(
-        lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
+        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False)
+    )["peak_memory_mb"]
     out[f"{name}_gflops"] = flops / ours / 1e9
     out[f"{name}_speedup_vs_loop"] = loop_s / ours
     out[f"{name}_speedup_vs_batched_loop"] = out[f"{name}_batched_loop_s"] / ours
@@ -342,7 +344,8 @@ def run_resnet(max_loop_calls: int) -> dict:
     out["resnet_fraction_of_ceiling_range"] = (
         f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
     out["resnet_peak_memory_mb"] = common.peak_memory_mb(
-        lambda: gradients.expected_loss_gradient(ens, x, y))["peak_memory_mb"]
+        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False)
+    )["peak_memory_mb"]
     out["resnet_gflops"] = 2 * network.flops_per_example() * s * b / ours / 1e9
     # As for the MLP and CNN: "loop" is the original code's per-image,
     # per-sample loop; "batched loop" batches the images, one graph.
