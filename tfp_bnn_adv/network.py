@@ -685,11 +685,6 @@ def _output_softmax(graph: keras_graph.Graph, num_classes: int,
     return act, step
 
 
-def _drops_step(step) -> bool:
-    """Whether stripping ``step``'s softmax removes the whole step."""
-    return type(step.layer).__name__ in ("Activation", "Softmax")
-
-
 def _fast_program(graph: keras_graph.Graph, var_index: dict, stripped_step
                   ) -> list[tuple]:
     """The fast path's program: ``(op, input ids, output id, param indices)``.
@@ -708,7 +703,7 @@ def _fast_program(graph: keras_graph.Graph, var_index: dict, stripped_step
             raise _NotFast(f"layer {layer.name!r} ({type(layer).__name__}) is "
                            "called more than once (shared weights)")
         seen.add(id(layer))
-        if step is stripped_step and _drops_step(step):
+        if step is stripped_step and network_generic.drops_when_stripped(layer):
             program.append((None, step.inputs, step.outputs[0], ()))
             continue
         if len(step.outputs) != 1:
@@ -921,7 +916,7 @@ class Network:
                  stripped_output_layer: str | None, stripped_output_step,
                  path: str, path_reason: str,
                  state_specs: list[ParamSpec], state_values: list[np.ndarray],
-                 initial_values: list[np.ndarray], requested_path: str,
+                 initial_values: dict, requested_path: str,
                  flops: int, activation_size: int):
         self.keras_model = keras_model
         self.graph = graph
@@ -1015,8 +1010,7 @@ class Network:
         specs = [ParamSpec(v.path, tuple(int(d) for d in v.shape),
                            _initializer_config(owners.get(id(v)), v))
                  for v in variables]
-        state_vars = [v for v in model.non_trainable_variables
-                      if not network_generic.is_seed_state(v)]
+        state_vars = network_generic.state_variables(model)
         state_specs = [ParamSpec(v.path, tuple(int(d) for d in v.shape), {})
                        for v in state_vars]
         state_values = [np.asarray(v.numpy()) for v in state_vars]
@@ -1050,7 +1044,11 @@ class Network:
                 model, graph, stripped_step, var_index,
                 {id(v): j for j, v in enumerate(state_vars)}, state_values)
             generic.check_traces([s.shape for s in specs], input_shape)
-        if graph is not None:
+        if program is not None:  # the ops' own, exact figures
+            ops = [entry[0] for entry in program if entry[0] is not None]
+            flops = sum(op.flops_per_example for op in ops)
+            act_size = sum(int(np.prod(op.out_shape)) for op in ops)
+        elif graph is not None:
             flops = _flops_of_steps(graph)
             act_size = sum(int(np.prod([d or 1 for d in shape]))
                            for step in graph.steps for shape in step.out_shapes)
@@ -1068,7 +1066,9 @@ class Network:
                    stripped_output_step=stripped_step,
                    path=chosen, path_reason=why, state_specs=state_specs,
                    state_values=state_values,
-                   initial_values=[np.asarray(v.numpy()) for v in variables],
+                   initial_values={i: np.asarray(v.numpy())
+                                   for i, (v, spec) in enumerate(zip(variables, specs))
+                                   if spec.initializer is None},
                    requested_path=path, flops=flops, activation_size=act_size)
 
     # ------------------------------------------------------------- describing
@@ -1137,15 +1137,15 @@ class Network:
                    for v in layer.non_trainable_variables)
 
     def flops_per_example(self) -> int:
-        """Forward-pass FLOPs (2 x multiply-adds) for one example, one sample."""
-        if self._generic is None:
-            return int(sum(op.flops_per_example for op in self._ops))
+        """Forward-pass FLOPs (2 x multiply-adds) for one example, one sample.
+
+        Exact on the fast path; on the generic path, 2 x the multiply-adds
+        of every kernel (exact for Dense and convolutions).
+        """
         return self._flops
 
     def activation_size_per_example(self) -> int:
         """Number of activation floats one example produces, one sample."""
-        if self._generic is None:
-            return int(sum(np.prod(op.out_shape) for op in self._ops))
         return self._activation_size
 
     def get_config(self) -> dict:
@@ -1173,8 +1173,7 @@ class Network:
                              f"written by Network.get_config(); got {config!r:.200}.")
         model = keras.models.model_from_json(json.dumps(config["keras_model"]))
         state = config.get("state") or []
-        state_vars = [v for v in model.non_trainable_variables
-                      if not network_generic.is_seed_state(v)]
+        state_vars = network_generic.state_variables(model)
         if state:
             if len(state) != len(state_vars):
                 raise ValueError(f"config holds {len(state)} state arrays; the "

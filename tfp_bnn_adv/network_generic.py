@@ -39,7 +39,9 @@ import tensorflow as tf
 
 from tfp_bnn_adv import keras_graph
 
-__all__ = ["GenericFunction", "is_seed_state", "linear_clone", "VECTORIZE_MODES"]
+__all__ = ["GenericFunction", "is_seed_state", "state_variables",
+           "drops_when_stripped", "training_kwargs", "linear_clone",
+           "VECTORIZE_MODES"]
 
 # How the sample axis is evaluated: one vectorised graph, or a loop.
 VECTORIZE_MODES = ("vectorized_map", "map_fn")
@@ -50,8 +52,31 @@ def is_seed_state(variable) -> bool:
     return "seed_generator_state" in variable.path
 
 
-def _is_batch_norm(layer) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization)
+def state_variables(model) -> list:
+    """The model's constant state: non-trainable variables but seed states."""
+    return [v for v in model.non_trainable_variables if not is_seed_state(v)]
+
+
+def drops_when_stripped(layer) -> bool:
+    """Whether stripping this layer's output softmax removes the whole call.
+
+    An ``Activation`` or ``Softmax`` layer is only its softmax; any other
+    layer keeps its call with a linear activation (:func:`linear_clone`).
+    """
+    return type(layer).__name__ in ("Activation", "Softmax")
+
+
+def training_kwargs(layer, kwargs: dict, training: bool) -> dict:
+    """``kwargs`` with the ``training`` flag this path gives ``layer``.
+
+    Every layer that takes ``training`` gets it, overriding any value fixed
+    in the model's graph, except BatchNormalization, which always runs in
+    inference mode.
+    """
+    if getattr(layer, "_call_has_training_arg", False) or "training" in kwargs:
+        kwargs["training"] = bool(training) and not isinstance(
+            layer, keras.layers.BatchNormalization)
+    return kwargs
 
 
 def linear_clone(layer, in_shapes):
@@ -129,8 +154,7 @@ class GenericFunction:
         self._calls = []
         for step in graph.steps:
             layer = step.layer
-            if step is stripped_step and type(layer).__name__ in (
-                    "Activation", "Softmax"):
+            if step is stripped_step and drops_when_stripped(layer):
                 self._calls.append(_Call(step, layer, (), (), alias=True))
                 continue
             target = (linear_clone(layer, step.in_shapes)
@@ -154,19 +178,13 @@ class GenericFunction:
                 non_trainable.append(tf.cast(s, ref))
         return trainable, non_trainable
 
-    @staticmethod
-    def _training_kwargs(layer, kwargs: dict, training: bool) -> dict:
-        if getattr(layer, "_call_has_training_arg", False) or "training" in kwargs:
-            kwargs["training"] = bool(training) and not _is_batch_norm(layer)
-        return kwargs
-
     def apply_one(self, params: Sequence[tf.Tensor], x: tf.Tensor,
                   training: bool = False, seed=None) -> tf.Tensor:
         """Logits ``[B, C]`` of one weight set (no sample axis)."""
         if self.graph is None:
             call = self._calls[0]
             tv, ntv = self._variables(call, params, seed, 0)
-            kwargs = self._training_kwargs(self.model, {}, training)
+            kwargs = training_kwargs(self.model, {}, training)
             out, _ = self.model.stateless_call(tv, ntv, x, **kwargs)
             return tf.cast(out, tf.float32)
         values = {self.graph.input: x}
@@ -176,7 +194,7 @@ class GenericFunction:
                 values[step.outputs[0]] = values[step.inputs[0]]
                 continue
             args, kwargs = step.arguments(values)
-            kwargs = self._training_kwargs(call.layer, kwargs, training)
+            kwargs = training_kwargs(call.layer, kwargs, training)
             tv, ntv = self._variables(call, params, seed, k)
             out, _ = call.layer.stateless_call(tv, ntv, *args, **kwargs)
             outs = tf.nest.flatten(out)

@@ -368,9 +368,7 @@ class _KerasLayerAdapter(tf_keras.layers.Layer):
         values = dict(zip(step.inputs, tf.nest.flatten(inputs)))
         args, kwargs = step.arguments(values)
         training = bool(training)
-        if getattr(target, "_call_has_training_arg", False) or "training" in kwargs:
-            kwargs["training"] = training and not isinstance(
-                target, keras.layers.BatchNormalization)
+        kwargs = network_generic.training_kwargs(target, kwargs, training)
         seed = None
         non_trainable = []
         for j, slot in enumerate(self._keras.state):
@@ -607,8 +605,7 @@ def _build_graph(network: Network, noise: _Noise, make_variational):
     graph = network.graph
     keras_model = network.keras_model
     index = {id(v): i for i, v in enumerate(keras_model.trainable_variables)}
-    state_vars = [v for v in keras_model.non_trainable_variables
-                  if not network_generic.is_seed_state(v)]
+    state_vars = network_generic.state_variables(keras_model)
     state_index = {id(v): j for j, v in enumerate(state_vars)}
     state = [tf.constant(v) for v in network.state]
     stripped = network.stripped_output_step
@@ -619,7 +616,7 @@ def _build_graph(network: Network, noise: _Noise, make_variational):
     for step in graph.steps:
         layer = step.layer
         is_stripped = step is stripped
-        if is_stripped and type(layer).__name__ in ("Activation", "Softmax"):
+        if is_stripped and network_generic.drops_when_stripped(layer):
             values[step.outputs[0]] = values[step.inputs[0]]
             continue
         if is_stripped and sum(s.layer is layer for s in graph.steps) > 1:
