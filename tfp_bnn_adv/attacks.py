@@ -75,6 +75,7 @@ from tfp_bnn_adv import seeds
 from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import check_ensemble
+from tfp_bnn_adv.ensemble import log_predictive_graph
 from tfp_bnn_adv.ensemble import predict_proba_checked
 from tfp_bnn_adv.ensemble import predict_proba_graph
 from tfp_bnn_adv.gradients import loss_gradient_graph
@@ -281,26 +282,6 @@ def _score(network, params, x, y, chunk):
     return wrong, -tf.math.log(p_y)
 
 
-def _log_predictive_graph(network, params, x, chunk):
-    """``log (1/S) sum_s softmax f(x, w_s)``, float32 ``[B, C]``.
-
-    A running log-sum-exp of the per-sample log-softmax over sample chunks,
-    so a class whose mean probability rounds to 0 or 1 in float32 keeps a
-    finite, exact log-probability.
-    """
-    s = params[0].shape[0]
-
-    def body(lse, chunk_params):
-        ls = tf.nn.log_softmax(network.apply_stack(chunk_params, x))
-        return tf.reduce_logsumexp(
-            tf.stack([lse, tf.reduce_logsumexp(ls, axis=0)]), axis=0)
-
-    init = tf.fill([tf.shape(x)[0], network.num_classes],
-                   tf.constant(_NEG, tf.float32))
-    lse = chunking.fold_sample_chunks(params, chunk, body, init)
-    return lse - math.log(s)
-
-
 def _keep_worse(best, new):
     """Per example, the candidate that is misclassified, else has more loss."""
     (x_b, wrong_b, loss_b), (x_n, wrong_n, loss_n) = best, new
@@ -411,7 +392,7 @@ def _square_graph(network, params, x0, y, idx, seed, eps, max_queries, p_init,
         # predictive, negative once the example is misclassified.  In logs,
         # so a posterior whose p(y) rounds to 1.0 in float32 still shows
         # every proposal's progress.
-        log_p = _log_predictive_graph(
+        log_p = log_predictive_graph(
             network, params, tf.reshape(img, tf.shape(x0)), chunk)
         is_y = tf.one_hot(y, network.num_classes) > 0
         return (tf.reduce_sum(tf.where(is_y, log_p, 0.0), -1) -
@@ -605,7 +586,7 @@ def _objective_predictive(network, params, x, loss_fn, chunk):
         network, params, x, loss_fn, chunk,
         scores=lambda logits: tf.reduce_logsumexp(
             tf.nn.log_softmax(logits), axis=0) - log_s,
-        stack_scores=_log_predictive_graph, linearised=linearised)
+        stack_scores=log_predictive_graph, linearised=linearised)
 
 
 def _objective_paper(network, params, x, loss_fn, chunk):

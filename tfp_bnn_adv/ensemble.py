@@ -7,6 +7,7 @@ attacks and metrics only ever see this class.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from tfp_bnn_adv import xla
 from tfp_bnn_adv.network import Network
 
 __all__ = ["PosteriorEnsemble", "FORMAT_VERSION", "predict_proba_graph",
+           "log_predictive_graph",
            "check_ensemble"]
 
 FORMAT_VERSION = 1
@@ -40,6 +42,29 @@ def predict_proba_graph(network: Network, params, x, chunk_size: int):
 
     init = tf.zeros([tf.shape(x)[0], network.num_classes], tf.float32)
     return chunking.fold_sample_chunks(params, chunk_size, body, init) / s
+
+
+# A finite stand-in for -inf in a running log-sum-exp: exp(_NEG - m) == 0.
+_NEG = -1e30
+
+
+def log_predictive_graph(network: Network, params, x, chunk_size: int):
+    """``log (1/S) sum_s softmax f(x, w_s)``, float32 ``[B, C]``, chunked over ``S``.
+
+    A running log-sum-exp of the per-sample log-softmax over sample chunks,
+    so a class whose mean probability rounds to 0 or 1 in float32 keeps a
+    finite, exact log-probability (and a gradient).  Pure and traceable.
+    """
+    s = params[0].shape[0]
+
+    def body(lse, chunk):
+        ls = tf.nn.log_softmax(network.apply_stack(chunk, x))
+        return tf.reduce_logsumexp(
+            tf.stack([lse, tf.reduce_logsumexp(ls, axis=0)]), axis=0)
+
+    init = tf.fill([tf.shape(x)[0], network.num_classes],
+                   tf.constant(_NEG, tf.float32))
+    return chunking.fold_sample_chunks(params, chunk_size, body, init) - math.log(s)
 
 
 def _check_finite(network: Network, params: Sequence[tf.Tensor]) -> None:

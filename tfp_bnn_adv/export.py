@@ -26,7 +26,6 @@ the package imports exports.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from tfp_bnn_adv import validate
 from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import DEFAULT_BATCH_SIZE
 from tfp_bnn_adv.ensemble import check_ensemble
+from tfp_bnn_adv.ensemble import log_predictive_graph
 from tfp_bnn_adv.network import Network
 
 __all__ = ["OUTPUTS", "to_keras", "export", "load_metadata", "output_graph",
@@ -50,35 +50,9 @@ OUTPUTS = ("log_predictive", "mean_logits", "logits_stack")
 METADATA_FILE = "tfp_bnn_adv.json"
 FORMAT_VERSION = 1
 _FORMAT_NAME = "tfp_bnn_adv.ExportedEnsemble"
-# A finite stand-in for -inf in the running maximum: exp(_NEG - m) == 0.
-_NEG = -1e30
 
 
 # ------------------------------------------------------------------- the graph
-def _log_predictive(network, params, x, chunk_size):
-    """Running log-sum-exp of the per-sample log-softmax, minus ``log S``.
-
-    Kept in log space so a class whose mean probability rounds to 0 in
-    float32 keeps a finite log-probability (and a gradient).
-    """
-    s = params[0].shape[0]
-
-    def body(state, chunk):
-        m_old, total = state
-        log_p = tf.nn.log_softmax(network.apply_stack(chunk, x))  # [c, B, C]
-        # The maximum only shifts the sum; its gradient would cancel exactly.
-        m_new = tf.maximum(m_old, tf.stop_gradient(tf.reduce_max(log_p, 0)))
-        total = (total * tf.exp(m_old - m_new) +
-                 tf.reduce_sum(tf.exp(log_p - m_new), axis=0))
-        return m_new, total
-
-    shape = [tf.shape(x)[0], network.num_classes]
-    init = (tf.fill(shape, tf.constant(_NEG, tf.float32)),
-            tf.zeros(shape, tf.float32))
-    m, total = chunking.fold_sample_chunks(params, chunk_size, body, init)
-    return m + tf.math.log(total) - math.log(s)
-
-
 def _mean_logits(network, params, x, chunk_size):
     s = params[0].shape[0]
 
@@ -95,7 +69,7 @@ def _logits_stack(network, params, x, chunk_size):
     return tf.transpose(stack, [1, 0, 2])
 
 
-_GRAPHS = {"log_predictive": _log_predictive, "mean_logits": _mean_logits,
+_GRAPHS = {"log_predictive": log_predictive_graph, "mean_logits": _mean_logits,
            "logits_stack": _logits_stack}
 
 
