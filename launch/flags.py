@@ -198,11 +198,17 @@ CORE_FLAGS = ("output_dir", "seed", "overwrite", "data_dir", "data_source",
 # ------------------------------------------------- flags some scripts share
 # name -> what defines it (with its validator); :func:`use` runs it once.
 
+# Every script takes quick and paper; cpu is launch.reproduce's alone.
+PRESETS = ("quick", "cpu", "paper")
+_REPRODUCE_ONLY_PRESETS = ("cpu",)
+
+
 def _define_preset():
-    flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
+    flags.DEFINE_enum("preset", "quick", list(PRESETS),
                       "quick: minutes on a laptop. paper: the paper's scale "
                       "(full datasets, 100+ samples, ~1000 models in the "
-                      "sweep).")
+                      "sweep). cpu (launch.reproduce only): the largest "
+                      "scale that finishes in hours on 2 CPU cores.")
 
 
 def _define_dataset():
@@ -482,6 +488,10 @@ def start(script: str, make_config: Callable[[], Any] | None = None,
     if "keras_model" in FLAGS and FLAGS.keras_model and not os.path.isfile(
             FLAGS.keras_model):
         problems.append(f"--keras_model={FLAGS.keras_model!r}: no such file.")
+    if ("preset" in FLAGS and FLAGS.preset in _REPRODUCE_ONLY_PRESETS
+            and script != "reproduce"):
+        problems.append(f"--preset={FLAGS.preset} is launch.reproduce's; "
+                        f"{script} takes --preset=quick or --preset=paper.")
     if problems:
         raise FlagError(f"{script}: " + "\n".join(problems))
     config = None

@@ -57,7 +57,7 @@ __all__ = ["GradientStudyConfig", "run_gradient_study", "fingerprint",
            "gradient_sizes", "sample_subsets"]
 
 # Everything the study writes besides results.json, figures/, tensorboard/.
-_OWNED = ("gradients.csv", "gradients.md")
+_OWNED = ("gradients.csv", "gradients.md", "ckpt")
 
 # Published on MNIST for the first 1, 10, 100 samples (PAPER.md, item 7):
 # the L-inf norm of one hand-picked image's expected gradient of the
@@ -85,7 +85,8 @@ class GradientStudyConfig:
     Attributes:
       moons_widths: hidden widths of the half-moons MLPs (one hidden layer
         per entry of ``moons_depth``).
-      moons_train_sizes: training-set sizes of the half-moons runs.
+      moons_train_sizes: training-set sizes of the half-moons runs (both
+        grids empty: no half-moons part, e.g. an image-only study).
       moons_depth: hidden layers of the half-moons MLPs.
       moons_noise: half-moons noise (paper: 0.1).
       moons_hmc: HMC settings for half-moons.
@@ -172,9 +173,20 @@ class GradientStudyConfig:
 
     def validate(self) -> None:
         common.check_max_rhat(self.max_rhat, "max_rhat")
-        for name in ("moons_widths", "moons_train_sizes", "sample_counts",
-                     "image_hidden"):
+        for name in ("sample_counts", "image_hidden"):
             common.check_field(validate.int_sequence, getattr(self, name), name)
+        for name in ("moons_widths", "moons_train_sizes"):
+            validate.int_sequence(getattr(self, name), name, allow_empty=True)
+        if bool(self.moons_widths) != bool(self.moons_train_sizes):
+            raise ValueError(
+                "moons_widths and moons_train_sizes must both be empty (no "
+                "half-moons part) or both hold values, got "
+                f"moons_widths={self.moons_widths!r}, "
+                f"moons_train_sizes={self.moons_train_sizes!r}.")
+        if not self.moons_widths and not self.image_dataset:
+            raise ValueError("The study has nothing to run: no half-moons "
+                             "grid (moons_widths, moons_train_sizes) and "
+                             "image_dataset=None.")
         validate.choice(self.image_dataset, (None, "mnist", "fashion_mnist"),
                         "image_dataset")
         bad = [m for m in self.image_methods if m not in ("hmc", "vi")]
@@ -586,6 +598,65 @@ def _plot_figure1(out, results: dict, posteriors: dict, dataset: str, counts,
     return out.save_figure(fig, f"figure1_{dataset}")
 
 
+def _moons_figures(out, config, counts, results, reports, moons_comps,
+                   curves) -> list:
+    """The half-moons figures: components, gradient vs width and vs size.
+
+    Also adds each width's curve (at the largest training set) to
+    ``curves``, for the samples figure.
+    """
+    n_big = max(config.moons_train_sizes)
+    for width in config.moons_widths:
+        prefix = f"half_moons/hmc/width={width}/n_train={n_big}"
+        ks = [k for k in counts
+              if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
+        curves[common.mark(f"moons HMC w={width}",
+                           reports.get(prefix, {}))] = (
+            ks, [results[f"{prefix}/samples={k}/grad_mean_abs/expected"] for k in ks],
+            [results[f"{prefix}/samples={k}/grad_mean_abs/predictive"] for k in ks])
+
+    def at_most(prefix):
+        ks = [k for k in counts
+              if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
+        return results[f"{prefix}/samples={max(ks)}/grad_mean_abs/expected"]
+
+    def any_unconverged(method, pairs):
+        return any(common.is_unconverged(reports.get(
+            f"half_moons/{method}/width={w}/n_train={n}", {}))
+            for w, n in pairs)
+
+    by_width = {}
+    by_size = {}
+    for method in ["hmc"] + (["sgd"] if config.include_deterministic else []):
+        for n_train in config.moons_train_sizes:
+            label = common.mark(f"{method} n={n_train}", any_unconverged(
+                method, [(w, n_train) for w in config.moons_widths]))
+            by_width[label] = (
+                list(config.moons_widths),
+                [at_most(f"half_moons/{method}/width={w}/n_train={n_train}")
+                 for w in config.moons_widths])
+        for width in config.moons_widths:
+            label = common.mark(f"{method} w={width}", any_unconverged(
+                method, [(width, n) for n in config.moons_train_sizes]))
+            by_size[label] = (
+                list(config.moons_train_sizes),
+                [at_most(f"half_moons/{method}/width={width}/n_train={n}")
+                 for n in config.moons_train_sizes])
+
+    return [
+        _plot_components_moons(
+            out, moons_comps, config.moons_widths, n_big, counts,
+            {(w, n) for w in config.moons_widths
+             for n in config.moons_train_sizes
+             if common.is_unconverged(reports.get(
+                 f"half_moons/hmc/width={w}/n_train={n}", {}))}),
+        _plot_vs_axis(out, by_width, "hidden units", "grad_vs_width",
+                      "Half-moons: gradient size vs. width"),
+        _plot_vs_axis(out, by_size, "training points", "grad_vs_train_size",
+                      "Half-moons: gradient size vs. training-set size"),
+    ]
+
+
 def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                        image_ensembles: dict | None = None, *,
                        overwrite: bool = False) -> dict[str, Any]:
@@ -679,11 +750,14 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                 methods.append(("sgd",
                                 config.moons_sgd.replace(seed=seeds.model)))
             for method, settings in methods:
-                ens, info = fit_posterior(model, moons.train_x, moons.train_y,
-                                          settings, probe_x=x_test,
-                                          probe_y=y_test,
-                                          max_rhat=config.max_rhat)
                 prefix = f"half_moons/{method}/width={width}/n_train={n_train}"
+                # HMC checkpoints: a rerun resumes a long grid where it
+                # stopped (finished cells reload from their last segment).
+                ens, info = fit_posterior(
+                    model, moons.train_x, moons.train_y, settings,
+                    checkpoint_dir=(out.path("ckpt", prefix.replace("/", "_"))
+                                    if method == "hmc" else None),
+                    probe_x=x_test, probe_y=y_test, max_rhat=config.max_rhat)
                 report = record(prefix, ens)
                 res, comps = _measure(
                     ens, x_test, y_test, counts, prefix, rows,
@@ -727,10 +801,13 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
                 model = common.load_model(ds.input_shape, ds.num_classes,
                                           hidden=config.image_hidden,
                                           keras_model=config.keras_model)
-                ens, info = fit_posterior(model, ds.train_x, ds.train_y,
-                                          settings.replace(seed=seeds.model),
-                                          probe_x=x_test, probe_y=y_test,
-                                          max_rhat=config.max_rhat)
+                ens, info = fit_posterior(
+                    model, ds.train_x, ds.train_y,
+                    settings.replace(seed=seeds.model),
+                    checkpoint_dir=(out.path("ckpt", f"{config.image_dataset}"
+                                             f"_{method}")
+                                    if method in ("hmc", "vi") else None),
+                    probe_x=x_test, probe_y=y_test, max_rhat=config.max_rhat)
                 n_train = len(ds.train_x)
             prefix = (f"{config.image_dataset}/{method}/width={width}/"
                       f"n_train={n_train}")
@@ -756,58 +833,11 @@ def run_gradient_study(config: GradientStudyConfig, output_dir: str,
             progress.step(common.mark(f"{config.image_dataset} {method}",
                                       report))
 
-    # Half-moons curves vs samples, width and training size.
-    n_big = max(config.moons_train_sizes)
-    for width in config.moons_widths:
-        prefix = f"half_moons/hmc/width={width}/n_train={n_big}"
-        ks = [k for k in counts
-              if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
-        curves[common.mark(f"moons HMC w={width}",
-                           reports.get(prefix, {}))] = (
-            ks, [results[f"{prefix}/samples={k}/grad_mean_abs/expected"] for k in ks],
-            [results[f"{prefix}/samples={k}/grad_mean_abs/predictive"] for k in ks])
-
-    def at_most(prefix):
-        ks = [k for k in counts
-              if f"{prefix}/samples={k}/grad_mean_abs/expected" in results]
-        return results[f"{prefix}/samples={max(ks)}/grad_mean_abs/expected"]
-
-    def any_unconverged(method, pairs):
-        return any(common.is_unconverged(reports.get(
-            f"half_moons/{method}/width={w}/n_train={n}", {}))
-            for w, n in pairs)
-
-    by_width = {}
-    by_size = {}
-    for method in ["hmc"] + (["sgd"] if config.include_deterministic else []):
-        for n_train in config.moons_train_sizes:
-            label = common.mark(f"{method} n={n_train}", any_unconverged(
-                method, [(w, n_train) for w in config.moons_widths]))
-            by_width[label] = (
-                list(config.moons_widths),
-                [at_most(f"half_moons/{method}/width={w}/n_train={n_train}")
-                 for w in config.moons_widths])
-        for width in config.moons_widths:
-            label = common.mark(f"{method} w={width}", any_unconverged(
-                method, [(width, n) for n in config.moons_train_sizes]))
-            by_size[label] = (
-                list(config.moons_train_sizes),
-                [at_most(f"half_moons/{method}/width={width}/n_train={n}")
-                 for n in config.moons_train_sizes])
-
-    figures = [
-        _plot_components_moons(
-            out, moons_comps, config.moons_widths, n_big, counts,
-            {(w, n) for w in config.moons_widths
-             for n in config.moons_train_sizes
-             if common.is_unconverged(reports.get(
-                 f"half_moons/hmc/width={w}/n_train={n}", {}))}),
-        _plot_vs_samples(out, curves),
-        _plot_vs_axis(out, by_width, "hidden units", "grad_vs_width",
-                      "Half-moons: gradient size vs. width"),
-        _plot_vs_axis(out, by_size, "training points", "grad_vs_train_size",
-                      "Half-moons: gradient size vs. training-set size"),
-    ]
+    figures = []
+    if config.moons_widths:
+        figures += _moons_figures(out, config, counts, results, reports,
+                                  moons_comps, curves)
+    figures.insert(min(1, len(figures)), _plot_vs_samples(out, curves))
     if image_comps:
         figures.append(_plot_components_images(out, image_comps,
                                                config.image_dataset))

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 from absl import logging
 
 from tfp_bnn_adv import files
+from tfp_bnn_adv import validate as validate_lib
 from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies.attack_table import AttackTableConfig
 from tfp_bnn_adv.studies.attack_table import fingerprint as table_fingerprint
@@ -105,7 +106,11 @@ class QuickstartConfig:
       ablation: the paper ablation's config (``None``: skipped); it scores
         the quickstart's own HMC and VI posteriors, so its training subset,
         architecture and seed must be the quickstart's.
-      data_dir, data_source: where Fashion-MNIST is read from.
+      dataset: the image data set the posteriors are fitted on
+        (``"fashion_mnist"``, the quickstart's, or ``"mnist"``, e.g. for
+        :mod:`~tfp_bnn_adv.studies.reproduction`); every study config must
+        name the same.
+      data_dir, data_source: where it is read from.
       seed: the training subset's seed
         (:func:`~tfp_bnn_adv.studies.common.study_seeds`; the settings and
         the studies carry their own).
@@ -121,6 +126,7 @@ class QuickstartConfig:
     grads: GradientStudyConfig
     sweep: RobustnessAccuracyConfig
     ablation: PaperAblationConfig | None = None
+    dataset: str = "fashion_mnist"
     data_dir: str | None = None
     data_source: str = "auto"
     seed: int = 0
@@ -129,6 +135,17 @@ class QuickstartConfig:
 
     def validate(self) -> None:
         common.check_max_rhat(self.max_rhat, "max_rhat")
+        validate_lib.choice(self.dataset, ("fashion_mnist", "mnist"),
+                            "dataset")
+        named = {"table.dataset": self.table.dataset,
+                 "grads.image_dataset": self.grads.image_dataset,
+                 "sweep.dataset": self.sweep.dataset}
+        if self.ablation is not None:
+            named["ablation.dataset"] = self.ablation.dataset
+        other = {k: v for k, v in named.items() if v != self.dataset}
+        if other:
+            raise ValueError(f"Every study must use dataset={self.dataset!r}"
+                             f", got {other}.")
         bad = sorted(set(self.settings) - set(LABELS))
         if bad or not self.settings:
             raise ValueError(f"settings must map some of {tuple(LABELS)} to "
@@ -158,7 +175,7 @@ def fingerprint(config: QuickstartConfig) -> dict[str, Any]:
     they are covered by the fields before).
     """
     return common.fingerprint("quickstart", {
-        "data": common.data_fields("fashion_mnist", config.data_dir,
+        "data": common.data_fields(config.dataset, config.data_dir,
                                    config.data_source),
         "num_train": config.num_train, "hidden": list(config.hidden),
         "settings": {m: common.settings_fields(s)
@@ -179,9 +196,11 @@ def owned_directories(methods=tuple(SETTINGS)) -> tuple:
 
 def _fashion(config: QuickstartConfig):
     try:
-        ds = common.load_data("fashion_mnist", data_dir=config.data_dir,
+        ds = common.load_data(config.dataset, data_dir=config.data_dir,
                               data_source=config.data_source)
     except FileNotFoundError as e:
+        if config.dataset != "fashion_mnist":
+            raise
         raise FashionMnistMissingError(
             "The quickstart needs Fashion-MNIST offline. Install it with "
             "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
@@ -192,7 +211,8 @@ def _fashion(config: QuickstartConfig):
 
 
 def run_quickstart(config: QuickstartConfig, output_dir: str, *,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False,
+                   title: str = "tfp_bnn_adv quickstart") -> dict[str, Any]:
     """Fits the three posteriors, then runs the three studies on them.
 
     Args:
@@ -203,6 +223,7 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
         (:data:`SUBSTUDIES`).
       overwrite: delete an earlier quickstart in ``output_dir`` (of any
         configuration) and start afresh.
+      title: the heading of ``summary.md``.
 
     Returns:
       ``unconverged`` (``"<study>: <label>"`` of every unconverged HMC
@@ -230,15 +251,15 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
             f"posterior_{m}.npz" for m in config.settings))
     ensembles, reports = {}, {}
     for method, settings in config.settings.items():
-        logging.info("[quickstart] stage 1/5: %s on Fashion-MNIST (%d points)",
-                     method, len(ds.train_x))
+        logging.info("[quickstart] stage 1/5: %s on %s (%d points)",
+                     method, config.dataset, len(ds.train_x))
         model = common.load_model(ds.input_shape, ds.num_classes,
                                   hidden=config.hidden)
         ens, _ = fit_posterior(
             model, ds.train_x, ds.train_y, settings,
             checkpoint_dir=out.path("ckpt", method),
             probe_x=ds.test_x, probe_y=ds.test_y, max_rhat=config.max_rhat)
-        ens.metadata["dataset"] = "fashion_mnist"
+        ens.metadata["dataset"] = config.dataset
         ens.save(out.path(f"posterior_{method}.npz"))
         ensembles[method] = ens
         reports[LABELS[method]] = common.record_posterior(
@@ -292,7 +313,7 @@ def run_quickstart(config: QuickstartConfig, output_dir: str, *,
     convergence = "\n".join(f"- {common.describe(label, r)}"
                             for label, r in reports.items()
                             if r["method"] in ("hmc", "vi"))
-    summary = (f"# tfp_bnn_adv quickstart ({minutes:.1f} min)\n\n" + warning
+    summary = (f"# {title} ({minutes:.1f} min)\n\n" + warning
                + table["table_markdown"]
                + ("\n## Why the paper found BNNs robust (paper ablation)\n\n"
                   + ablation["paragraph"] + "\n" + ablation["table_markdown"]
