@@ -1,6 +1,7 @@
 """launch.reproduce / studies.reproduction: every file and key, resuming
 from the small files alone, the headline without unconverged posteriors."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import pytest
 from launch import flags as lf
 from launch import gradient_study
 from launch import reproduce
+from tfp_bnn_adv.studies import common
 from tfp_bnn_adv.studies import reproduction
 from tfp_bnn_adv.studies.gradient_study import GradientStudyConfig
 
@@ -120,6 +122,30 @@ def test_quick_preset_writes_every_file_and_resumes_from_small_files(
     with flagsaver.flagsaver(output_dir=str(out), preset="quick", seed=1):
         with pytest.raises(lf.FlagError, match="seed"):
             reproduce.main(["reproduce"])
+
+    # One part alone, of the same settings, is kept as it is.
+    config = reproduction.preset_config("quick")
+    alone = reproduction.run_reproduction(
+        dataclasses.replace(config, half_moons=None), str(out))
+    assert alone["parts"]["fashion_mnist"]["complete"]
+    assert os.stat(table_json).st_mtime_ns == mtime
+    # Other settings of one part: refused before any work, naming the part;
+    # once its directory is deleted it reruns, and the other part is kept.
+    moons_dir = out / "half_moons" / "gradient_study"
+    other = dataclasses.replace(config, half_moons=dataclasses.replace(
+        config.half_moons, moons_widths=(3,)))
+    moons_before = (moons_dir / "results.json").read_text()
+    with pytest.raises(common.ConfigMismatchError,
+                       match="(?s)Part 'half_moons'.*moons_widths"):
+        reproduction.run_reproduction(other, str(out))
+    assert (moons_dir / "results.json").read_text() == moons_before
+    shutil.rmtree(moons_dir)
+    rerun = reproduction.run_reproduction(other, str(out))
+    assert os.stat(table_json).st_mtime_ns == mtime
+    assert ("half_moons/hmc/width=3/n_train=60/samples=2/grad_mean_abs/"
+            "expected") in _json(moons_dir / "results.json")
+    assert "half_moons: half_moons/hmc/width=3/n_train=60" in (
+        rerun["unconverged"])
 
 
 def test_strip_unconverged_drops_marked_rows_only():

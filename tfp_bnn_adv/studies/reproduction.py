@@ -69,6 +69,8 @@ DEFAULT_PARTS = ("fashion_mnist", "half_moons")
 # The study files whose Markdown tables findings.md repeats, per part.
 _IMAGE_TABLES = (("Attack table", "attack_table/table.md"),
                  ("Paper ablation", "paper_ablation/table.md"),
+                 ("Paper ablation: its posteriors",
+                  "paper_ablation/posteriors.md"),
                  ("Gradient vs. posterior samples",
                   "gradient_study/gradients.md"),
                  ("Robustness vs. accuracy", "robustness_accuracy/sweep.md"))
@@ -233,9 +235,13 @@ def _moons_part(preset: str, *, seed: int, max_rhat: float
                                         batch_size=32, learning_rate=1e-2),
             **common_fields)
     if preset == "cpu":
+        # 4 chains x (500 + 250) mix at every cell (function R-hat <= 1.01).
+        # A cell's cost grows with width x points: width 512 on 500 points
+        # took 11.5 minutes on one core of the EPYC, so 10000 points would
+        # take hours per cell; the paper's sizes are --preset=paper's.
         return GradientStudyConfig(
             moons_widths=(16, 64, 256, 512),
-            moons_train_sizes=(500, 2000, 10000),
+            moons_train_sizes=(500, 2000),
             moons_hmc=InferenceSettings(method="hmc", num_chains=4,
                                         num_burnin_steps=500,
                                         num_results=250),
@@ -303,14 +309,30 @@ def _part_fingerprints(config: ReproductionConfig) -> dict[str, dict]:
 def fingerprint(config: ReproductionConfig) -> dict[str, Any]:
     """The reproduction's :func:`~tfp_bnn_adv.studies.common.fingerprint`.
 
-    Fields: the preset's name, ``max_rhat`` and each part's own fingerprint
-    fields (the quickstart pipeline's for an image part, the gradient
-    study's for half-moons).
+    Fields: the preset's name, ``seed`` and ``max_rhat``.  Each part is
+    fingerprinted on its own (the quickstart pipeline's fingerprint for an
+    image part, the gradient study's for half-moons) and checked against
+    its directory by :func:`run_reproduction`, so adding a part, or
+    changing one part's settings, keeps the others' finished work.
     """
     return common.fingerprint("reproduction", {
-        "preset": config.preset, "max_rhat": config.max_rhat,
-        "parts": {name: fp["fields"]
-                  for name, fp in _part_fingerprints(config).items()}})
+        "preset": config.preset, "seed": config.seed,
+        "max_rhat": config.max_rhat})
+
+
+def _check_parts(config: ReproductionConfig, output_dir: str,
+                 part_fps: Mapping[str, dict], overwrite: bool) -> None:
+    """Refuses, before any work, a part directory of other settings."""
+    if overwrite:
+        return
+    for part in config.parts:
+        part_dir = _part_dir(output_dir, part)
+        try:
+            common.check_fingerprint(part_dir, part_fps[part])
+        except common.ConfigMismatchError as e:
+            raise common.ConfigMismatchError(
+                f"Part {part!r}: {e} To rerun this part alone, delete "
+                f"{part_dir!r}; the other parts are kept.") from e
 
 
 def _part_dir(output_dir: str, part: str) -> str:
@@ -368,7 +390,12 @@ def headline(output_dir: str, parts) -> str:
                 "HMC posteriors left out** (they are named under the table, "
                 "and kept, marked (UNCONVERGED), in the file itself).  The "
                 "convergence diagnostics are beside every posterior in the "
-                "files; `results.json` of each part has them all.\n"]
+                "files; `results.json` of each part has them all.  The "
+                "paper ablation's rows with `hmc_training` on score the "
+                "authors' HMC, emulated on purpose (one chain restarted per "
+                "batch, conditioned on the last batch): it has no R-hat and "
+                "is unconverged by construction, as its posteriors table "
+                "says.\n"]
     for part in parts:
         rel_dir = os.path.relpath(_part_dir(output_dir, part), output_dir)
         tables = _MOONS_TABLES if part == "half_moons" else _IMAGE_TABLES
@@ -413,11 +440,14 @@ def run_reproduction(config: ReproductionConfig, output_dir: str, *,
 
     Raises:
       ValueError: for a bad configuration.
-      ConfigMismatchError: when ``output_dir`` holds a reproduction of other
-        settings, unless ``overwrite``; before anything is fitted.
+      ConfigMismatchError: when ``output_dir`` holds a reproduction of
+        another preset, seed or ``max_rhat``, or a part's directory holds
+        that part run with other settings (the message names the part and
+        the fields), unless ``overwrite``; before anything is fitted.
     """
     config.validate()
     part_fps = _part_fingerprints(config)
+    _check_parts(config, output_dir, part_fps, overwrite)
     out = common.StudyOutput(
         output_dir, "reproduction", fingerprint=fingerprint(config),
         overwrite=overwrite,
@@ -456,22 +486,40 @@ def run_reproduction(config: ReproductionConfig, output_dir: str, *,
         out.update({"parts": status})
         results[part] = res
         progress.step(part)
+        # After every part, so an interrupted run's finished parts are
+        # already summarised.
+        _summarise(out, config, status)
+    findings, unconverged = _summarise(out, config, status)
+    return {"parts": status, "unconverged": unconverged,
+            "findings": findings, "results": results}
 
-    unconverged = [f"{p}: {u}" for p in config.parts
-                   for u in status[p]["unconverged"]]
-    findings = headline(output_dir, config.parts)
+
+def _summarise(out: common.StudyOutput, config: ReproductionConfig,
+               status: Mapping[str, dict]) -> tuple[str, list]:
+    """Writes ``findings.md``, ``summary.md`` and the status of each part.
+
+    Returns:
+      ``(findings, unconverged)``: the text of ``findings.md`` and
+      ``"<part>: <posterior>"`` of every unconverged HMC posterior of the
+      finished parts.
+    """
+    done = [p for p in config.parts if p in status]
+    unconverged = [f"{p}: {u}" for p in done for u in status[p]["unconverged"]]
+    findings = headline(out.dir, config.parts)
     files.write_text(out.path("findings.md"), findings)
     lines = [f"# tfp_bnn_adv reproduction (preset {config.preset})\n",
              "| part | directory | minutes | unconverged HMC posteriors |",
              "|---|---|---|---|"]
     for p in config.parts:
+        if p not in status:
+            lines.append(f"| {p} | | not finished | |")
+            continue
         s = status[p]
         lines.append(f"| {p} | `{s['dir']}/` | {s['minutes']:.1f} | "
                      f"{', '.join(s['unconverged']) or 'none'} |")
     lines.append("\nThe headline tables are in `findings.md`; each part's "
                  "`summary.md` and study files hold every row and figure.")
     files.write_text(out.path("summary.md"), "\n".join(lines) + "\n")
-    out.update({"parts": status, "unconverged": unconverged,
+    out.update({"parts": dict(status), "unconverged": unconverged,
                 "preset": config.preset})
-    return {"parts": status, "unconverged": unconverged,
-            "findings": findings, "results": results}
+    return findings, unconverged

@@ -350,8 +350,9 @@ def _run_batches(run, run_fingerprint, x, y, batches, *, config,
                      "; the last: its run is the posterior")
         callback = None
         if segment_callback is not None:
-            def callback(info, b=b):
+            def batch_callback(info, b=b):
                 return segment_callback(dict(info, batch=b, num_batches=total))
+            callback = batch_callback
         result = run(x[lo:hi], y[lo:hi],
                      seed=[int(v) for v in seeds.fold_in(config.seed, b).numpy()],
                      shard_size=shard_size, fingerprint=fingerprint,
