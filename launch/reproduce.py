@@ -10,10 +10,11 @@ half-moons gradient study over widths and training-set sizes.
 
 Presets:
   --preset=quick  every study at toy size, a minute or two (a smoke run);
-  --preset=cpu    the largest scale we measured to finish in a few hours on
-                  2 CPU cores at HMC settings that converge (Fashion-MNIST:
-                  1000 training points, 784-16-10, 4 chains x (1000 + 500);
-                  half-moons: widths 16-512, up to 10,000 points);
+  --preset=cpu    the largest scale we measured to finish in about an hour
+                  and a half on 2 CPU cores at HMC settings that converge
+                  (Fashion-MNIST: 1000 training points, 784-16-10, 4 chains
+                  x (1000 + 500), 48 minutes; half-moons: widths 16-512 on
+                  500 and 2000 points); its outputs are docs/results/;
   --preset=paper  the paper's sizes (all data, 784-512-512-10, the full
                   sweep): for a GPU or TPU (--strategy).
 

@@ -81,6 +81,27 @@ def test_vi_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_resumed_hmc_fit_counts_the_earlier_runs_time(tmp_path,
+                                                       monkeypatch):
+    ds = data.half_moons(200, seed=3)
+    model = models.mlp((2,), 2, (8,))
+    settings = InferenceSettings(method="hmc", num_chains=2,
+                                 num_burnin_steps=10, num_results=5,
+                                 num_leapfrog_steps=3, seed=4)
+    _, first = fit_posterior(model, ds.train_x, ds.train_y, settings,
+                             checkpoint_dir=str(tmp_path))
+    sampled = first["diagnostics"]["wall_seconds"]
+    assert 0 < sampled <= first["wall_seconds"]
+    # Every segment is on disk: the rerun only reloads them.  With this
+    # call's own clock frozen, the earlier sampling time must still count.
+    monkeypatch.setattr(training, "time",
+                        types.SimpleNamespace(perf_counter=lambda: 0.0))
+    _, again = fit_posterior(model, ds.train_x, ds.train_y, settings,
+                             checkpoint_dir=str(tmp_path))
+    assert again["diagnostics"]["wall_seconds"] == pytest.approx(sampled)
+    assert again["wall_seconds"] == pytest.approx(sampled)
+
+
 @pytest.mark.parametrize("method", ["hmc", "vi"])
 def test_a_checkpoint_dir_that_is_a_file_is_refused_up_front(
         method, tmp_path, monkeypatch):

@@ -257,7 +257,9 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
 
     Returns:
       ``(ensemble, info)``: the ensemble (``S`` samples, members or 1) and a
-      JSON-able dict with the wall time and the method's diagnostics.  For
+      JSON-able dict with the wall time (``wall_seconds``; for HMC resumed
+      from checkpoints, at least the sampling time of every run that made
+      the chains) and the method's diagnostics.  For
       HMC these are :meth:`~tfp_bnn_adv.inference.hmc.Diagnostics.to_dict`;
       for VI ``final_loss``, ``loss_trace`` (the per-epoch loss, i.e. the
       negative ELBO per training point) and :func:`elbo_plateau`'s
@@ -324,6 +326,11 @@ def fit_posterior(model, train_x, train_y, settings: InferenceSettings, *,
                                  verbose=verbose)
         info["diagnostics"] = {"members": ens.metadata.get("members")}
     info["wall_seconds"] = time.perf_counter() - start
+    if s.method == "hmc":
+        # A resumed run: the sampling time of the earlier runs counts too
+        # (the checkpoints carry it), not only this call's.
+        earlier = float(info["diagnostics"].get("wall_seconds", 0.0))
+        info["wall_seconds"] = max(info["wall_seconds"], earlier)
     ens.metadata.update({"num_train": int(len(train_x)),
                          "wall_seconds": info["wall_seconds"]})
     logging.info("%s posterior: S=%d in %.1f s", s.method, ens.num_samples,
