@@ -4,8 +4,11 @@ Measures, in one process, on the same weights and inputs:
 
 (a) ours: ``expected_loss_gradient`` over the whole ensemble in one compiled
     call, timed with XLA, with TF's default kernels, and in the default
-    ``auto`` mode (which measures both and keeps the faster); the ratios use
-    the auto mode, what a user gets;
+    ``auto`` mode (a fixed rule of the graph and the CPU, never a timing:
+    :func:`tfp_bnn_adv.xla.auto_path`); the ratios use the auto mode, what a
+    user gets; ``*_auto_path`` names the path it took and
+    ``*_auto_fraction_of_best_path`` is the faster pinned path's time over
+    auto's (1.0: the rule picked the faster path on this machine);
 (b) the original code's way: a Python loop over test images and posterior
     samples, one compiled single-image, single-sample gradient call each.
     Only a subset of the calls is timed and the total extrapolated linearly
@@ -59,6 +62,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-orde
 
 from tfp_bnn_adv import gradients  # pylint: disable=g-import-not-at-top
 from tfp_bnn_adv import models
+from tfp_bnn_adv import xla
 from tfp_bnn_adv.ensemble import PosteriorEnsemble
 from tfp_bnn_adv.network import Network
 
@@ -243,6 +247,11 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     # "Ours" is what a user gets: the default (auto) mode.
     ours = out[f"{name}_ours_auto_s"]
     out[f"{name}_ours_s"] = ours
+    out[f"{name}_auto_path"] = xla.path_name(xla.auto_path(
+        stochastic=False,
+        convolutional=any(op.kind == "conv2d" for op in network.ops)))
+    out[f"{name}_auto_fraction_of_best_path"] = min(
+        out[f"{name}_ours_xla_s"], out[f"{name}_ours_default_kernels_s"]) / ours
     common.log(f"{name}: loop over images x samples (subset)")
     loop_s, timed, total = _loop_per_image_and_sample(
         _single_grad_fn(network), ens.params, x, y, max_loop_calls)

@@ -5,9 +5,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# Tests measure XLA-vs-default choices afresh; never read or write the
-# user's remembered choices.
-os.environ.setdefault("TFP_BNN_ADV_JIT_CACHE", "none")
 
 # Two logical CPU devices, so multi-device code (tf.distribute strategies,
 # sharded HMC and attacks) runs in the tests; configured before any op runs.

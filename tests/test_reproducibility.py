@@ -1,13 +1,11 @@
 """Same seed, same result: no draw or compile path depends on a timing.
 
 The references are independent of the code under test: fresh Python
-processes whose only difference is the machine state the old code consulted
-(the XLA-choice cache, its timings, the environment variable), compared bit
-for bit; TensorFlow's own integer Philox bits for the float samplers; and
+processes whose only difference is the state of the process (what was
+compiled and run before, the environment variable), compared bit for bit; TensorFlow's own integer Philox bits for the float samplers; and
 the two compile paths of one HMC run, which must draw the same momenta.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -26,31 +24,41 @@ from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One HMC call in a fresh process.  ``FAVOUR`` fakes
-# the "auto" timing so that one path looks twice as fast: code that chose
-# its compiler by timing would then take that path.
+# One HMC call, then deterministic ensemble code (predictions, the expected
+# gradient, PGD) in "auto" mode, in a fresh process.  ``WARM=1`` first runs
+# all of it on the other path(s), pinned, so the process holds compiled XLA
+# and TF-kernel functions and warm caches before the "auto" calls: code that
+# chose its path by a timing or remembered a choice could then differ.
 _SCRIPT = r"""
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
-from tfp_bnn_adv import data, models, xla
+from tfp_bnn_adv import attacks, data, gradients, models
 from tfp_bnn_adv.inference import hmc
 from tfp_bnn_adv.network import Network
 
-favour = os.environ.get("FAVOUR")
-if favour:
-    def fake_time(self, fn, args, kwargs):
-        result = fn(*args, **kwargs)
-        is_xla = bool(getattr(fn, "_jit_compile", False))
-        return result, 1.0 if is_xla == (favour == "xla") else 2.0
-    xla.CompiledFunction._time = fake_time
-
 ds = data.half_moons(n=80, seed=3)
 net = Network.from_keras(models.mlp((2,), 2, (8,)))
-ens, _ = hmc.sample(net, ds.train_x, ds.train_y, num_chains=2,
-                    num_burnin_steps=40, num_results=6, step_size=0.05,
-                    trajectory_length=0.5, seed=4, checkpoint_every=20)
-np.savez(sys.argv[1], *ens.params,
+x, y = ds.train_x[:24], ds.train_y[:24]
+
+def deterministic(ens, jit):
+    return (ens.predict_proba(x, jit_compile=jit),
+            gradients.expected_loss_gradient(ens, x, y, jit_compile=jit),
+            attacks.pgd(ens, x, y, 0.2, steps=5, clip=None, jit_compile=jit))
+
+def sample(jit):
+    return hmc.sample(net, ds.train_x, ds.train_y, num_chains=2,
+                      num_burnin_steps=40, num_results=6, step_size=0.05,
+                      trajectory_length=0.5, seed=4, checkpoint_every=20,
+                      jit_compile=jit)[0]
+
+if os.environ.get("WARM"):
+    warm = sample(True)
+    for jit in (True, False):
+        deterministic(warm, jit)
+ens = sample(None)
+out = deterministic(ens, None)
+np.savez(sys.argv[1], *ens.params, *out,
          path=np.array(ens.metadata["settings"].get("compile_path", "?")))
 """
 
@@ -68,20 +76,13 @@ def _run(tmp_path, name, **env):
         return {k: f[k] for k in f.files}
 
 
-def test_same_call_same_bits_whatever_the_cache_and_timings_say(tmp_path):
-    cache = tmp_path / "jit_choices.json"
+def test_same_call_same_bits_whatever_ran_before(tmp_path):
     runs = {
-        "no cache": _run(tmp_path, "a", TFP_BNN_ADV_JIT_CACHE="none"),
-        "timing favours TF kernels": _run(
-            tmp_path, "b", TFP_BNN_ADV_JIT_CACHE=str(cache), FAVOUR="default"),
+        "fresh process": _run(tmp_path, "a"),
+        "after the same calls on both pinned paths": _run(tmp_path, "b",
+                                                          WARM="1"),
+        "TFP_BNN_ADV_JIT=auto": _run(tmp_path, "c", TFP_BNN_ADV_JIT="auto"),
     }
-    # The cache now holds the choices that run made; flip every one.
-    choices = json.loads(cache.read_text()) if cache.exists() else {}
-    files.write_json(str(cache), {k: not v for k, v in choices.items()})
-    runs["cache with the opposite choices, timing favours XLA, "
-         "TFP_BNN_ADV_JIT=auto"] = _run(
-             tmp_path, "c", TFP_BNN_ADV_JIT_CACHE=str(cache), FAVOUR="xla",
-             TFP_BNN_ADV_JIT="auto")
     ref_name, ref = next(iter(runs.items()))
     for name, got in runs.items():
         assert got.keys() == ref.keys()
@@ -186,7 +187,8 @@ def test_stochastic_auto_never_times():
     f = xla.compile_fn(fn, "auto", stochastic=True)
     assert f.mode is False  # no accelerator on the test machines
     np.testing.assert_array_equal(f(tf.ones([2])).numpy(), 2.0)
-    assert not f.choices and len(calls) == 1  # traced once, nothing timed
+    assert len(calls) == 1  # traced once
+    assert list(f.paths.values()) == [(False, "stochastic")]
     assert not f.uses_xla()
     assert xla.stochastic_jit("auto") is False
     assert xla.stochastic_jit(True) is True

@@ -1,4 +1,4 @@
-"""compile_fn: both compilation paths agree; auto mode measures and caches;
+"""compile_fn: both compilation paths agree; auto mode is a rule, never a timing;
 cached_function keeps built functions per owner, weakly and bounded."""
 
 import gc
@@ -15,7 +15,18 @@ def _fn(a, b):
     return tf.nn.relu(tf.matmul(a, b)) + tf.reduce_sum(a)
 
 
-def test_both_paths_agree_and_auto_records_a_choice():
+def _conv_in_a_loop(x, k):
+    # The convolution sits in a while_loop body: a function of the graph's
+    # library, not a node of the graph itself.
+    def body(i, acc):
+        return i + 1, acc + tf.nn.conv2d(x, k, 1, "SAME")
+    return tf.while_loop(lambda i, _: i < 2, body,
+                         (tf.constant(0), tf.zeros_like(x)))[1]
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_auto_path_is_a_rule_of_the_graph_and_the_cpu(monkeypatch, avx512):
+    monkeypatch.setattr(xla, "tf_kernels_use_avx512", lambda: avx512)
     a = tf.random.stateless_normal([16, 8], seed=[1, 2])
     b = tf.random.stateless_normal([8, 4], seed=[3, 4])
     ref = np.maximum(a.numpy() @ b.numpy(), 0) + a.numpy().sum()
@@ -25,11 +36,57 @@ def test_both_paths_agree_and_auto_records_a_choice():
     auto = xla.compile_fn(_fn, jit_compile="auto")
     auto(a, b)
     auto(a, b)
-    assert len(auto.choices) == 1
-    use_xla, t_default, t_xla = next(iter(auto.choices.values()))
-    assert use_xla == (t_xla < t_default)
-    auto(a[:3], b)  # a new input signature is measured separately
-    assert len(auto.choices) == 2
+    want = (False, "avx512") if avx512 else (True, "no avx512")
+    assert list(auto.paths.values()) == [want]
+    assert auto.uses_xla() is (not avx512)
+    auto(a[:3], b)  # a new input signature is decided on its own
+    assert list(auto.paths.values()) == [want, want]
+    # A convolution anywhere in the graph keeps TF's kernels on any CPU.
+    x = tf.random.stateless_normal([2, 6, 6, 3], seed=[5, 6])
+    k = tf.random.stateless_normal([3, 3, 3, 3], seed=[7, 8])
+    conv = xla.compile_fn(_conv_in_a_loop, jit_compile="auto")
+    np.testing.assert_allclose(
+        conv(x, k).numpy(), 2 * tf.nn.conv2d(x, k, 1, "SAME").numpy(),
+        rtol=1e-5, atol=1e-5)
+    assert list(conv.paths.values()) == [(False, "convolution")]
+    pinned = xla.compile_fn(_fn, jit_compile=True)
+    pinned(a, b)
+    assert list(pinned.paths.values()) == [(True, "pinned")]
+
+
+def test_auto_path_does_not_depend_on_what_ran_before():
+    a = tf.random.stateless_normal([64, 64], seed=[1, 1])
+    first = xla.compile_fn(_fn, jit_compile="auto", name="same")
+    out = first(a, a).numpy()
+    # Both pinned paths run (and compile) the same function in between.
+    for mode in (True, False):
+        xla.compile_fn(_fn, jit_compile=mode, name="same")(a, a)
+    second = xla.compile_fn(_fn, jit_compile="auto", name="same")
+    np.testing.assert_array_equal(second(a, a).numpy(), out)
+    assert first.paths == second.paths
+
+
+@pytest.mark.parametrize("flags, env, want", [
+    ({"avx512f", "avx2"}, {}, True),
+    ({"avx2", "fma"}, {}, False),
+    ({"avx512f"}, {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+    ({"avx512f"}, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, False),
+    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, True),
+    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+])
+def test_tf_kernels_use_avx512_reads_the_cpu_and_onednn(monkeypatch, flags,
+                                                         env, want):
+    monkeypatch.setattr(xla, "_cpu_flags", lambda: frozenset(flags))
+    for name in ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA",
+                 "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert xla.tf_kernels_use_avx512() is want
+    assert xla.auto_path(stochastic=False, convolutional=False) is (not want)
+    assert xla.auto_path(stochastic=True, convolutional=False) is False
+    assert xla.auto_path(stochastic=False, convolutional=True) is False
 
 
 def test_resolve_jit_modes_and_environment(monkeypatch):
@@ -49,7 +106,9 @@ def test_resolve_jit_modes_and_environment(monkeypatch):
         xla.resolve_jit(3)
 
 
-def test_auto_falls_back_when_xla_cannot_compile():
+def test_auto_falls_back_when_xla_cannot_compile(monkeypatch):
+    monkeypatch.setattr(xla, "tf_kernels_use_avx512", lambda: False)
+
     def no_xla(a):
         # tf.numpy_function has no XLA kernel.
         return tf.numpy_function(lambda v: v * 2, [a], tf.float32)
@@ -57,27 +116,8 @@ def test_auto_falls_back_when_xla_cannot_compile():
     f = xla.compile_fn(no_xla, jit_compile="auto")
     out = f(tf.ones([3]))
     np.testing.assert_array_equal(out.numpy(), 2.0)
-    assert next(iter(f.choices.values()))[0] is False
-
-
-def test_auto_choice_is_remembered_across_processes(tmp_path, monkeypatch):
-    cache = tmp_path / "choices.json"
-    monkeypatch.setenv("TFP_BNN_ADV_JIT_CACHE", str(cache))
-    a = tf.ones([8, 8])
-    first = xla.compile_fn(_fn, jit_compile="auto", name="remember")
-    first(a, a)
-    use_xla, t_default, t_xla = next(iter(first.choices.values()))
-    assert np.isfinite(t_default) and cache.exists()
-    # A new function object (as in a new process) takes the stored path
-    # without measuring.
-    second = xla.compile_fn(_fn, jit_compile="auto", name="remember")
-    second(a, a)
-    again, t2, _ = next(iter(second.choices.values()))
-    assert again == use_xla and np.isnan(t2)
-    monkeypatch.setenv("TFP_BNN_ADV_JIT_CACHE", "none")
-    third = xla.compile_fn(_fn, jit_compile="auto", name="remember")
-    third(a, a)
-    assert np.isfinite(next(iter(third.choices.values()))[1])
+    assert list(f.paths.values()) == [(False, "XLA cannot compile")]
+    np.testing.assert_array_equal(f(tf.ones([3])).numpy(), 2.0)
 
 
 # --------------------------------------------------------------------------

@@ -1,66 +1,65 @@
 """Compile hot functions with or without XLA.
 
 Every hot function in the package is XLA-compilable, because GPUs and TPUs
-need it.  On CPU, XLA is not always the fastest: grouped convolutions ran
-several times faster with TensorFlow's default kernels on the machines we
-measured, while MLPs were slightly faster under XLA.
+need it.  On CPU, XLA is not always the fastest, and which path wins depends
+on the function and the CPU.  The default mode comes from the environment
+variable ``TFP_BNN_ADV_JIT`` (``auto``, ``xla`` or ``default``) and is
+``auto`` when unset.
 
-The default mode comes from the environment variable ``TFP_BNN_ADV_JIT``
-(``auto``, ``xla`` or ``default``) and is ``auto`` when unset.  What
-``"auto"`` means depends on the function (:func:`compile_fn`'s
-``stochastic``):
+**Nothing is timed.**  The path ``"auto"`` takes is a function of the
+function's graph, the platform and the environment alone, so the same call
+with the same seed gives the same bits whatever ran before it in the process
+or on the machine (no timing, no cache).  With a GPU or TPU visible,
+``"auto"`` is XLA.  On a CPU-only host (:func:`auto_path`):
 
 * **Stochastic code** (HMC, the random attack, the Square Attack,
   ``gradient="sample"``, anything whose result is a chaotic function of
-  its inputs) never chooses by measurement: ``"auto"`` is XLA when a GPU
-  or TPU is visible and TF's default kernels on a CPU-only host (where a
-  short HMC run of a 2-8-2 MLP took 50 s under XLA against 14 s, nearly all
-  of it compiling, and the old timing picked each path about half the time
-  for a 784-16-10 chain), falling back to XLA only where
-  TF lacks a CPU kernel, which is a property of the platform, not a timing.
-  The path taken is a function of the arguments and the platform alone
-  (:func:`path_name` names it for the run's records): the same call with
-  the same seed gives the same result whatever was timed or cached before.
-* **Deterministic code** (predictions, gradients, FGSM/PGD): ``"auto"``
-  on a CPU-only host times both paths on the first call for each input
-  signature and keeps the faster one, remembered per machine in a small
-  JSON file (``TFP_BNN_ADV_JIT_CACHE``, default
-  ``~/.cache/tfp_bnn_adv/jit_choices.json``; ``none`` disables it).  The
-  two paths compute the same function and differ by float rounding only
-  (relative 1e-6 in float32); a sign step of PGD can still flip where a
-  gradient component is within rounding of zero.
+  its inputs; :func:`compile_fn`'s ``stochastic``) runs on TF's default
+  kernels: a short HMC run of a 2-8-2 MLP took 50 s under XLA against
+  14 s, nearly all of it compiling.
+* **Deterministic code** (predictions, gradients, FGSM, PGD, APGD) runs on
+  TF's kernels when its graph holds a convolution or TF's kernels use
+  AVX-512 here, and under XLA otherwise.  Measured (``bench/`` and the
+  README's performance section): on an AVX-512 Xeon TF's kernels were as
+  fast as XLA or faster for every MLP, CNN and attack timed (grouped
+  convolutions 3x), while with the CPU's kernels held to AVX2 (a Zen 3, or
+  ``ONEDNN_MAX_CPU_ISA=AVX2``) XLA ran MLP gradients and attacks 1.2-1.9x
+  faster and TF's kernels still won on convolutions.
+
+Where TF's CPU kernels lack an op (grouped convolutions' gradients on some
+CPUs), the function runs under XLA, and where XLA cannot compile it (a
+``tf.numpy_function``), on TF's kernels: both are properties of the
+function and the platform, not timings.  :attr:`CompiledFunction.paths`
+records the path of each input signature and why; :func:`path_name` names
+a path for a run's records.
 
 Random draws do not depend on the path either: every sampler in the package
 draws integer bits with Philox, identical on both, and maps them to floats
 with ordinary arithmetic (:mod:`tfp_bnn_adv.seeds`).  What remains between
-the two paths is rounding in that arithmetic and in the model itself, which
-a long HMC chain amplifies; so a result is reproducible bit for bit on the
-same path, platform and TensorFlow build, and statistically equivalent
-across paths.
+the two paths is rounding in that arithmetic and in the model itself (about
+1e-6 relative in float32), which a long HMC chain amplifies; so a result is
+reproducible bit for bit on the same path, platform and TensorFlow build,
+and statistically equivalent across paths.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
-import json
 import os
-import platform
 import threading
-import time
 from typing import Any, Callable
 import weakref
 
 from absl import logging
 import tensorflow as tf
 
-from tfp_bnn_adv import files
-
-__all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "path_name",
-           "has_accelerator", "cached_function", "CACHE_SIZE"]
+__all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "auto_path",
+           "path_name", "has_accelerator", "tf_kernels_use_avx512",
+           "cached_function", "CACHE_SIZE"]
 
 _ENV = "TFP_BNN_ADV_JIT"
-_CACHE_ENV = "TFP_BNN_ADV_JIT_CACHE"
 _TRACE_IDS = itertools.count()
 # Errors of TF CPU kernels that XLA does not share: grouped convolutions'
 # gradients are missing on some CPUs ("not supported on CPU", or a filter
@@ -68,6 +67,9 @@ _TRACE_IDS = itertools.count()
 _NO_CPU_KERNEL = ("not supported on CPU", "Conv2DBackprop")
 # "This call's output was not computed while choosing its path."
 _NOT_RUN = object()
+# Op types that make a graph "convolutional" for auto_path.
+_CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv",
+             "_FusedConv2D")
 _MODES = {"auto": "auto", "xla": True, "true": True, "1": True,
           "default": False, "false": False, "0": False}
 
@@ -92,6 +94,15 @@ def resolve_jit(jit_compile: Any = None):
     Raises:
       ValueError: for any other value, or a bad ``TFP_BNN_ADV_JIT``.
     """
+    jit_compile = _requested(jit_compile)
+    if jit_compile == "auto" and has_accelerator():
+        return True
+    return jit_compile
+
+
+def _requested(jit_compile):
+    """``True``, ``False`` or ``"auto"``, before an accelerator turns
+    ``"auto"`` into XLA (:func:`resolve_jit`)."""
     if jit_compile is None:
         raw = os.environ.get(_ENV, "auto").strip().lower()
         if raw not in _MODES:
@@ -105,8 +116,6 @@ def resolve_jit(jit_compile: Any = None):
     if jit_compile not in (True, False, "auto"):
         raise ValueError(f"jit_compile must be True, False or 'auto', got "
                          f"{jit_compile!r}.")
-    if jit_compile == "auto" and has_accelerator():
-        return True
     return jit_compile
 
 
@@ -127,48 +136,60 @@ def path_name(use_xla: bool) -> str:
     return "xla" if use_xla else "default"
 
 
-def _cache_path() -> str | None:
-    path = os.environ.get(_CACHE_ENV)
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".cache", "tfp_bnn_adv",
-                            "jit_choices.json")
-    return None if path.lower() == "none" else path
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            models = [ln.split(":", 1)[1].strip() for ln in f
-                      if ln.startswith("model name")]
-        cpu = models[0] if models else cpu
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{cpu}|{os.cpu_count()}|tf{tf.__version__}"
+    return frozenset()
 
 
-def _load_choices() -> dict:
-    path = _cache_path()
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
-        logging.warning("Ignoring unreadable XLA choice cache %s", path)
-        return {}
+def tf_kernels_use_avx512() -> bool:
+    """Whether TF's CPU kernels (oneDNN) may use AVX-512 on this host.
+
+    True when the CPU reports ``avx512f`` and neither ``TF_ENABLE_ONEDNN_OPTS``
+    turns oneDNN off nor ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``)
+    holds it below AVX-512.  A property of the machine and the environment,
+    read once per process.
+    """
+    if "avx512f" not in _cpu_flags():
+        return False
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in (
+            "0", "false"):
+        return False
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA")
+           or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    return isa in ("ALL", "DEFAULT") or "AVX512" in isa or "AMX" in isa
 
 
-def _store_choice(key: str, use_xla: bool) -> None:
-    path = _cache_path()
-    if not path:
-        return
-    choices = _load_choices()
-    choices[key] = use_xla
-    try:
-        files.write_json(path, choices)
-    except OSError as e:
-        logging.warning("Cannot write XLA choice cache %s: %s", path, e)
+def auto_path(*, stochastic: bool, convolutional: bool) -> bool:
+    """The path ``"auto"`` takes: ``True`` for XLA, ``False`` for TF's kernels.
+
+    XLA with a GPU or TPU.  On a CPU-only host: TF's kernels for stochastic
+    code and for graphs with a convolution; for the rest, TF's kernels where
+    they use AVX-512 (:func:`tf_kernels_use_avx512`) and XLA where they do
+    not (module docstring: the measurements behind the rule).
+    """
+    if has_accelerator():
+        return True
+    if stochastic or convolutional:
+        return False
+    return not tf_kernels_use_avx512()
+
+
+def _is_convolutional(concrete) -> bool:
+    """Whether a traced function's graph, or any function it calls (loop
+    bodies, conditionals), holds a convolution."""
+    graph_def = concrete.graph.as_graph_def()
+    ops = {n.op for n in graph_def.node}
+    for fdef in graph_def.library.function:
+        ops.update(n.op for n in fdef.node_def)
+    return any(op in _CONV_OPS or op.startswith("Conv2DBackprop")
+               for op in ops)
 
 
 # ---------------------------------------------------------------------------
@@ -197,9 +218,8 @@ def cached_function(owner, key, build: Callable[[Any], Any]):
     cached: ``build(owner)`` runs on every call.)
 
     A recalled entry computes what a fresh build computes.  An evicted one
-    is rebuilt (and retraced); with ``jit_compile="auto"`` a rebuilt
-    deterministic function recalls its timed path from the choice file
-    (module docstring), and re-times only where that file is disabled.
+    is rebuilt (and retraced), and takes the same path: nothing in the
+    choice of path depends on what was built or timed before.
 
     Args:
       owner: the object the built value belongs to.
@@ -249,44 +269,41 @@ def _signature(args, kwargs) -> tuple:
     return tuple(leaf(v) for v in flat)
 
 
-def _block(result) -> None:
-    for t in tf.nest.flatten(result):
-        if isinstance(t, tf.Tensor):
-            t.numpy()
-
-
 class CompiledFunction:
-    """A pure function compiled with XLA, without, or the faster of the two.
+    """A pure function compiled with XLA or with TF's default kernels.
 
-    Call it like the wrapped function.  ``choices`` maps each input signature
-    seen in ``"auto"`` mode to ``(use_xla, seconds_default, seconds_xla)``.
-    With ``stochastic=True`` the mode is never ``"auto"``
-    (:func:`stochastic_jit`).
+    Call it like the wrapped function.  ``mode`` is ``True`` (XLA),
+    ``False`` (TF's kernels) or ``"auto"`` (:func:`auto_path`, decided per
+    input signature from the traced graph).  ``paths`` maps each input
+    signature called so far to ``(use_xla, reason)``; ``reason`` says why
+    (``"pinned"``, ``"accelerator"``, ``"stochastic"``, ``"convolution"``,
+    ``"avx512"``, ``"no avx512"``, ``"no TF kernel"``, ``"XLA cannot
+    compile"``).
     """
 
     def __init__(self, fn: Callable, jit_compile=None, name: str | None = None,
-                 repeats: int = 2, *, stochastic: bool = False):
+                 *, stochastic: bool = False):
         if not isinstance(stochastic, bool):
             raise TypeError(f"stochastic must be a bool, got {stochastic!r}.")
         self.name = name or getattr(fn, "__name__", "fn")
         self.stochastic = stochastic
+        if _requested(jit_compile) != "auto":
+            self._reason = "pinned"
+        else:
+            self._reason = "accelerator" if has_accelerator() else "stochastic"
         self.mode = (stochastic_jit(jit_compile) if stochastic
                      else resolve_jit(jit_compile))
-        self.repeats = repeats
         self._fn = fn
         # One tf.function per input signature and path: each traces once, so
         # a study that calls with many ensemble sizes never retraces.
         self._traced: dict[tuple, Any] = {}
-        self.choices: dict[tuple, tuple[bool, float, float]] = {}
-        # jit_compile=False: per signature, whether TF's default kernels
-        # lacked an op (True: this signature runs under XLA after all).
-        self._default_lacks_kernel: dict[tuple, bool] = {}
+        self.paths: dict[tuple, tuple[bool, str]] = {}
 
     def uses_xla(self) -> bool:
-        """Whether any call so far ran under XLA (pinned, chosen, or because
-        TF's kernels lacked an op)."""
-        return (self.mode is True or any(self._default_lacks_kernel.values())
-                or any(c[0] for c in self.choices.values()))
+        """Whether any call so far ran under XLA (pinned, by the rule, or
+        because TF's kernels lacked an op)."""
+        return (self.mode is True
+                or any(use_xla for use_xla, _ in self.paths.values()))
 
     def _get(self, key, use_xla: bool):
         if (key, use_xla) not in self._traced:
@@ -314,9 +331,9 @@ class CompiledFunction:
     def select(self, *args, **kwargs):
         """The ``tf.function`` this object runs for these arguments.
 
-        In ``"auto"`` mode, makes (or recalls) the choice for their signature
-        first, timing both paths eagerly.  Use it to run the chosen path
-        where timing is impossible, e.g. on every replica of a strategy.
+        Decides (or recalls) the path for their signature first, running
+        the function once if that takes a probe of TF's kernels.  Use it to
+        run the same path on every replica of a strategy.
         """
         key = _signature(args, kwargs)
         return self._get(key, self._resolve(key, args, kwargs)[0])
@@ -324,20 +341,26 @@ class CompiledFunction:
     def _resolve(self, key, args, kwargs):
         """``(use_xla, result)`` for a signature; ``result`` is the call's
         output if finding the path ran it, else ``_NOT_RUN``."""
+        if key in self.paths:
+            return self.paths[key][0], _NOT_RUN
         if self.mode is True:
+            self.paths[key] = (True, self._reason)
             return True, _NOT_RUN
         if self.mode is False:
-            if key in self._default_lacks_kernel:
-                return self._default_lacks_kernel[key], _NOT_RUN
-            return self._probe_default(key, args, kwargs)
-        if key in self.choices:
-            return self.choices[key][0], _NOT_RUN
-        return self._autotune(key, args, kwargs)
+            return self._run_default(key, args, kwargs, self._reason)
+        # "auto" on a CPU-only host, deterministic code (resolve_jit made it
+        # True with an accelerator; stochastic_jit never returns "auto").
+        concrete = self._get(key, False).get_concrete_function(*args, **kwargs)
+        convolutional = _is_convolutional(concrete)
+        if auto_path(stochastic=False, convolutional=convolutional):
+            return self._run_xla(key, args, kwargs, "no avx512")
+        return self._run_default(key, args, kwargs,
+                                 "convolution" if convolutional else "avx512")
 
-    def _probe_default(self, key, args, kwargs):
+    def _run_default(self, key, args, kwargs, reason):
         """Runs TF's default kernels once; XLA if they lack an op."""
         try:
-            result, use_xla = self._get(key, False)(*args, **kwargs), False
+            result = self._get(key, False)(*args, **kwargs)
         except (tf.errors.InvalidArgumentError,
                 tf.errors.UnimplementedError) as e:
             if not any(m in str(e) for m in _NO_CPU_KERNEL):
@@ -348,55 +371,25 @@ class CompiledFunction:
                             "using XLA for it.", self.name,
                             str(e).splitlines()[0])
             self._traced.pop((key, False), None)
-            result, use_xla = self._get(key, True)(*args, **kwargs), True
-        self._default_lacks_kernel[key] = use_xla
-        return use_xla, result
-
-    def _time(self, fn, args, kwargs):
-        result = fn(*args, **kwargs)  # compiles
-        _block(result)
-        best = float("inf")
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            _block(fn(*args, **kwargs))
-            best = min(best, time.perf_counter() - start)
-        return result, best
-
-    def _autotune(self, key, args, kwargs):
-        disk_key = f"{self.name}|{key}|{_machine()}"
-        remembered = _load_choices().get(disk_key)
-        if remembered is not None:
-            self.choices[key] = (bool(remembered), float("nan"), float("nan"))
-            return bool(remembered), _NOT_RUN
-        try:
-            result, t_default = self._time(self._get(key, False), args, kwargs)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                tf.errors.InternalError) as e:
-            # E.g. gradients of grouped convolutions w.r.t. their input have
-            # no TF CPU kernel; XLA has one.
-            logging.warning("%s: TF default kernels failed (%s); using XLA.",
-                            self.name, str(e).splitlines()[0])
-            self._traced.pop((key, False), None)
-            self.choices[key] = (True, float("inf"), float("nan"))
-            _store_choice(disk_key, True)
+            self.paths[key] = (True, "no TF kernel")
             return True, _NOT_RUN
+        self.paths[key] = (False, reason)
+        return False, result
+
+    def _run_xla(self, key, args, kwargs, reason):
+        """Runs XLA once; TF's kernels if XLA cannot compile the function."""
         try:
-            result_xla, t_xla = self._time(self._get(key, True), args, kwargs)
+            result = self._get(key, True)(*args, **kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
                 tf.errors.InternalError) as e:
-            logging.warning("%s: XLA compilation failed (%s); using TF default "
-                            "kernels.", self.name, str(e).splitlines()[0])
-            t_xla = float("inf")
-        use_xla = t_xla < t_default
-        self.choices[key] = (use_xla, t_default, t_xla)
-        self._traced.pop((key, not use_xla), None)
-        _store_choice(disk_key, use_xla)
-        logging.info("%s: TF default kernels %.2f ms, XLA %.2f ms -> %s",
-                     self.name, 1e3 * t_default, 1e3 * t_xla,
-                     "XLA" if use_xla else "default kernels")
-        # Return what the chosen path computes, so the first call agrees
-        # with every later one.
-        return use_xla, (result_xla if use_xla else result)
+            # E.g. a tf.numpy_function: no XLA kernel, on any machine.
+            logging.warning("%s: XLA cannot compile this (%s); using TF "
+                            "default kernels.", self.name,
+                            str(e).splitlines()[0])
+            self._traced.pop((key, True), None)
+            return self._run_default(key, args, kwargs, "XLA cannot compile")
+        self.paths[key] = (True, reason)
+        return True, result
 
 
 def compile_fn(fn: Callable, jit_compile=None, name: str | None = None, *,
@@ -408,9 +401,9 @@ def compile_fn(fn: Callable, jit_compile=None, name: str | None = None, *,
       jit_compile: ``True``, ``False``, ``"auto"`` or ``None`` (environment
         default, see module docstring).
       name: a name for log messages.
-      stochastic: ``True`` for code whose result must not depend on a
-        timing: ``"auto"`` then resolves by :func:`stochastic_jit`, never
-        by measurement.
+      stochastic: ``True`` for code whose result is a chaotic function of
+        its inputs (samplers, random attacks): ``"auto"`` then resolves by
+        :func:`stochastic_jit` (TF's kernels on a CPU-only host).
 
     Returns:
       A :class:`CompiledFunction`.

@@ -415,10 +415,17 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
                                 col_names + ["worst case"])]
     results["table_markdown"] = md
     results["unconverged"] = unconverged
-    # Where each attack ran: deterministic attacks may take either path by
-    # timing (float rounding apart, the same result); stochastic ones never.
+    # Where each attack ran, by xla.auto_path's rule (nothing is timed):
+    # deterministic attacks on dense and on convolutional networks, and
+    # stochastic ones; a pinned TFP_BNN_ADV_JIT pins all three.
+    mode = xla.resolve_jit(None)
     results["compile_paths"] = {
-        "deterministic": str(xla.resolve_jit(None)),
+        "deterministic_dense": xla.path_name(
+            xla.auto_path(stochastic=False, convolutional=False)
+            if mode == "auto" else mode),
+        "deterministic_convolutional": xla.path_name(
+            xla.auto_path(stochastic=False, convolutional=True)
+            if mode == "auto" else mode),
         "stochastic": xla.path_name(xla.stochastic_jit(None))}
     out.update({"figures": results["figures"], "unconverged": unconverged,
                 "compile_paths": results["compile_paths"]})
