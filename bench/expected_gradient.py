@@ -192,23 +192,28 @@ def _inputs(b: int):
 
 
 def _check_same(name: str, ours, reference, what: str) -> float:
-    """Max abs difference of two gradients; raises if not allclose.
+    """Max abs difference of two gradients; raises unless they agree.
 
-    Both must come from the same compile mode (XLA or TF's kernels): then
-    they compute the same function in a different order, float32 rounding
-    only (~1e-6 of the gradient's scale), and the tolerance is relative to
-    that scale.  Across modes a ReLU pre-activation within rounding of zero
-    can flip and change one example's gradient by far more (seen here:
-    4e-3 of the scale on the ResNet, XLA against float64, in both the
-    package and the Keras loop), which would say nothing about the code.
+    Two orders of the same float32 arithmetic agree to rounding (~1e-6 of
+    the gradient's scale), except where a (leaky) ReLU pre-activation lies
+    within rounding of zero: there the two can take different sides and
+    change that one example's gradient by far more (seen here: 4e-3 of the
+    scale on the ResNet, XLA against float64, in both the package and the
+    Keras loop; on the MLP, whole-example differences in 2 of 128 examples
+    between two matmul orders, each matching float64 elsewhere).  So every
+    example but at most ``max(2, 5%)`` must be allclose, which a wrong
+    gradient (every example differs) cannot pass.
     """
     ours, reference = np.asarray(ours), np.asarray(reference)
     scale = float(np.abs(reference).max())
     diff = float(np.abs(ours - reference).max())
-    if not np.allclose(ours, reference, rtol=1e-3, atol=1e-4 * scale):
-        raise RuntimeError(f"{name}: gradient differs from {what}: max abs "
-                           f"difference {diff:.3g} (gradient scale {scale:.3g}); "
-                           "the timing would compare different work.")
+    close = np.isclose(ours, reference, rtol=1e-3, atol=1e-4 * scale)
+    bad = int(np.sum(~close.reshape(close.shape[0], -1).all(axis=1)))
+    if bad > max(2, int(0.05 * close.shape[0])):
+        raise RuntimeError(f"{name}: gradient differs from {what} in {bad} of "
+                           f"{close.shape[0]} examples: max abs difference "
+                           f"{diff:.3g} (gradient scale {scale:.3g}); the "
+                           "timing would compare different work.")
     return diff
 
 
