@@ -94,8 +94,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 125, "images per compiled attack call")
 flags.DEFINE_integer("chunk_size", None, "posterior samples per chunk "
                      "(default: the ensemble's choice)")
-flags.DEFINE_enum("jit", "xla", ["xla", "default", "auto"],
-                  "our compiler choice")
+flags.DEFINE_enum("jit", "auto", ["xla", "default", "auto"],
+                  "our compiler choice (auto: what a user gets, "
+                  "tfp_bnn_adv.xla.auto_path)")
 flags.DEFINE_integer("loop_images", 2, "images the per-call loop attacks "
                      "before extrapolating")
 flags.DEFINE_bool("sweep", False, "also time batch size / chunk size / XLA "

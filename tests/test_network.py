@@ -7,6 +7,7 @@ import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from tfp_bnn_adv import network as network_lib  # pylint: disable=wrong-import-position
 from tfp_bnn_adv import validate  # pylint: disable=wrong-import-position
+from tfp_bnn_adv import xla  # pylint: disable=wrong-import-position
 from tfp_bnn_adv.network import Network  # pylint: disable=wrong-import-position
 
 L = keras.layers
@@ -116,6 +117,50 @@ def test_both_ops_of_a_dense_layer_on_a_shared_input_equal_keras(
             np.testing.assert_allclose(got[s].numpy(), np.asarray(want),
                                        rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(grad_x.numpy(), want_x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("as_loop", [False, True])
+def test_grouped_and_looped_convolutions_equal_keras(monkeypatch, as_loop):
+    # The looped form is what hosts without oneDNN take (TF's Eigen kernels
+    # have no grouped-convolution gradient); force each form here.
+    monkeypatch.setattr(network_lib, "_grouped_conv_as_a_loop", lambda: as_loop)
+    model = _cnn()
+    net = Network.from_keras(model)
+    params = net.init_params(seed=4, num_samples=3)
+    x = tf.constant(np.random.default_rng(5).uniform(
+        size=(4, 12, 12, 2)).astype(np.float32))
+    y = tf.constant([0, 1, 2, 1], tf.int32)
+
+    # Where TF's kernels lack grouped-convolution gradients, the grouped form
+    # runs under XLA, as the package runs it there.
+    jit = not as_loop and not xla.tf_kernels_are_onednn()
+
+    @tf.function(autograph=False, jit_compile=jit)
+    def fn(p, xx):
+        with tf.GradientTape() as tape:
+            tape.watch(xx)
+            logits = net.apply_stack(p, xx)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.broadcast_to(y, [3, 4]), logits))
+        return logits, tape.gradient(loss, xx)
+
+    graph_ops = {o.type for o in fn.get_concrete_function(
+        params, x).graph.get_operations()}
+    assert ("Split" in graph_ops) is as_loop
+    logits, grad = fn(params, x)
+    want = np.zeros(x.shape, np.float32)
+    for s in range(3):
+        model.set_weights([q[s].numpy() for q in params])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            # The model ends in a softmax, stripped to logits by the import.
+            probs = model(x, training=False)
+            loss = tf.reduce_sum(-tf.math.log(tf.gather(probs, y,
+                                                        batch_dims=1)))
+        np.testing.assert_allclose(tf.nn.softmax(logits[s]).numpy(),
+                                   probs.numpy(), rtol=1e-4, atol=1e-5)
+        want += tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -66,14 +66,23 @@ def test_auto_path_does_not_depend_on_what_ran_before():
     assert first.paths == second.paths
 
 
+_SPR = {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2"}
+
+
 @pytest.mark.parametrize("flags, env, want", [
-    ({"avx512f", "avx2"}, {}, True),
-    ({"avx2", "fma"}, {}, False),
-    ({"avx512f"}, {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
-    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
-    ({"avx512f"}, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, False),
-    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, True),
-    ({"avx512f"}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+    (_SPR, {}, True),
+    ({"avx512f", "avx512_vnni"}, {}, True),
+    # No feature TF turns oneDNN on for (a Skylake-X): Eigen's kernels,
+    # unless oneDNN is asked for.
+    ({"avx512f", "avx2"}, {}, False),
+    ({"avx512f", "avx2"}, {"TF_ENABLE_ONEDNN_OPTS": "1"}, True),
+    ({"avx2", "fma", "avx_vnni"}, {}, False),  # oneDNN, but no AVX-512
+    ({"avx2", "fma"}, {"TF_ENABLE_ONEDNN_OPTS": "1"}, False),
+    (_SPR, {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+    (_SPR, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+    (_SPR, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, False),
+    (_SPR, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, True),
+    (_SPR, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
 ])
 def test_tf_kernels_use_avx512_reads_the_cpu_and_onednn(monkeypatch, flags,
                                                          env, want):

@@ -18,8 +18,9 @@ or on the machine (no timing, no cache).  With a GPU or TPU visible,
   kernels: a short HMC run of a 2-8-2 MLP took 50 s under XLA against
   14 s, nearly all of it compiling.
 * **Deterministic code** (predictions, gradients, FGSM, PGD, APGD) runs on
-  TF's kernels when its graph holds a convolution or TF's kernels use
-  AVX-512 here, and under XLA otherwise.  Measured (``bench/`` and the
+  TF's kernels when its graph holds a convolution or TF's kernels are
+  oneDNN's with AVX-512 here (:func:`tf_kernels_use_avx512`), and under XLA
+  otherwise.  Measured (``bench/`` and the
   README's performance section): on an AVX-512 Xeon TF's kernels were as
   fast as XLA or faster for every MLP, CNN and attack timed (grouped
   convolutions 3x), while with the CPU's kernels held to AVX2 (a Zen 3, or
@@ -56,7 +57,8 @@ from absl import logging
 import tensorflow as tf
 
 __all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "auto_path",
-           "path_name", "has_accelerator", "tf_kernels_use_avx512",
+           "path_name", "has_accelerator", "tf_kernels_are_onednn",
+           "tf_kernels_use_avx512",
            "cached_function", "CACHE_SIZE"]
 
 _ENV = "TFP_BNN_ADV_JIT"
@@ -148,18 +150,35 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
-def tf_kernels_use_avx512() -> bool:
-    """Whether TF's CPU kernels (oneDNN) may use AVX-512 on this host.
+# CPU features for which TensorFlow turns oneDNN on by default (x86 Linux,
+# TF >= 2.9); without them its CPU kernels are Eigen's.
+_ONEDNN_DEFAULT_FLAGS = frozenset({"avx512_vnni", "avx512_bf16", "avx_vnni",
+                                   "amx_tile", "amx_int8", "amx_bf16"})
 
-    True when the CPU reports ``avx512f`` and neither ``TF_ENABLE_ONEDNN_OPTS``
-    turns oneDNN off nor ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``)
-    holds it below AVX-512.  A property of the machine and the environment,
-    read once per process.
+
+def tf_kernels_are_onednn() -> bool:
+    """Whether TF's CPU kernels are oneDNN's on this host.
+
+    On where ``TF_ENABLE_ONEDNN_OPTS`` says so (``1``/``0``), or, unset,
+    where the CPU has a feature TensorFlow turns oneDNN on for
+    (AVX512-VNNI, AVX512-BF16, AVX-VNNI, AMX).  Without oneDNN (a Zen 3, a
+    Skylake-X) they are Eigen's, which lack grouped-convolution gradients.
     """
-    if "avx512f" not in _cpu_flags():
-        return False
-    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in (
-            "0", "false"):
+    env = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+    if env:
+        return env in ("1", "true")
+    return bool(_cpu_flags() & _ONEDNN_DEFAULT_FLAGS)
+
+
+def tf_kernels_use_avx512() -> bool:
+    """Whether TF's CPU kernels run oneDNN with AVX-512 on this host.
+
+    Where they are oneDNN's (:func:`tf_kernels_are_onednn`), the CPU reports
+    ``avx512f`` and ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) does
+    not hold oneDNN below AVX-512.  A property of the machine and the
+    environment.
+    """
+    if "avx512f" not in _cpu_flags() or not tf_kernels_are_onednn():
         return False
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA")
            or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
