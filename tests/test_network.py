@@ -71,16 +71,18 @@ def test_stacked_apply_equals_keras_sample_by_sample(name, jit):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
-# (input features, units, examples): the first takes the batched matmul on
-# TF's kernels (2 n f <= u (f + 2 n)), the second the folded one.
-@pytest.mark.parametrize("features, units, n", [(20, 64, 9), (60, 3, 40)])
+# (input features, units, examples, samples): the first takes the batched
+# matmul on TF's kernels (2 n f <= u (f + 2 n), S > 1), the others the
+# folded one.
+@pytest.mark.parametrize("features, units, n, samples",
+                         [(20, 64, 9, 5), (60, 3, 40, 5), (20, 64, 9, 1)])
 @pytest.mark.parametrize("jit", [False, True])
 def test_both_ops_of_a_dense_layer_on_a_shared_input_equal_keras(
-        features, units, n, jit):
+        features, units, n, samples, jit):
     model = keras.Sequential([keras.Input((features,)),
                               L.Dense(units, activation="tanh"), L.Dense(3)])
     net = Network.from_keras(model)
-    params = net.init_params(seed=1, num_samples=5)
+    params = net.init_params(seed=1, num_samples=samples)
     x = tf.constant(np.random.default_rng(2).normal(
         size=(n, features)).astype(np.float32))
     y = tf.constant(np.arange(n) % 3, tf.int32)
@@ -90,19 +92,20 @@ def test_both_ops_of_a_dense_layer_on_a_shared_input_equal_keras(
             tape.watch([p, xx])
             logits = net.apply_stack(p, xx)
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                tf.broadcast_to(y, [5, n]), logits))
+                tf.broadcast_to(y, [samples, n]), logits))
         return logits, tape.gradient(loss, xx), tape.gradient(loss, p)
 
     traced = tf.function(fn, jit_compile=jit)
     graph_ops = {o.type for o in traced.get_concrete_function(
         params, x).graph.get_operations()}
-    batched = not jit and 2 * n * features <= units * (features + 2 * n)
+    batched = (not jit and samples > 1
+               and 2 * n * features <= units * (features + 2 * n))
     # The folded op transposes the kernel stack; the batched one does not.
     assert ("Transpose" in graph_ops) is not batched
     logits, grad_x, grad_p = traced(params, x)
     # The reference: Keras, one weight set at a time, with its own tape.
     want_x = np.zeros((n, features), np.float32)
-    for s in range(5):
+    for s in range(samples):
         model.set_weights([q[s].numpy() for q in params])
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
