@@ -252,9 +252,8 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     # "Ours" is what a user gets: the default (auto) mode.
     ours = out[f"{name}_ours_auto_s"]
     out[f"{name}_ours_s"] = ours
-    out[f"{name}_auto_path"] = xla.path_name(xla.auto_path(
-        stochastic=False,
-        convolutional=any(op.kind == "conv2d" for op in network.ops)))
+    out[f"{name}_auto_path"] = xla.path_name(xla.deterministic_jit(
+        None, convolutional=any(op.kind == "conv2d" for op in network.ops)))
     out[f"{name}_auto_fraction_of_best_path"] = min(
         out[f"{name}_ours_xla_s"], out[f"{name}_ours_default_kernels_s"]) / ours
     common.log(f"{name}: loop over images x samples (subset)")

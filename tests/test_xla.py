@@ -96,6 +96,10 @@ def test_tf_kernels_use_avx512_reads_the_cpu_and_onednn(monkeypatch, flags,
     assert xla.auto_path(stochastic=False, convolutional=False) is (not want)
     assert xla.auto_path(stochastic=True, convolutional=False) is False
     assert xla.auto_path(stochastic=False, convolutional=True) is False
+    assert xla.deterministic_jit("auto", convolutional=False) is (not want)
+    assert xla.deterministic_jit("auto", convolutional=True) is False
+    assert xla.deterministic_jit(True, convolutional=True) is True
+    assert xla.deterministic_jit(False, convolutional=False) is False
 
 
 def test_resolve_jit_modes_and_environment(monkeypatch):

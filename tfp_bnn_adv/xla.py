@@ -56,7 +56,8 @@ import weakref
 from absl import logging
 import tensorflow as tf
 
-__all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "auto_path",
+__all__ = ["compile_fn", "resolve_jit", "stochastic_jit", "deterministic_jit",
+           "auto_path",
            "path_name", "has_accelerator", "tf_kernels_are_onednn",
            "tf_kernels_use_avx512",
            "cached_function", "CACHE_SIZE"]
@@ -131,6 +132,21 @@ def stochastic_jit(jit_compile: Any = None) -> bool:
     """
     mode = resolve_jit(jit_compile)  # "auto" is already True on GPU/TPU
     return False if mode == "auto" else bool(mode)
+
+
+def deterministic_jit(jit_compile: Any = None, *,
+                      convolutional: bool) -> bool:
+    """The compile path of deterministic code: ``True`` (XLA) or ``False``.
+
+    A pinned ``jit_compile`` (or ``TFP_BNN_ADV_JIT``) as given; ``"auto"``
+    by :func:`auto_path`, for a graph with (``convolutional``) or without a
+    convolution.  What :class:`CompiledFunction` takes, before any fallback
+    for an op one path lacks.
+    """
+    mode = resolve_jit(jit_compile)
+    if mode == "auto":
+        return auto_path(stochastic=False, convolutional=convolutional)
+    return bool(mode)
 
 
 def path_name(use_xla: bool) -> str:

@@ -418,14 +418,11 @@ def run_attack_table(config: AttackTableConfig, output_dir: str,
     # Where each attack ran, by xla.auto_path's rule (nothing is timed):
     # deterministic attacks on dense and on convolutional networks, and
     # stochastic ones; a pinned TFP_BNN_ADV_JIT pins all three.
-    mode = xla.resolve_jit(None)
     results["compile_paths"] = {
         "deterministic_dense": xla.path_name(
-            xla.auto_path(stochastic=False, convolutional=False)
-            if mode == "auto" else mode),
+            xla.deterministic_jit(None, convolutional=False)),
         "deterministic_convolutional": xla.path_name(
-            xla.auto_path(stochastic=False, convolutional=True)
-            if mode == "auto" else mode),
+            xla.deterministic_jit(None, convolutional=True)),
         "stochastic": xla.path_name(xla.stochastic_jit(None))}
     out.update({"figures": results["figures"], "unconverged": unconverged,
                 "compile_paths": results["compile_paths"]})
