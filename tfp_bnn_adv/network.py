@@ -222,12 +222,13 @@ def _shared_dense_is_batched(n, features: int, units: int,
     slower, not for one sample (whose transposes move no data: one HMC chain
     of a 2-128-2 MLP ran 1912 leapfrog steps/s folded, 1549 batched), and
     not when ``n`` (the examples, ``N``) or the number of samples is
-    unknown at trace time.  Measured on a 2-core Xeon (AVX-512), expected input gradient
-    against the same work with shared weights (higher is faster), TF's
-    kernels: 784-512-512-10 with S=100, N=128: fold 0.80, batched 0.91; N=500:
-    0.96 / 1.04; 2-512-2 with S=1000, N=500: 0.75 / 1.05; 784-100-10 with
-    S=100, N=128: 1.67 / 1.22; 784-16-10 with S=500, N=500: 5.8 / 1.6
-    (the last two take the fold); under XLA, 784-512-512-10: 0.68 / 0.51.
+    unknown at trace time.  Measured on a 2-core Xeon (AVX-512), expected
+    input gradient against the same work with shared weights (higher is
+    faster), TF's kernels: 784-512-512-10 with S=100, N=128: fold 0.80,
+    batched 0.91; N=500: 0.96 / 1.04; 2-512-2 with S=1000, N=500: 0.75 /
+    1.05; 784-100-10 with S=100, N=128: 1.67 / 1.22; 784-16-10 with S=500,
+    N=500: 5.8 / 1.6 (the last two take the fold); under XLA,
+    784-512-512-10: 0.68 / 0.51.
     """
     if n is None or num_samples in (None, 1) or _in_xla_context():
         return False
