@@ -152,15 +152,22 @@ def peak_memory_mb(fn: Callable[[], Any]) -> dict:
     """Peak memory one call of ``fn`` allocates, in MB, on the device it runs on.
 
     TensorFlow's allocator statistics (``tf.config.experimental.
-    get_memory_info``) of the first GPU, else of the CPU: the peak during
-    the call, after a reset, minus what was allocated before it.  Buffers
-    XLA's CPU runtime allocates itself are not counted there; where the
-    statistics are unavailable, the process's resident set size is sampled
-    every millisecond during the call instead (``memory_kind`` says which).
+    get_memory_info``) of the first GPU, else of the CPU where its kernels
+    are oneDNN's (whose allocator counts every tensor): the peak during the
+    call, after a reset, minus what was allocated before it.  Buffers XLA's
+    CPU runtime allocates itself are not counted there.  Where the
+    statistics are unavailable or partial (TF's Eigen CPU allocator counts
+    almost nothing: 0.01 MB for a call that needs 200), the process's
+    resident set size is sampled every millisecond during the call instead
+    (``memory_kind`` says which), which misses memory the allocator reuses
+    from earlier calls.
     """
+    from tfp_bnn_adv import xla  # pylint: disable=g-import-not-at-top
     gpus = tf.config.list_logical_devices("GPU")
     device = gpus[0].name if gpus else "CPU:0"
     try:
+        if not gpus and not xla.tf_kernels_are_onednn():
+            raise ValueError("partial CPU allocator statistics")
         tf.config.experimental.reset_memory_stats(device)
         before = tf.config.experimental.get_memory_info(device)["current"]
         block(fn())

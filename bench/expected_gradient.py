@@ -14,7 +14,11 @@ Measures, in one process, on the same weights and inputs:
     Only a subset of the calls is timed and the total extrapolated linearly
     (the calls are identical in cost); the output says so;
 (b') a loop over posterior samples with the images batched: not a target,
-    it separates the gain of batching from that of vectorising over S;
+    it separates the gain of batching from that of vectorising over S.
+    ``*_batched_loop_s`` compiles each call with XLA, as the original code's
+    unit of work; ``*_batched_loop_default_kernels_s`` runs it on TF's
+    kernels, and ``*_speedup_vs_faster_batched_loop`` divides the faster of
+    the two by ours;
 (c) the machine's fp32 matmul throughput, and (c') the honest ceiling: the
     same work with one shared weight set (the network's forward pass and
     input gradient on ``S * B`` inputs: the same FLOPs as big matmuls and
@@ -22,8 +26,9 @@ Measures, in one process, on the same weights and inputs:
     ``*_ceiling_path``; ``*_fraction_of_ceiling`` is ceiling time / ours
     (1.0: at the limit), the median over 7 rounds that time both back to
     back (the spread in ``*_fraction_of_ceiling_range``); ``*_peak_memory_mb`` is the peak memory one call of
-    ours allocates (TensorFlow's allocator peak on the device; XLA's own CPU
-    buffers are not counted, so compare it under TF's kernels);
+    ours allocates, on TF's kernels (``*_memory_kind``: TensorFlow's
+    allocator peak on a GPU or with oneDNN's CPU kernels, else the growth
+    of the resident set: :func:`bench.common.peak_memory_mb`);
 (d) the generic path (``Network.from_keras(..., path="generic")``: each
     layer's Keras ``stateless_call``, over ``S`` by ``tf.vectorized_map`` or
     ``tf.map_fn``) on the same Keras models, weights and inputs, timed as
@@ -119,10 +124,10 @@ def resnet(input_shape=(28, 28, 1), num_classes: int = 10,
     return model
 
 
-def _single_grad_fn(network: Network):
+def _single_grad_fn(network: Network, jit_compile: bool = True):
     """The original code's unit of work: one image, one weight set."""
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=jit_compile)
     def grad(params, x, y):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -168,9 +173,9 @@ def _loop_per_image_and_sample(fn, params, x, y, max_calls):
     return seconds * len(pairs) / len(timed), len(timed), len(pairs)
 
 
-def _loop_per_sample_batched(network, params, x, y):
+def _loop_per_sample_batched(network, params, x, y, jit_compile: bool = True):
     """(b'): one compiled call per posterior sample, all images batched."""
-    fn = _single_grad_fn(network)
+    fn = _single_grad_fn(network, jit_compile)
     s = params[0].shape[0]
     per_sample = [[p[i] for p in params] for i in range(s)]
 
@@ -264,6 +269,8 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     common.log(f"{name}: loop over samples, images batched")
     out[f"{name}_batched_loop_s"] = _loop_per_sample_batched(
         network, ens.params, x, y)
+    out[f"{name}_batched_loop_default_kernels_s"] = _loop_per_sample_batched(
+        network, ens.params, x, y, jit_compile=False)
     common.log(f"{name}: the same work with shared weights (the ceiling)")
     ceiling = common.shared_weight_ceiling(network, ens.params, x, y)
     out[f"{name}_ceiling_s"] = ceiling["seconds"]
@@ -275,12 +282,16 @@ def run_case(name: str, max_loop_calls: int) -> dict:
     out[f"{name}_fraction_of_ceiling"] = paired["fraction"]
     out[f"{name}_fraction_of_ceiling_range"] = (
         f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
-    out[f"{name}_peak_memory_mb"] = common.peak_memory_mb(
-        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False)
-    )["peak_memory_mb"]
+    memory = common.peak_memory_mb(
+        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False))
+    out[f"{name}_peak_memory_mb"] = memory["peak_memory_mb"]
+    out[f"{name}_memory_kind"] = memory["memory_kind"]
     out[f"{name}_gflops"] = flops / ours / 1e9
     out[f"{name}_speedup_vs_loop"] = loop_s / ours
     out[f"{name}_speedup_vs_batched_loop"] = out[f"{name}_batched_loop_s"] / ours
+    out[f"{name}_speedup_vs_faster_batched_loop"] = min(
+        out[f"{name}_batched_loop_s"],
+        out[f"{name}_batched_loop_default_kernels_s"]) / ours
     out.update(_generic_case(name, keras_model, ens, x, y, ours))
     return out
 
@@ -356,9 +367,10 @@ def run_resnet(max_loop_calls: int) -> dict:
     out["resnet_fraction_of_ceiling"] = paired["fraction"]
     out["resnet_fraction_of_ceiling_range"] = (
         f"{paired['fraction_min']:.2f}-{paired['fraction_max']:.2f}")
-    out["resnet_peak_memory_mb"] = common.peak_memory_mb(
-        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False)
-    )["peak_memory_mb"]
+    memory = common.peak_memory_mb(
+        lambda: gradients.expected_loss_gradient(ens, x, y, jit_compile=False))
+    out["resnet_peak_memory_mb"] = memory["peak_memory_mb"]
+    out["resnet_memory_kind"] = memory["memory_kind"]
     out["resnet_gflops"] = 2 * network.flops_per_example() * s * b / ours / 1e9
     # As for the MLP and CNN: "loop" is the original code's per-image,
     # per-sample loop; "batched loop" batches the images, one graph.

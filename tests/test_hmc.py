@@ -305,14 +305,17 @@ def _predictive_rhat_numpy(ens, x, num_chains):
 @pytest.mark.parametrize("width", [16, 64])
 def test_half_moons_default_kernel_mixes_in_function_space(width):
     # Default kernel settings (trajectory length, windowed diagonal mass
-    # matrix, prior-draw starts) with a modest budget.
+    # matrix, prior-draw starts) with a modest budget.  With 100 draws per
+    # chain, 1 run in 6 (seeds 0-2, oneDNN's and Eigen's rounding) fell just
+    # short (88.5% of points below 1.1, on Eigen's); with 200 that run gives
+    # 99.5%.
     ds = data.half_moons(n=1000, seed=0)
     model = models.mlp((2,), 2, (width,))
     ens, diag = hmc.sample(model, ds.train_x, ds.train_y, num_chains=4,
-                           num_burnin_steps=300, num_results=100,
+                           num_burnin_steps=300, num_results=200,
                            probe_x=ds.test_x, probe_y=ds.test_y, seed=0,
                            jit_compile=True)
-    assert ens.num_samples == 400
+    assert ens.num_samples == 800
     assert ens.accuracy(ds.test_x, ds.test_y) >= 0.95
     rhat = _predictive_rhat_numpy(ens, ds.test_x, 4)
     assert np.mean(rhat < 1.1) >= 0.9, np.quantile(rhat, [0.5, 0.9])
@@ -326,7 +329,7 @@ def test_half_moons_default_kernel_mixes_in_function_space(width):
     loglik = _keras_log_likelihood(ens.network, ens.params, ds.train_x,
                                    ds.train_y)
     assert diag.rhat_log_likelihood == pytest.approx(
-        _rhat_numpy(loglik.reshape(4, 100).T), rel=1e-3)
+        _rhat_numpy(loglik.reshape(4, 200).T), rel=1e-3)
     assert diag.inverse_mass_min < diag.inverse_mass_max
     json.dumps(ens.metadata, allow_nan=False)
 

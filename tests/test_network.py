@@ -122,48 +122,107 @@ def test_both_ops_of_a_dense_layer_on_a_shared_input_equal_keras(
     np.testing.assert_allclose(grad_x.numpy(), want_x, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("as_loop", [False, True])
-def test_grouped_and_looped_convolutions_equal_keras(monkeypatch, as_loop):
-    # The looped form is what hosts without oneDNN take (TF's Eigen kernels
-    # have no grouped-convolution gradient); force each form here.
-    monkeypatch.setattr(network_lib, "_grouped_conv_as_a_loop", lambda: as_loop)
+@pytest.mark.parametrize("form", ["grouped", "looped", "mapped"])
+def test_grouped_looped_and_mapped_convolutions_equal_keras(monkeypatch, form):
+    # Hosts without oneDNN (TF's Eigen kernels have no grouped-convolution
+    # gradient) run the network one sample at a time ("mapped"), or, where
+    # that does not apply, per-sample convolutions concatenated ("looped");
+    # force each form here.  Logits, input and weight gradients, and
+    # per-sample inputs are checked against Keras, one sample at a time.
+    monkeypatch.setattr(network_lib, "_grouped_conv_as_a_loop",
+                        lambda: form != "grouped")
+    if form == "looped":
+        monkeypatch.setattr(Network, "_conv_sees_per_sample_input",
+                            lambda self, per_sample_inputs: False)
     model = _cnn()
     net = Network.from_keras(model)
     params = net.init_params(seed=4, num_samples=3)
-    x = tf.constant(np.random.default_rng(5).uniform(
-        size=(4, 12, 12, 2)).astype(np.float32))
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.uniform(size=(4, 12, 12, 2)).astype(np.float32))
+    xs = tf.constant(rng.uniform(size=(3, 4, 12, 12, 2)).astype(np.float32))
     y = tf.constant([0, 1, 2, 1], tf.int32)
 
     # Where TF's kernels lack grouped-convolution gradients, the grouped form
     # runs under XLA, as the package runs it there.
-    jit = not as_loop and not xla.tf_kernels_are_onednn()
+    jit = form == "grouped" and not xla.tf_kernels_are_onednn()
 
     @tf.function(autograph=False, jit_compile=jit)
-    def fn(p, xx):
-        with tf.GradientTape() as tape:
+    def fn(p, xx, per_sample):
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(xx)
-            logits = net.apply_stack(p, xx)
+            tape.watch(p)
+            logits = net.apply_stack(p, xx, per_sample_inputs=per_sample)
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.broadcast_to(y, [3, 4]), logits))
-        return logits, tape.gradient(loss, xx)
+        return logits, tape.gradient(loss, xx), tape.gradient(loss, p)
 
-    graph_ops = {o.type for o in fn.get_concrete_function(
-        params, x).graph.get_operations()}
-    assert ("Split" in graph_ops) is as_loop
-    logits, grad = fn(params, x)
-    want = np.zeros(x.shape, np.float32)
-    for s in range(3):
-        model.set_weights([q[s].numpy() for q in params])
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            # The model ends in a softmax, stripped to logits by the import.
-            probs = model(x, training=False)
-            loss = tf.reduce_sum(-tf.math.log(tf.gather(probs, y,
-                                                        batch_dims=1)))
-        np.testing.assert_allclose(tf.nn.softmax(logits[s]).numpy(),
-                                   probs.numpy(), rtol=1e-4, atol=1e-5)
-        want += tape.gradient(loss, x).numpy()
-    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-3, atol=1e-5)
+    for inputs, per_sample in ((x, False), (xs, True)):
+        graph_def = fn.get_concrete_function(
+            params, inputs, per_sample).graph.as_graph_def()
+        graph_ops = {n.op for n in graph_def.node}
+        for fdef in graph_def.library.function:  # loop bodies, wrapped calls
+            graph_ops.update(n.op for n in fdef.node_def)
+        assert ("Split" in graph_ops) is (form == "looped")
+        assert bool({"While", "StatelessWhile"} & graph_ops) is (form == "mapped")
+        logits, grad, grad_w = fn(params, inputs, per_sample)
+        want = np.zeros(x.shape, np.float32)
+        for s in range(3):
+            model.set_weights([q[s].numpy() for q in params])
+            xx = tf.constant(inputs[s] if per_sample else inputs)
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(xx)
+                # The model ends in a softmax, stripped to logits by the import.
+                probs = model(xx, training=False)
+                loss = tf.reduce_sum(-tf.math.log(tf.gather(probs, y,
+                                                            batch_dims=1)))
+            np.testing.assert_allclose(tf.nn.softmax(logits[s]).numpy(),
+                                       probs.numpy(), rtol=1e-4, atol=1e-5)
+            g = tape.gradient(loss, xx).numpy()
+            if per_sample:
+                np.testing.assert_allclose(grad[s].numpy(), g, rtol=1e-3,
+                                           atol=1e-5)
+            else:
+                want += g
+            for got, w in zip(grad_w, tape.gradient(
+                    loss, model.trainable_weights)):
+                np.testing.assert_allclose(got[s].numpy(), w.numpy(),
+                                           rtol=1e-3, atol=1e-5)
+        if not per_sample:
+            np.testing.assert_allclose(grad.numpy(), want, rtol=1e-3, atol=1e-5)
+
+
+def test_mapped_form_keeps_dropout_masks_of_the_stack(monkeypatch):
+    # Dropout in training mode draws its masks for the whole stack at once;
+    # where the network would otherwise run one sample at a time, it must
+    # not, so the masks (and the outputs) never depend on the platform.
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 3, activation="relu"),
+        keras.layers.Dropout(0.5), keras.layers.Conv2D(2, 3),
+        keras.layers.Flatten(), keras.layers.Dense(3)])
+    net = Network.from_keras(model)
+    params = net.init_params(seed=1, num_samples=4)
+    x = tf.constant(np.random.default_rng(2).uniform(
+        size=(5, 8, 8, 1)).astype(np.float32))
+    seed = tf.constant([3, 4], tf.int32)
+    outs = {}
+    for form in ("grouped", "looped"):
+        monkeypatch.setattr(network_lib, "_grouped_conv_as_a_loop",
+                            lambda form=form: form == "looped")
+        outs[form] = net.apply_stack(params, x, training=True, seed=seed)
+        graph_def = tf.function(
+            lambda p: net.apply_stack(p, x, training=True, seed=seed)
+        ).get_concrete_function(params).graph.as_graph_def()
+        ops = {n.op for n in graph_def.node}
+        for fdef in graph_def.library.function:
+            ops.update(n.op for n in fdef.node_def)
+        assert not {"While", "StatelessWhile"} & ops
+    np.testing.assert_allclose(outs["looped"].numpy(), outs["grouped"].numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # Without training the same network runs mapped, and agrees.
+    mapped = net.apply_stack(params, x)
+    monkeypatch.setattr(network_lib, "_grouped_conv_as_a_loop", lambda: False)
+    np.testing.assert_allclose(mapped.numpy(), net.apply_stack(params, x).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
