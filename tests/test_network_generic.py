@@ -298,3 +298,42 @@ def test_hmc_and_deep_ensembles_run_on_a_resnet_and_are_attacked(fashion):
         assert x_adv.shape == fashion.test_x.shape
         assert np.abs(x_adv - fashion.test_x).max() <= 0.1 + 1e-6
         assert ens.accuracy(x_adv, fashion.test_y) <= clean
+
+
+def test_generic_gradients_under_xla_keep_inputs_and_weights_as_arguments():
+    # The gradient of a vectorised matmul of a shared input used to make XLA
+    # need every input and weight as a compile-time constant, so each new
+    # batch compiled anew; the compiled program must take them as arguments
+    # (and agree with Keras, one sample at a time).
+    model = keras.Sequential([keras.Input((6,)), L.Dense(5, activation="tanh"),
+                              L.LayerNormalization(), L.Dense(3)])
+    net = Network.from_keras(model, path="generic")
+    assert net.vectorization == "vectorized_map"
+    params = net.init_params(seed=1, num_samples=4)
+    x = tf.constant(np.random.default_rng(0).normal(size=(7, 6)).astype(np.float32))
+
+    @tf.function(jit_compile=True, autograph=False)
+    def grads(p, xx):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(xx)
+            tape.watch(p)
+            loss = tf.reduce_sum(tf.sin(net.apply_stack(p, xx)))
+        return tape.gradient(loss, xx), tape.gradient(loss, p)
+
+    hlo = grads.experimental_get_compiler_ir(params, x)(stage="hlo")
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    signature = entry[:entry.index("->")]
+    assert signature.count(": f32[") == len(params) + 1, signature
+    # Against a per-sample loop by tf.GradientTape on the Keras model.
+    got_x, got_p = grads(params, x)
+    want_x = np.zeros(x.shape, np.float32)
+    for s in range(4):
+        model.set_weights([q[s].numpy() for q in params])
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(model(x)))
+        want_x += tape.gradient(loss, x).numpy()
+        for g, w in zip(got_p, tape.gradient(loss, model.trainable_weights)):
+            np.testing.assert_allclose(g[s].numpy(), w.numpy(), rtol=1e-4,
+                                       atol=1e-5)
+    np.testing.assert_allclose(got_x.numpy(), want_x, rtol=1e-4, atol=1e-5)

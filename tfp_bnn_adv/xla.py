@@ -77,6 +77,18 @@ _MODES = {"auto": "auto", "xla": True, "true": True, "1": True,
           "default": False, "false": False, "0": False}
 
 
+def in_xla_context() -> bool:
+    """Whether the graph being traced compiles with XLA (a
+    ``jit_compile=True`` function, or a loop body inside one)."""
+    try:
+        from tensorflow.python.framework import ops  # pylint: disable=g-import-not-at-top
+        from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+    except ImportError:  # a TensorFlow without these internals
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(
+        ops.get_default_graph()))
+
+
 def has_accelerator() -> bool:
     """Whether a GPU or TPU is visible to TensorFlow."""
     return bool(tf.config.list_logical_devices("GPU") or
