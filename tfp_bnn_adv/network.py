@@ -198,12 +198,6 @@ def _apply_activation(a: _Act, name: str) -> _Act:
     return dataclasses.replace(a, value=v, layout=layout)
 
 
-def _in_xla_context() -> bool:
-    """Whether the graph being traced compiles with XLA (a
-    ``jit_compile=True`` function, or a loop body inside one)."""
-    return xla.in_xla_context()
-
-
 def _shared_dense_is_batched(n, features: int, units: int,
                              num_samples: int) -> bool:
     """Which op a Dense layer runs on an input shared by all samples.
@@ -232,7 +226,7 @@ def _shared_dense_is_batched(n, features: int, units: int,
     0.18 / 0.18; 2-512-10, S=1000, N=500: 1.24 / 1.08 (the one shape where
     the batched matmul is faster, by less than the rule would gain).
     """
-    if n is None or num_samples in (None, 1) or _in_xla_context():
+    if n is None or num_samples in (None, 1) or xla.in_xla_context():
         return False
     return 2 * n * features <= units * (features + 2 * n)
 
@@ -252,7 +246,7 @@ def _grouped_conv_as_a_loop() -> bool:
     forms differ by float rounding only; the choice is a fixed rule of the
     platform and the compile path, never a timing.
     """
-    return not (_in_xla_context() or xla.has_accelerator()
+    return not (xla.in_xla_context() or xla.has_accelerator()
                 or xla.tf_kernels_are_onednn())
 
 
@@ -1403,14 +1397,12 @@ class Network:
         (one after a parametrised layer, or any with per-sample inputs)."""
         shared = set() if per_sample_inputs else {self.graph.input}
         for op, inputs, output, index in self._program:
-            if op is None:
-                if inputs[0] in shared:
-                    shared.add(output)
-                continue
-            if isinstance(op, _Conv2D) and not all(i in shared for i in inputs):
+            inputs_shared = all(i in shared for i in inputs)
+            if isinstance(op, _Conv2D) and not inputs_shared:
                 return True
-            if not index and not isinstance(op, _Dropout) and all(
-                    i in shared for i in inputs):
+            # A pass-through step (op None) or a layer without weights or
+            # randomness keeps a shared input shared.
+            if inputs_shared and not index and not isinstance(op, _Dropout):
                 shared.add(output)
         return False
 
