@@ -13,6 +13,13 @@ Measures, in one process, on a 10k Fashion-MNIST training subset and a
     of the tf_keras Flipout model); ratio flipout / ensemble.  Both estimate
     the same predictive; the accuracy of each is printed as a sanity check.
 
+The posteriors are trained for ``1 + EPOCHS`` epochs only: a speed
+measurement, not a fitted posterior.  Beside the accuracies, each
+estimator's training-loss (negative ELBO) trace is checked for a plateau
+(:func:`tfp_bnn_adv.studies.training.elbo_plateau`):
+``convergence/<estimator>_elbo_plateaued`` and ``..._relative_change``, so
+no accuracy is read as a converged posterior's.
+
 Run: ``python -m bench.vi [--json]``.
 """
 
@@ -32,6 +39,7 @@ import tf_keras  # pylint: disable=g-import-not-at-top,wrong-import-order
 from tfp_bnn_adv import data  # pylint: disable=g-import-not-at-top
 from tfp_bnn_adv import models
 from tfp_bnn_adv.inference import vi
+from tfp_bnn_adv.studies import training
 
 flags.adopt_module_key_flags(common)  # --json in every --help
 
@@ -64,9 +72,11 @@ def _vi_epoch(ds, estimator):
                   ds.train_y, epochs=1, batch_size=BATCH, estimator=estimator,
                   seed=0, verbose=0)
     timer = _epoch_seconds(tf_keras.callbacks.Callback)
-    post.variational_model.fit(ds.train_x, ds.train_y, epochs=EPOCHS,
-                               batch_size=BATCH, callbacks=[timer], verbose=0)
-    return min(timer.seconds), post
+    more = post.variational_model.fit(ds.train_x, ds.train_y, epochs=EPOCHS,
+                                      batch_size=BATCH, callbacks=[timer],
+                                      verbose=0)
+    losses = list(post.history.get("loss", [])) + list(more.history["loss"])
+    return min(timer.seconds), post, losses
 
 
 def _deterministic_epoch(ds):
@@ -89,9 +99,14 @@ def main(argv) -> None:
     post = None
     for estimator in vi.ESTIMATORS:
         common.log(f"VI epochs ({estimator})")
-        seconds, trained = _vi_epoch(ds, estimator)
+        seconds, trained, losses = _vi_epoch(ds, estimator)
         results[f"epoch_s/{estimator}"] = seconds
         results[f"epoch_ratio/{estimator}_vs_deterministic"] = seconds / det
+        plateau = training.elbo_plateau(losses)
+        results[f"convergence/{estimator}_epochs"] = len(losses)
+        results[f"convergence/{estimator}_elbo_plateaued"] = plateau["plateaued"]
+        results[f"convergence/{estimator}_elbo_relative_change"] = (
+            plateau["relative_change"])
         post = post or trained
 
     common.log("predictives")

@@ -234,7 +234,8 @@ class PosteriorEnsemble:
         chunk_size = chunking.check_chunk_size(chunk_size)
         if chunk_size is None:
             chunk_size = chunking.auto_chunk_size(
-                self.network, self.num_samples, min(n, batch_size))
+                self.network, self.num_samples, min(n, batch_size),
+                cache_budget=chunking.host_cache_budget())
         return batch_size, min(chunk_size, self.num_samples)
 
     def logits(self, x, *, batch_size: int | None = None,

@@ -107,8 +107,14 @@ def _resolve_chunk(ensemble, chunk_size) -> int:
     """``chunk_size``, or the package default for a batch of the default size.
 
     The exported model's batch size is unknown when it is built; the default
-    bounds memory for batches up to the package's default batch size.
+    bounds memory for batches up to the package's default batch size.  It
+    is the memory bound alone, without the CPU cache bound
+    (:func:`tfp_bnn_adv.chunking.auto_chunk_size`): the chunk is saved with
+    the model, which may run on another kind of device.
     """
+    if chunk_size is None:
+        return chunking.auto_chunk_size(ensemble.network, ensemble.num_samples,
+                                        DEFAULT_BATCH_SIZE)
     return ensemble.batch_and_chunk(DEFAULT_BATCH_SIZE, None, chunk_size)[1]
 
 
