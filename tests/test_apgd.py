@@ -336,6 +336,35 @@ def test_ce_gradient_equals_the_gradients_module(small, kind, chunk):
     np.testing.assert_allclose(f.numpy(), ref_f.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_one_pass_log_prob_objective_equals_a_direct_tape(chunk, targeted):
+    # Several chunks (a loop, and a remainder for chunk 3 of S=7) and weights
+    # scaled up so log p(c) spans tens of nats between samples: the running
+    # log-sum-exp must rescale the gradient exactly.  The reference is one
+    # tape over the whole stack, written here.
+    net = Network.from_keras(models.mlp((4, 4, 1), 5, hidden=(8,)))
+    params = [p * 6.0 for p in net.init_params(seed=3, num_samples=7)]
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.uniform(LO, HI, (6, 4, 4, 1)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 5, 6).astype(np.int32))
+    t = (y + 1) % 5
+    loss_fn = attacks._apgd_loss("ce", targeted, y, t, True)
+    f, g, z = attacks._objective_predictive(net, params, x, loss_fn, chunk)
+    c, sign = (t, 1.0) if targeted else (y, -1.0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        ls = tf.nn.log_softmax(net.apply_stack(params, x))  # [S, B, C]
+        ref_z = tf.reduce_logsumexp(ls, axis=0) - np.log(7.0)
+        ref_f = sign * tf.gather(ref_z, c, batch_dims=1)
+        total = tf.reduce_sum(ref_f)
+    ref_g = tape.gradient(total, x)
+    assert float(tf.reduce_max(tf.abs(ref_z))) > 5.0  # far from uniform
+    np.testing.assert_allclose(z.numpy(), ref_z.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f.numpy(), ref_f.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.numpy(), ref_g.numpy(), rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # Strength, the threat set, seeds.
 # --------------------------------------------------------------------------
@@ -625,3 +654,37 @@ def test_square_attack_progresses_where_p_y_rounds_to_one():
     assert np.all(ens.predict(x_adv) == 1)
     assert np.all(queries < 300)
     assert np.all(distance(x_adv, x, np.inf) <= 0.5 + 1e-6)
+
+
+@pytest.mark.parametrize("gradient, loss, chunk_size, expected", [
+    ("predictive", "ce", None, 2), ("expected", "ce", None, 2),
+    ("expected", "dlr", None, 2),
+    # Two passes over a split stack: the memory bound alone (all 5 samples).
+    ("predictive", "dlr", None, 5), ("paper", "ce", None, 5),
+    ("paper", "dlr", None, 5),
+    ("predictive", "dlr", 1, 1),  # a size asked for is kept
+])
+def test_apgd_keeps_one_chunk_where_splitting_costs_a_pass(
+        monkeypatch, gradient, loss, chunk_size, expected):
+    from tfp_bnn_adv import chunking  # pylint: disable=g-import-not-at-top
+    from tfp_bnn_adv import xla  # pylint: disable=g-import-not-at-top
+    net = Network.from_keras(models.mlp((4, 4, 1), 5, hidden=(8,)))
+    ens = PosteriorEnsemble(net, net.init_params(seed=2, num_samples=5))
+    x = np.random.default_rng(0).uniform(LO, HI, (6, 4, 4, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 5, 6).astype(np.int32)
+    # 8 + 5 weight-dependent floats x 6 inputs x 4 bytes x 2 = 624 bytes:
+    # at most 2 samples per chunk, 5 samples -> chunks of 2.
+    monkeypatch.setattr(xla, "has_accelerator", lambda: False)
+    monkeypatch.setattr(chunking, "CPU_CACHE_BUDGET", 624)
+    seen = []
+    graph = attacks._apgd_graph
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["chunk"])
+        return graph(*args, **kwargs)
+
+    monkeypatch.setattr(attacks, "_apgd_graph", recording)
+    out = attacks.apgd(ens, x, y, 0.05, loss=loss, gradient=gradient, steps=2,
+                       chunk_size=chunk_size, clip=(LO, HI))
+    assert set(seen) == {expected}
+    assert np.max(np.abs(out - x)) <= 0.05 + 1e-6

@@ -226,8 +226,16 @@ class PosteriorEnsemble:
                 f"{self.network!r})")
 
     # -------------------------------------------------------------- prediction
-    def batch_and_chunk(self, n: int, batch_size, chunk_size) -> tuple[int, int]:
-        """Validated batch size and sample-chunk size for ``n`` inputs."""
+    def batch_and_chunk(self, n: int, batch_size, chunk_size, *,
+                        cache_bound: bool = True) -> tuple[int, int]:
+        """Validated batch size and sample-chunk size for ``n`` inputs.
+
+        ``chunk_size=None`` picks one (:func:`tfp_bnn_adv.chunking.
+        auto_chunk_size`): the memory bound, and with ``cache_bound`` the
+        host's cache bound (:func:`tfp_bnn_adv.chunking.host_cache_budget`).
+        Computations that take an extra pass over the stack when it is
+        split in chunks pass ``cache_bound=False``.
+        """
         if batch_size is None:
             batch_size = min(n, DEFAULT_BATCH_SIZE)
         batch_size = validate.positive_int(batch_size, "batch_size")
@@ -235,7 +243,8 @@ class PosteriorEnsemble:
         if chunk_size is None:
             chunk_size = chunking.auto_chunk_size(
                 self.network, self.num_samples, min(n, batch_size),
-                cache_budget=chunking.host_cache_budget())
+                cache_budget=(chunking.host_cache_budget() if cache_bound
+                              else None))
         return batch_size, min(chunk_size, self.num_samples)
 
     def logits(self, x, *, batch_size: int | None = None,

@@ -211,7 +211,8 @@ class PreparedInputs(NamedTuple):
 
 
 def prepare_inputs(ensemble, x, y, *, batch_size, chunk_size, jit_compile,
-                   strategy, clip=None) -> PreparedInputs:
+                   strategy, clip=None, cache_bound: bool = True
+                   ) -> PreparedInputs:
     """Checks a call's inputs once: the one preparation of gradients and
     attacks.
 
@@ -229,6 +230,8 @@ def prepare_inputs(ensemble, x, y, *, batch_size, chunk_size, jit_compile,
       jit_compile: see :func:`tfp_bnn_adv.xla.compile_fn`.
       strategy: a ``tf.distribute.Strategy`` or ``None`` (the open scope's).
       clip: ``None``, or a checked ``(low, high)`` that ``x`` must lie in.
+      cache_bound: whether an automatic chunk size keeps the host's cache
+        bound (:meth:`PosteriorEnsemble.batch_and_chunk`).
 
     Returns:
       A :class:`PreparedInputs`.
@@ -245,7 +248,8 @@ def prepare_inputs(ensemble, x, y, *, batch_size, chunk_size, jit_compile,
             raise ValueError(
                 f"x has values in [{lo:g}, {hi:g}], outside clip={clip}; "
                 "rescale x into the data range or pass clip=None.")
-    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size)
+    batch, chunk = ensemble.batch_and_chunk(x.shape[0], batch_size, chunk_size,
+                                            cache_bound=cache_bound)
     if y is None:
         y = tf.constant(np.argmax(predict_proba_checked(
             ensemble, x, batch, chunk, jit_compile), axis=-1), tf.int32)
