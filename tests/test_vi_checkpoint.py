@@ -129,8 +129,17 @@ _CHILD = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.path.insert(0, {repo!r})
+    import time
     from tfp_bnn_adv import data, models
     from tfp_bnn_adv.inference import vi
+    # A pause after each checkpoint, so the parent's SIGINT lands mid-run on
+    # a fast CPU too (60 short epochs can otherwise end before it arrives);
+    # it changes no result.
+    save = vi._Checkpoint.save
+    def slow_save(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        time.sleep(0.1)
+    vi._Checkpoint.save = slow_save
     ds = data.half_moons(n=250, seed=5)
     vi.fit(models.mlp((2,), 2, hidden=(8,)), ds.train_x, ds.train_y,
            **{kwargs!r})
