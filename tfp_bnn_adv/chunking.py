@@ -134,9 +134,9 @@ def _chunk(params: Sequence[tf.Tensor], i, chunk: int) -> list:
     A slice at a run-time offset reads that chunk alone; slicing the full
     chunks out of the stack first (``p[:n * chunk]``, then reshaping) made
     XLA copy the whole stack on every call whenever ``chunk`` does not
-    divide ``S``: 0.21 s against 0.12 s for one expected gradient of a
-    784-512-512-10 MLP, ``S=100``, chunks of 7 and of 5 (2-core Zen 5,
-    AVX2 kernels).
+    divide ``S``.  One expected gradient of a 784-512-512-10 MLP,
+    ``S=100``, under XLA (2-core Zen 5, AVX2 kernels): 0.21 s in chunks of
+    7 against 0.12 s in chunks of 5 that way; 0.12 s for both this way.
     """
     start = i * chunk
     return [tf.slice(p, tf.stack([start] + [0] * (p.shape.rank - 1)),
