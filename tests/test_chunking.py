@@ -62,6 +62,13 @@ def test_map_batches_pads_and_trims():
     np.testing.assert_array_equal(out_y, np.stack([y, y]))
 
 
+class Net:
+    """A stand-in network: 1000 activation floats per example, no ops."""
+
+    def activation_size_per_example(self):
+        return 1000
+
+
 def test_chunk_size_validation_and_auto_size():
     assert chunking.check_chunk_size(None) is None
     assert chunking.check_chunk_size(4) == 4
@@ -69,10 +76,6 @@ def test_chunk_size_validation_and_auto_size():
         chunking.check_chunk_size(0)
     with pytest.raises(TypeError, match="chunk_size"):
         chunking.check_chunk_size(True)
-
-    class Net:
-        def activation_size_per_example(self):
-            return 1000
 
     # 3 (fwd + bwd + copies) x 4 bytes x 1000 floats x batch 100 = 1.2 MB/sample.
     assert chunking.auto_chunk_size(Net(), 500, 100, memory_budget=12_000_000) == 10
@@ -146,10 +149,6 @@ def test_cache_bound_leaves_convolutional_and_generic_networks_alone():
 
 
 def test_auto_chunks_are_balanced():
-    class Net:
-        def activation_size_per_example(self):
-            return 1000
-
     # The memory bound allows 100 (12 bytes x 1000 floats x batch 100 =
     # 1.2 MB per sample, 120 MB): 110 samples take two chunks of 55, not
     # 100 and a remainder of 10; 250 take three of 84 (84 + 84 + 82).

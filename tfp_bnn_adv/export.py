@@ -112,10 +112,8 @@ def _resolve_chunk(ensemble, chunk_size) -> int:
     (:func:`tfp_bnn_adv.chunking.auto_chunk_size`): the chunk is saved with
     the model, which may run on another kind of device.
     """
-    if chunk_size is None:
-        return chunking.auto_chunk_size(ensemble.network, ensemble.num_samples,
-                                        DEFAULT_BATCH_SIZE)
-    return ensemble.batch_and_chunk(DEFAULT_BATCH_SIZE, None, chunk_size)[1]
+    return ensemble.batch_and_chunk(DEFAULT_BATCH_SIZE, None, chunk_size,
+                                    cache_bound=False)[1]
 
 
 # ---------------------------------------------------------------- Keras model

@@ -46,7 +46,7 @@ from tfp_bnn_adv.ensemble import predict_proba_graph
 __all__ = ["expected_loss_gradient", "predictive_loss_gradient",
            "per_sample_loss_gradients", "paper_loss_gradient",
            "paper_expected_loss_gradient",
-           "loss_gradient_graph",
+           "loss_gradient_graph", "predictive_log_prob_graph",
            "per_sample_gradient_graph", "prepare_inputs", "PreparedInputs",
            "GRADIENT_KINDS"]
 
@@ -64,6 +64,11 @@ def _per_sample_ce(network, params, x, y, double_softmax=False):
     logits = network.apply_stack(params, x)
     if double_softmax:
         logits = tf.nn.softmax(logits)
+    return _ce_of_logits(logits, y)
+
+
+def _ce_of_logits(logits, y):
+    """Cross-entropy ``[c, B]`` of labels ``y`` ``[B]`` under ``[c, B, C]``."""
     labels = tf.broadcast_to(y[None], tf.shape(logits)[:2])
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
@@ -86,15 +91,35 @@ def _expected(network, params, x, y, chunk_size, double_softmax=False):
     return grad / s, loss / s
 
 
-def _predictive(network, params, x, y, chunk_size):
+def predictive_log_prob_graph(network, params, x, classes, chunk_size, *,
+                              with_scores: bool = False):
+    """``log p_bar(c_b | x_b)`` and its input gradient, in one pass over ``S``.
+
+    ``p_bar`` is the posterior predictive ``(1/S) sum_s softmax f(x, w_s)``
+    and ``c`` one class per example (the label, or an attack's target).
+    Pure and traceable, chunked over ``S`` (memory stays one chunk).
+
+    Args:
+      network, params: the network and its stack ``[S, ...]``.
+      x: inputs ``[B, ...]``.
+      classes: int32 ``[B]``.
+      chunk_size: samples per chunk.
+      with_scores: also return ``log p_bar`` of every class, ``[B, C]``,
+        accumulated in the same pass (no gradient).
+
+    Returns:
+      ``(log_p [B], grad [B, ...])``, plus ``scores [B, C]`` with
+      ``with_scores``.
+    """
     s = params[0].shape[0]
     ex_shape = [-1] + [1] * (x.shape.rank - 1)
 
     def body(state, chunk):
-        m_old, denom, grad = state
+        m_old, denom, grad = state[:3]
         with tf.GradientTape() as tape:
             tape.watch(x)
-            log_p = -_per_sample_ce(network, chunk, x, y)  # [c, B]
+            logits = network.apply_stack(chunk, x)
+            log_p = -_ce_of_logits(logits, classes)  # [c, B]
             m_chunk = tf.stop_gradient(tf.reduce_max(log_p, axis=0))
             w = tf.stop_gradient(tf.exp(log_p - m_chunk))
             weighted = tf.reduce_sum(w * log_p)
@@ -106,14 +131,29 @@ def _predictive(network, params, x, y, chunk_size):
         a_old, a_chunk = tf.exp(m_old - m_new), tf.exp(m_chunk - m_new)
         grad = (grad * tf.reshape(a_old, ex_shape) +
                 g_chunk * tf.reshape(a_chunk, ex_shape))
-        return m_new, denom * a_old + d_chunk * a_chunk, grad
+        out = (m_new, denom * a_old + d_chunk * a_chunk, grad)
+        if with_scores:  # a running log-sum-exp of every class
+            lse = tf.stop_gradient(tf.reduce_logsumexp(
+                tf.nn.log_softmax(logits), axis=0))
+            out += (tf.reduce_logsumexp(tf.stack([state[3], lse]), axis=0),)
+        return out
 
     b = tf.shape(x)[:1]
     init = (tf.fill(b, tf.constant(_NEG, tf.float32)),
             tf.zeros(b, tf.float32), tf.zeros_like(x))
-    m, denom, grad = chunking.fold_sample_chunks(params, chunk_size, body, init)
-    loss = -(m + tf.math.log(denom) - tf.math.log(tf.cast(s, tf.float32)))
-    return -grad / tf.reshape(denom, ex_shape), loss
+    if with_scores:
+        init += (tf.fill([b[0], network.num_classes],
+                         tf.constant(_NEG, tf.float32)),)
+    state = chunking.fold_sample_chunks(params, chunk_size, body, init)
+    m, denom, grad = state[:3]
+    log_s = tf.math.log(tf.cast(s, tf.float32))
+    out = (m + tf.math.log(denom) - log_s, grad / tf.reshape(denom, ex_shape))
+    return out + ((state[3] - log_s,) if with_scores else ())
+
+
+def _predictive(network, params, x, y, chunk_size):
+    log_p, grad = predictive_log_prob_graph(network, params, x, y, chunk_size)
+    return -grad, -log_p
 
 
 def _paper(network, params, x, y, chunk_size):
